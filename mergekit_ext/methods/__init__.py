@@ -1,0 +1,1 @@
+"""One module per method family: pure tensor kernels plus their mergekit declaration."""

@@ -1,0 +1,93 @@
+"""Shared tensor helpers: dtypes, task vectors, which tensors are matrices, SVD.
+
+Every method family uses these; none does file I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+# A tensor inside a repeated transformer block carries its block index in its
+# name (``model.layers.3.``, ``transformer.h.3.``, ``encoder.layer.3.``).
+_BLOCK_INDEX = re.compile(r"\.\d+\.")
+_EMBEDDING_WORDS = ("embed", "wte", "wpe", "lm_head")
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def is_block_matrix(
+    name: Optional[str], shape: Sequence[int], vocabulary_axis: Optional[int] = None
+) -> bool:
+    """True for a 2-D weight inside a repeated transformer block.
+
+    Token and position embeddings and LM heads are never matrices here, even
+    when mergekit's metadata does not mark them (GPT-2's ``wpe``).
+    """
+    if len(shape) != 2 or vocabulary_axis is not None or min(shape) < 2:
+        return False
+    if name is None:
+        return True  # a bare tensor handed to a kernel: trust its shape
+    lowered = name.lower()
+    if any(word in lowered for word in _EMBEDDING_WORDS):
+        return False
+    return bool(_BLOCK_INDEX.search(name))
+
+
+def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack ``θt − θ0`` for every model, in the compute dtype: shape [T, *base]."""
+    dtype = compute_dtype(base)
+    base = base.to(dtype)
+    return torch.stack([model.to(dtype) - base for model in models])
+
+
+def rank_from_ratio(shape: Sequence[int], rank_ratio: float) -> int:
+    """k = max(1, int(rank_ratio · min(m, n))), the papers' convention."""
+    return max(1, int(rank_ratio * min(shape[-2], shape[-1])))
+
+
+def truncated_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    exact_above: float = 0.25,
+    oversample: int = 10,
+    power_iterations: int = 4,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets ``U[:, :k], S[:k], Vh[:k]`` in the compute dtype.
+
+    When ``rank`` (plus oversampling) is a small fraction of ``min(m, n)`` a
+    randomized range finder with power iterations is used (Halko et al. 2011);
+    otherwise the full SVD, which is then both exact and not slower. The sketch
+    uses its own seeded generator, so results are deterministic and the global
+    RNG is untouched.
+    """
+    dtype = compute_dtype(matrix)
+    matrix = matrix.to(dtype)
+    rows, cols = matrix.shape
+    full_rank = min(rows, cols)
+    rank = max(1, min(rank, full_rank))
+    sketch_size = rank + oversample
+    if sketch_size >= exact_above * full_rank:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    sketch = torch.randn(cols, sketch_size, generator=generator, device=matrix.device, dtype=dtype)
+    basis = torch.linalg.qr(matrix @ sketch).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(matrix.mT @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    u_small, s, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    return (basis @ u_small[:, :rank]), s[:rank], vh[:rank]
+
+
+def low_rank_approximation(matrix: torch.Tensor, rank: int, **svd_options) -> torch.Tensor:
+    """Best rank-``rank`` approximation of ``matrix`` (Eckart–Young), compute dtype."""
+    u, s, vh = truncated_svd(matrix, rank, **svd_options)
+    return (u * s) @ vh
