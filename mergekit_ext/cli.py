@@ -40,7 +40,10 @@ def methods_command() -> None:
 
 def _add_feature_commands() -> None:
     # One line per feature module; each exposes a click command or group.
-    pass
+    from mergekit_ext.rmm_cli import lora_group, rmm_group
+
+    main.add_command(rmm_group)
+    main.add_command(lora_group)
 
 
 _add_feature_commands()

@@ -98,9 +98,9 @@ def declare(
 
 def our_methods() -> Tuple[MergeMethod, ...]:
     """Every method this package adds to mergekit, in documentation order."""
-    from mergekit_ext.methods import consensus
+    from mergekit_ext.methods import consensus, rmm
 
-    return (*consensus.METHODS,)
+    return (*consensus.METHODS, *rmm.METHODS)
 
 
 def register_all() -> None:
