@@ -1,16 +1,32 @@
 """The ``mergekit-ext`` command: a thin click layer over the library functions.
 
 Each feature module contributes its own click command or group; this file only
-assembles them, so ``mergekit-ext --help`` starts fast (heavy imports happen
-inside commands).
+assembles them.
 """
 
 from __future__ import annotations
 
+import os
+
 import click
 
+# Errors a user can fix (bad paths, parameters, shapes) print as one line;
+# MERGEKIT_EXT_DEBUG=1 shows the traceback instead.
+_USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _USER_ERRORS as error:
+            if os.environ.get("MERGEKIT_EXT_DEBUG"):
+                raise
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise click.ClickException(str(message)) from error
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-ext")
 def main() -> None:
     """Recent model-merging methods for mergekit, with tools around them.
@@ -40,6 +56,11 @@ def methods_command() -> None:
 
 def _add_feature_commands() -> None:
     # One line per feature module; each exposes a click command or group.
+    from mergekit_ext.merge import merge_command
+    from mergekit_ext.tall import tall_group
+
+    main.add_command(merge_command)
+    main.add_command(tall_group)
     from mergekit_ext.rmm_cli import lora_group, rmm_group
 
     main.add_command(rmm_group)

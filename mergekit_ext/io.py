@@ -125,6 +125,7 @@ def write_json(path: str | os.PathLike, data: Dict, *, indent: Optional[int] = 2
     os.replace(temporary, path)
 
 
-def tensor_writer(folder: str | os.PathLike, *, basename: Optional[str] = None, max_shard_size: int = 2 * 1000**3) -> TensorWriter:
-    """mergekit's sharded safetensors writer (writes the index on finalize)."""
-    return TensorWriter(str(folder), max_shard_size=max_shard_size, safe_serialization=True, override_basename=basename)
+def tensor_writer(folder: str | os.PathLike, *, max_shard_size: int = 2 * 1000**3) -> TensorWriter:
+    """mergekit's sharded safetensors writer: ``model.safetensors`` (+ index when sharded),
+    the layout mergekit's loader and transformers read back."""
+    return TensorWriter(str(folder), max_shard_size=max_shard_size, safe_serialization=True)

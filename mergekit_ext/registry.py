@@ -99,8 +99,9 @@ def declare(
 def our_methods() -> Tuple[MergeMethod, ...]:
     """Every method this package adds to mergekit, in documentation order."""
     from mergekit_ext.methods import consensus, rmm
+    from mergekit_ext.methods import opcm
 
-    return (*consensus.METHODS, *rmm.METHODS)
+    return (*consensus.METHODS, *opcm.METHODS, *rmm.METHODS)
 
 
 def register_all() -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks for mergekit-ext (not part of the installed package)."""

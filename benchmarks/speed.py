@@ -1,0 +1,309 @@
+"""Speed and memory: every method against mergekit `task_arithmetic` and `ties`.
+
+Builds Llama-shaped models with random weights (bf16 safetensors, written one
+tensor at a time so a 1B model never sits in memory several times), then merges
+T of them with every method this package registers and with mergekit's
+baselines, each merge a separate stock ``mergekit-yaml`` process whose wall
+time and own peak RSS are recorded. Writes results/speed.md and speed.json.
+
+    python benchmarks/speed.py --sizes 0.1B --T 2 4 8
+    python benchmarks/speed.py --sizes 0.1B 0.5B 1B --T 2 4 8   # the full grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks import runner  # noqa: E402
+
+VOCAB_SIZE = 32000
+# Llama shapes giving about 0.1, 0.5 and 1 billion parameters (untied head).
+SIZES: Dict[str, Dict[str, int]] = {
+    "0.1B": dict(hidden_size=768, layers=8, intermediate_size=2048, heads=12),
+    "0.5B": dict(hidden_size=1536, layers=14, intermediate_size=4096, heads=12),
+    "1B": dict(hidden_size=2048, layers=16, intermediate_size=5504, heads=16),
+}
+BASE_STD = 0.02
+FINETUNE_STD = 0.002  # a fine-tune moves weights by ~10 % of their scale
+BASELINES = ("task_arithmetic", "ties")
+REFERENCE = "ties"
+
+# Settings per method. Our methods run with their defaults; a required
+# parameter without a default is filled from here.
+FIXED_PARAMETERS: Dict[str, Dict[str, Any]] = {
+    "task_arithmetic": {"weight": 1.0, "lambda": 0.3},
+    "ties": {"weight": 1.0, "density": 0.2, "normalize": False, "lambda": 0.3},
+}
+FILL_REQUIRED = {"weight": 1.0, "density": 0.2, "lambda": 1.0}
+
+
+def llama_shape_config(size: str):
+    from mergekit_ext.modeling import llama_config
+
+    shape = SIZES[size]
+    return llama_config(VOCAB_SIZE, hidden_size=shape["hidden_size"], layers=shape["layers"], heads=shape["heads"], intermediate_size=shape["intermediate_size"])
+
+
+def tensor_layout(config) -> List[tuple]:
+    """(name, shape) of every weight, from a model built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
+
+
+def parameter_count(layout: Sequence[tuple]) -> int:
+    total = 0
+    for _, shape in layout:
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
+    return total
+
+
+def write_random_model(folder: Path, config, layout: Sequence[tuple], *, index: int) -> None:
+    """Model ``index`` (0 = base, t > 0 = base + seeded noise), streamed tensor by tensor.
+
+    The base tensor is regenerated from its own seed for every model, so only
+    one tensor is in memory at a time.
+    """
+    from mergekit_ext import io
+
+    config.architectures = ["LlamaForCausalLM"]  # mergekit picks the architecture from this
+    config.torch_dtype = "bfloat16"
+    if (folder / ".complete").exists():
+        config.save_pretrained(folder)
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    writer = io.tensor_writer(folder, max_shard_size=1000**3)
+    for position, (name, shape) in enumerate(layout):
+        if len(shape) == 1:  # norms
+            tensor = torch.ones(shape)
+        else:
+            tensor = torch.randn(shape, generator=torch.Generator().manual_seed(position)) * BASE_STD
+        if index > 0:
+            generator = torch.Generator().manual_seed(1_000_003 * index + position)
+            tensor += torch.randn(shape, generator=generator) * FINETUNE_STD
+        writer.save_tensor(name, tensor.to(torch.bfloat16))
+        del tensor
+    writer.finalize()
+    config.save_pretrained(folder)
+    (folder / ".complete").write_text("ok\n")
+
+
+def method_parameters(name: str) -> Optional[Dict[str, Any]]:
+    """Parameters to run ``name`` with, or None when a required one cannot be filled."""
+    if name in FIXED_PARAMETERS:
+        return dict(FIXED_PARAMETERS[name])
+    from mergekit.merge_methods.base import MISSING
+
+    parameters: Dict[str, Any] = {}
+    for parameter in runner.method_spec(name).parameters:
+        if parameter.default is MISSING:
+            if parameter.name not in FILL_REQUIRED:
+                return None
+            parameters[parameter.name] = FILL_REQUIRED[parameter.name]
+    return parameters
+
+
+def speed_specs(methods: Optional[Sequence[str]]) -> List[runner.MergeSpec]:
+    names = list(BASELINES) + [name for name in runner.our_method_names() if name not in BASELINES]
+    if methods:
+        unknown = sorted(set(methods) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; known: {names}")
+        names = [name for name in names if name in methods or name == REFERENCE]
+    specs = []
+    for name in names:
+        parameters = method_parameters(name)
+        if parameters is None:
+            print(f"skipping {name}: it has a required parameter this benchmark cannot fill", file=sys.stderr)
+            continue
+        specs.append(runner.MergeSpec(label=name, method=name, parameters=parameters))
+    return specs
+
+
+def run_grid(args) -> Dict[str, Any]:
+    work = Path(args.work_dir)
+    specs = speed_specs(args.methods)
+    results_path = Path(args.out_dir) / "speed.json"
+    previous: Dict[tuple, Dict[str, Any]] = {}
+    if args.resume and results_path.exists():
+        for row in json.loads(results_path.read_text()).get("rows", []):
+            if row.get("ok"):
+                previous[(row["size"], row["T"], row["label"])] = row
+    rows: List[Dict[str, Any]] = []
+    report: Dict[str, Any] = {
+        "machine": runner.machine_description(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "sizes": {},
+        "rows": rows,
+    }
+    for size in args.sizes:
+        config = llama_shape_config(size)
+        layout = tensor_layout(config)
+        report["sizes"][size] = {"parameters": parameter_count(layout), **SIZES[size], "vocab_size": VOCAB_SIZE}
+        model_dir = work / "speed-models" / size
+        needed = max(args.T)
+        for index in tqdm(range(needed + 1), desc=f"writing {size} models", unit="model"):
+            write_random_model(model_dir / f"model{index}", config, layout, index=index)
+        base = model_dir / "model0"
+        for count in args.T:
+            models = [model_dir / f"model{index}" for index in range(1, count + 1)]
+            for spec in tqdm(specs, desc=f"{size} T={count}", unit="merge"):
+                key = (size, count, spec.label)
+                if key in previous:
+                    rows.append(previous[key])
+                    continue
+                config_dict = runner.merge_config(spec, base, models, dtype="bfloat16")
+                out = work / "speed-out" / f"{size}-T{count}-{spec.label}"
+                measurements = []
+                for _ in range(args.repeats):
+                    measurement = runner.run_yaml(config_dict, out, threads=args.threads, device=args.device, timeout_s=args.timeout)
+                    measurements.append(measurement)
+                    shutil.rmtree(out, ignore_errors=True)
+                    if not measurement.ok:
+                        break
+                ok = all(m.ok for m in measurements)
+                row = {
+                    "size": size,
+                    "T": count,
+                    "label": spec.label,
+                    "method": spec.method,
+                    "parameters": dict(spec.parameters),
+                    "ok": ok,
+                    "wall_s": min(m.wall_s for m in measurements),
+                    "wall_s_all": [round(m.wall_s, 3) for m in measurements],
+                    "cpu_s": min(m.cpu_s for m in measurements),
+                    "peak_rss_mib": max(m.peak_rss_mib for m in measurements),
+                }
+                if not ok:
+                    row["error"] = measurements[-1].log_tail[-600:]
+                    tqdm.write(f"FAILED {key}: {row['error'][-300:]}")
+                rows.append(row)
+                write_results(report, Path(args.out_dir))
+    write_results(report, Path(args.out_dir))
+    if not args.keep_models:
+        shutil.rmtree(work / "speed-models", ignore_errors=True)
+        shutil.rmtree(work / "speed-out", ignore_errors=True)
+    return report
+
+
+def _reference(rows: Sequence[Dict[str, Any]], size: str, count: int) -> Optional[Dict[str, Any]]:
+    for row in rows:
+        if row["size"] == size and row["T"] == count and row["label"] == REFERENCE and row["ok"]:
+            return row
+    return None
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    rows = report["rows"]
+    machine = report["machine"]
+    lines = [
+        "# Speed and memory: merge methods through the stock `mergekit-yaml`",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + f"; torch {machine['torch']}, mergekit {machine['mergekit']}; {machine['date_utc']} UTC.",
+        f"Threads per merge: {report['threads'] or 'torch default'}; wall time is the best of {report['repeats']} run(s); "
+        "CPU s is the process's user + system time (steadier than wall time when the machine is shared); "
+        "peak RSS is the merge process's own `ru_maxrss` (os.wait4). Each merge includes the ~5–10 s "
+        "`mergekit-yaml` start-up (imports), the same for every method.",
+        "Inputs: Llama-shaped models with random bf16 weights (base N(0, 0.02²), fine-tunes base + N(0, 0.002²)), "
+        "vocabulary 32000, untied head; every method reads the same files. Ratios are to mergekit `ties` "
+        f"({FIXED_PARAMETERS['ties']}) on the same inputs. Goals (not asserted): consensus ≤ 1.3× ties time, "
+        "SVD-based methods ≤ 3×, peak memory ≤ 1.2×.",
+        "",
+        "Sizes: "
+        + "; ".join(f"{name} = {info['parameters'] / 1e6:.0f}M parameters (hidden {info['hidden_size']}, {info['layers']} layers)" for name, info in report["sizes"].items()),
+        "",
+    ]
+    groups = sorted({(row["size"], row["T"]) for row in rows}, key=lambda key: (list(SIZES).index(key[0]), key[1]))
+    for size, count in groups:
+        reference = _reference(rows, size, count)
+        table = []
+        for row in rows:
+            if row["size"] != size or row["T"] != count:
+                continue
+            if not row["ok"]:
+                table.append([row["label"], "failed", "", "", "", "", ""])
+                continue
+
+            def ratio(field: str) -> str:
+                return f"{row[field] / reference[field]:.2f}" if reference and reference.get(field) else "–"
+
+            table.append(
+                [row["label"], round(row["wall_s"], 1), ratio("wall_s"), round(row.get("cpu_s", 0.0), 1), ratio("cpu_s"), round(row["peak_rss_mib"]), ratio("peak_rss_mib")]
+            )
+        header = ["method", "wall s", "wall / ties", "CPU s", "CPU / ties", "peak RSS MiB", "RSS / ties"]
+        lines += [f"## {size}, T = {count}", "", runner.markdown_table(header, table), ""]
+    labels = list(dict.fromkeys(row["label"] for row in rows))
+    sizes = [size for size in SIZES if any(row["size"] == size for row in rows)]
+    counts = sorted({row["T"] for row in rows})
+    lookup = {(row["size"], row["T"], row["label"]): row for row in rows if row["ok"]}
+    if len(counts) > 1:
+        lines += ["## Growth with T (wall seconds; last column: time at largest T / time at smallest T)", ""]
+        for size in sizes:
+            table = []
+            for label in labels:
+                times = [lookup.get((size, count, label), {}).get("wall_s") for count in counts]
+                growth = times[-1] / times[0] if times[0] and times[-1] else float("nan")
+                table.append([label] + [round(t, 1) if t else "–" for t in times] + [f"{growth:.2f}"])
+            lines += [f"{size}:", "", runner.markdown_table(["method"] + [f"T={count}" for count in counts] + ["growth"], table), ""]
+    if len(sizes) > 1:
+        lines += ["## Growth with model size (wall seconds per billion parameters)", ""]
+        for count in counts:
+            table = []
+            for label in labels:
+                cells = []
+                for size in sizes:
+                    row = lookup.get((size, count, label))
+                    cells.append(round(row["wall_s"] / (report["sizes"][size]["parameters"] / 1e9), 1) if row else "–")
+                table.append([label] + cells)
+            lines += [f"T = {count}:", "", runner.markdown_table(["method"] + sizes, table), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: Dict[str, Any], out_dir: Path) -> None:
+    from mergekit_ext.io import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "speed.json", report)
+    (out_dir / "speed.md").write_text(render_markdown(report))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["0.1B"], choices=list(SIZES))
+    parser.add_argument("--T", nargs="+", type=int, default=[2, 4, 8], help="numbers of models merged")
+    parser.add_argument("--methods", nargs="+", help="subset of methods (ties, the reference, always runs)")
+    parser.add_argument("--threads", type=int, help="OMP threads per merge process (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per merge; the fastest is reported")
+    parser.add_argument("--device", default="cpu", help="mergekit --device (cpu, cuda)")
+    parser.add_argument("--timeout", type=float, help="seconds before a merge is killed and marked failed")
+    parser.add_argument("--work-dir", default=str(runner.WORK_DIR))
+    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
+    parser.add_argument("--keep-models", action="store_true", help="keep generated models in the work dir")
+    parser.add_argument("--resume", action="store_true", help="reuse successful rows already in speed.json")
+    args = parser.parse_args(argv)
+    report = run_grid(args)
+    print(render_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
