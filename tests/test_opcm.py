@@ -159,10 +159,10 @@ def test_mergekit_yaml_opcm_matches_kernel_in_config_order(tiny_family, tmp_path
     assert not torch.allclose(merged_reverse[name], forward_unscaled, atol=1e-5)
 
 
-def test_mergekit_yaml_refuses_bad_alpha(tiny_family, tmp_path):
-    from conftest import run_mergekit_yaml
+def test_mergekit_refuses_bad_alpha_before_writing(tiny_family, tmp_path):
+    from conftest import run_merge_in_process
 
-    result = run_mergekit_yaml(_config(tiny_family, ["ft0", "ft1"], alpha=2.0), tmp_path / "bad", check=False)
-    assert result.returncode != 0
-    assert "opcm" in result.stderr + result.stdout and "alpha" in result.stderr + result.stdout
-    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"opcm: invalid value 2.0 for parameter 'alpha'"):
+        run_merge_in_process(_config(tiny_family, ["ft0", "ft1"], alpha=2.0), out)
+    assert not (out / "model.safetensors").exists()
