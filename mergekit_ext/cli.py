@@ -65,6 +65,9 @@ def _add_feature_commands() -> None:
 
     main.add_command(rmm_group)
     main.add_command(lora_group)
+    from mergekit_ext.continual import continual_group
+
+    main.add_command(continual_group)
 
 
 _add_feature_commands()
