@@ -100,8 +100,9 @@ def our_methods() -> Tuple[MergeMethod, ...]:
     """Every method this package adds to mergekit, in documentation order."""
     from mergekit_ext.methods import consensus, rmm
     from mergekit_ext.methods import opcm
+    from mergekit_ext.methods import cart
 
-    return (*consensus.METHODS, *opcm.METHODS, *rmm.METHODS)
+    return (*consensus.METHODS, *cart.METHODS, *opcm.METHODS, *rmm.METHODS)
 
 
 def register_all() -> None:

@@ -1,0 +1,132 @@
+"""Centered low-rank merging, CART (Choi, Kim, Lee, Hong, arXiv 2412.12153).
+
+Official code: github.com/JH-GEECS/CART. Per tensor:
+
+    θavg = Σt pt θt                          (pt = wt / Σ w; plain mean by default)
+    ct   = θt − θavg                         (centred task vectors)
+    θ    = θavg + λ · T · Σt pt LR_k(ct)     on matrices inside transformer blocks
+    θ    = θavg                              everywhere else
+
+With the default equal weights ``T·pt = 1`` and this is the paper's
+``θavg + λ Σt LR_k(ct)``. Weights are relative (only their ratios matter), and
+because ``Σt pt ct = 0`` a full-rank merge is exactly the weighted average for
+any λ. A base model in the config is accepted and ignored: CART needs none,
+and the base is never part of the average.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from mergekit.merge_methods.base import BasePolicy, TensorGroup
+from typing_extensions import Literal
+
+from mergekit_ext.registry import PER_MODEL, SHARED, declare, real
+from mergekit_ext.tensors import SVD_METHODS, compute_dtype, is_block_matrix, rank_from_ratio, truncated_svd
+
+PAPER_URL = "https://arxiv.org/abs/2412.12153"
+# The paper's ViT-B/32 8-task setting; the starting point until the LLM
+# benchmark picks its own (see the README).
+DEFAULT_LAMBDA = 2.0
+DEFAULT_RANK_RATIO = 0.12
+DEFAULT_SVD = "auto"
+
+
+def cart_merge(
+    models: Sequence[torch.Tensor],
+    *,
+    rank_ratio: float = DEFAULT_RANK_RATIO,
+    scale: float = DEFAULT_LAMBDA,
+    weights: Optional[Sequence[float]] = None,
+    low_rank: Optional[bool] = None,
+    svd: str = DEFAULT_SVD,
+) -> torch.Tensor:
+    """CART for one tensor; returns a tensor in the dtype of ``models[0]``.
+
+    ``low_rank`` says whether this tensor is a matrix to low-rank (default: any
+    2-D tensor); ``svd`` picks the truncated-SVD algorithm (tensors.truncated_svd).
+    """
+    if not models:
+        raise ValueError("cart needs at least one model")
+    if not 0 < rank_ratio <= 1:
+        raise ValueError(f"cart: rank_ratio must be in (0, 1], got {rank_ratio!r}")
+    out_dtype = models[0].dtype
+    dtype = compute_dtype(models[0])
+    stacked = torch.stack([model.to(dtype) for model in models])
+    count = stacked.shape[0]
+    weight = torch.ones(count, dtype=dtype) if weights is None else torch.tensor(list(weights), dtype=dtype)
+    if weight.numel() != count or not bool((weight > 0).all()):
+        raise ValueError(f"cart: need one positive weight per model, got {list(weight.tolist())}")
+    share = weight / weight.sum()
+    average = torch.tensordot(share, stacked, dims=1)
+    if low_rank is None:
+        low_rank = stacked.dim() == 3
+    rows_cols = stacked.shape[1:]
+    if not low_rank or count == 1:
+        return average.to(out_dtype)
+    rank = rank_from_ratio(rows_cols, rank_ratio)
+    if rank >= min(rows_cols):
+        # LR_k(ct) = ct at full rank and Σ pt ct = 0: the average, without SVD round-off.
+        return average.to(out_dtype)
+    left, right = [], []
+    for centred, model_share in zip(stacked - average, share):
+        if not bool(centred.any()):
+            continue  # this model equals the average here: nothing to add
+        u, s, vh = truncated_svd(centred, rank, method=svd)
+        left.append(u * (s * (count * model_share)))
+        right.append(vh)
+    if not left:
+        return average.to(out_dtype)
+    # One matmul for Σt (T·pt) Ut St Vtᵀ: [m, T·k] @ [T·k, n].
+    low_rank_sum = torch.cat(left, dim=1) @ torch.cat(right, dim=0)
+    return average.add_(low_rank_sum, alpha=scale).to(out_dtype)
+
+
+def _merge_group(group: TensorGroup, **parameters) -> torch.Tensor:
+    # The base (if configured) is deliberately ignored: CART averages the models only.
+    models = group.non_base
+    first = models[0].tensor
+    return cart_merge(
+        [entry.tensor for entry in models],
+        rank_ratio=parameters["rank_ratio"],
+        scale=parameters["lambda"],
+        weights=[parameters["weight"][entry.id] for entry in models],
+        low_rank=is_block_matrix(group.metadata.name, first.shape, group.metadata.vocabulary_axis),
+        svd=parameters["svd"],
+    )
+
+
+cart = declare(
+    _merge_group,
+    name="cart",
+    pretty_name="CART: centered low-rank merging",
+    reference_url=PAPER_URL,
+    base=BasePolicy.OPTIONAL,
+    parameters=[
+        (
+            "weight",
+            real(gt=0),
+            PER_MODEL,
+            1.0,
+            "relative weight of this model in θavg and of its low-rank centred vector (only ratios matter)",
+        ),
+        (
+            "rank_ratio",
+            real(gt=0, le=1),
+            SHARED,
+            DEFAULT_RANK_RATIO,
+            "kept rank k = max(1, int(rank_ratio · min(m, n))) of each centred vector; 1 gives the average",
+        ),
+        ("lambda", real(ge=0), SHARED, DEFAULT_LAMBDA, "scale of the summed low-rank centred vectors"),
+        (
+            "svd",
+            Literal[SVD_METHODS],  # type: ignore[valid-type]
+            SHARED,
+            DEFAULT_SVD,
+            "truncated SVD: auto (randomized for small k, else full), full (exact), gram, randomized",
+        ),
+    ],
+)
+
+METHODS = (cart,)
