@@ -35,6 +35,13 @@ def _folder_bytes(folder: Path) -> int:
     return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
 
 
+def _adapter_bytes(folder: Path) -> int:
+    """Bytes of an adapter's config and weights (not the README peft writes beside them)."""
+    from mergekit_ext import lora
+
+    return sum((folder / name).stat().st_size for name in (lora.CONFIG_FILE, lora.SAFETENSORS_FILE, lora.BIN_FILE) if (folder / name).is_file())
+
+
 def load_adapters(paths: Sequence[str], names: Optional[Sequence[str]], base: str):
     """Read adapters and check them against the base model and each other."""
     from mergekit_ext import lora
@@ -77,7 +84,7 @@ def write_bundle(out: str | os.PathLike, basis, adapters, *, base: str, dtype: s
             "adapters_parameters": kept,
             "ratio": basis.parameter_count() / kept,
             "bundle_bytes": _folder_bytes(staging),
-            "adapters_bytes": sum(_folder_bytes(Path(adapter.path)) for adapter in adapters if adapter.path),
+            "adapters_bytes": sum(_adapter_bytes(Path(adapter.path)) for adapter in adapters if adapter.path),
         }
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -208,10 +215,10 @@ def build_command(base, adapters, k, out, variant, names, basis_rank, all_varian
         f"{storage['adapters_bytes']:,} bytes"
     )
     click.echo(f"relative reconstruction error ‖ΔŴ−ΔW‖/‖ΔW‖ per task (K={k}):")
-    header = "  task" + "".join(f"  {name:>10}" for name in errors)
-    click.echo(header)
+    width = max(len("task"), *(len(adapter.name) for adapter in loaded))
+    click.echo(f"  {'task':<{width}}" + "".join(f"  {name:>10}" for name in errors))
     for adapter in loaded:
-        click.echo(f"  {adapter.name}" + "".join(f"  {errors[name][adapter.name]:10.3e}" for name in errors))
+        click.echo(f"  {adapter.name:<{width}}" + "".join(f"  {errors[name][adapter.name]:10.3e}" for name in errors))
     click.echo(f"wrote {out}")
 
 
