@@ -392,6 +392,17 @@ def factorize(delta: torch.Tensor, rank: int, *, fan_in_fan_out: bool = False) -
     return LoraFactors(a=(root[:, None] * vh).contiguous(), b=(u * root).contiguous(), fan_in_fan_out=fan_in_fan_out)
 
 
+def refactorize(factors: LoraFactors, rank: int) -> LoraFactors:
+    """The best rank-``rank`` LoRA pair for the update of ``factors`` (no dense product formed)."""
+    from mergekit_ext.tensors import factored_svd
+
+    if factors.rank <= rank:
+        return factors
+    u, s, vh = factored_svd(factors.b, factors.a, rank)
+    root = s.sqrt()
+    return LoraFactors(a=(root[:, None] * vh).contiguous(), b=(u * root).contiguous(), fan_in_fan_out=factors.fan_in_fan_out)
+
+
 def merged_model(
     base: str | os.PathLike,
     updated: Iterable[str],

@@ -164,9 +164,7 @@ def reverted_factors(basis, task: str, *, rank: Optional[int] = None):
     for module, pair in factors.items():
         limit = min(pair.a.shape[1], pair.b.shape[0])
         target = limit if rank is None else min(rank, limit)
-        if pair.rank > target:
-            pair = lora.factorize(pair.delta(), target, fan_in_fan_out=pair.fan_in_fan_out)
-        result[module] = pair
+        result[module] = lora.refactorize(pair, target)
     return result
 
 

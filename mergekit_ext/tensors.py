@@ -126,3 +126,17 @@ def low_rank_approximation(matrix: torch.Tensor, rank: int, **svd_options) -> to
     """Best rank-``rank`` approximation of ``matrix`` (Eckart–Young), compute dtype."""
     u, s, vh = truncated_svd(matrix, rank, **svd_options)
     return (u * s) @ vh
+
+
+def factored_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``left @ right`` ([m, p] @ [p, n], p small) without forming it.
+
+    QR of both thin factors, SVD of the p×p core: exact, and O((m + n)·p²)
+    instead of an SVD of the m×n product (LoRA-shaped updates, p = rank sum).
+    """
+    dtype = compute_dtype(left)
+    q_left, r_left = torch.linalg.qr(left.to(dtype))
+    q_right, r_right = torch.linalg.qr(right.to(dtype).mT)
+    u_core, s, vh_core = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
+    rank = max(1, min(rank, s.shape[0]))
+    return q_left @ u_core[:, :rank], s[:rank], (q_right @ vh_core[:rank].mT).mT

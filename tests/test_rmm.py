@@ -195,3 +195,26 @@ def test_dense_rmm_method_in_mergekit(tiny_family, tmp_path):
     u, s, vh = torch.linalg.svd(vectors, full_matrices=False)
     rank_one = ((u[:, :1] * s[:1]) @ vh[:1]).sum(0).reshape(expected.shape)
     torch.testing.assert_close((expected - base_state[name]).double(), rank_one, atol=1e-5, rtol=1e-4)
+
+
+def test_factored_svd_and_revert_rank(family, tmp_path):
+    from mergekit_ext.rmm_cli import read_bundle
+    from mergekit_ext.tensors import factored_svd, low_rank_approximation
+
+    torch.manual_seed(3)
+    left, right = torch.randn(30, 6, dtype=torch.float64), torch.randn(6, 20, dtype=torch.float64)
+    u, s, vh = factored_svd(left, right, 4)
+    torch.testing.assert_close((u * s) @ vh, low_rank_approximation(left @ right, 4, method="full"))
+
+    runner = CliRunner()
+    bundle = tmp_path / "bundle"
+    adapters = [str(family[name]) for name in TASKS]
+    assert runner.invoke(main, ["rmm", "build", "--base", str(family["base"]), *adapters, "-k", "2", str(bundle), "--variant", "product"]).exit_code == 0
+    out = tmp_path / "reverse-r2"
+    result = runner.invoke(main, ["rmm", "revert", str(bundle), "reverse", str(out), "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    reverted = lora.read_adapter(out)
+    _, basis = read_bundle(bundle)
+    for module, factors in basis.reconstruct("reverse").items():
+        assert factors.rank == 8 and reverted.modules[module].rank == 2  # K · basis rank, then truncated
+        torch.testing.assert_close(reverted.delta(module), low_rank_approximation(factors.delta(), 2, method="full"), atol=1e-5, rtol=1e-4)

@@ -110,7 +110,7 @@ def product_basis(a: torch.Tensor, b: torch.Tensor, k: int, basis_rank: int) -> 
 
     Returns ``a`` [k, basis_rank, in], ``b`` [k, out, basis_rank] and ``coef`` [n, k].
     """
-    from mergekit_ext.tensors import truncated_svd
+    from mergekit_ext.tensors import factored_svd
 
     n = a.shape[0]
     if not 1 <= k <= n:
@@ -121,14 +121,19 @@ def product_basis(a: torch.Tensor, b: torch.Tensor, k: int, basis_rank: int) -> 
     signs = top[pivot, torch.arange(k)].sign()
     top = top * torch.where(signs == 0, torch.ones_like(signs), signs)
     rank = min(basis_rank, a.shape[2], b.shape[1])
+    stacked_a = a.to(torch.float64).reshape(-1, a.shape[2])  # [A1; …; An]
     basis_a, basis_b = [], []
     for index in range(k):
-        # Σi Q[i,k] Bi Ai = [Q[1,k] B1 … Q[n,k] Bn] @ [A1; …; An], densified in float64
-        dense = torch.einsum("n,nor,nri->oi", top[:, index], b.to(torch.float64), a.to(torch.float64))
-        u, s, vh = truncated_svd(dense.to(torch.float32), rank)
+        # Σi Q[i,k] Bi Ai = [Q[1,k] B1 … Q[n,k] Bn] @ [A1; …; An], truncated without densifying
+        stacked_b = torch.cat(list(b.to(torch.float64) * top[:, index, None, None]), dim=1)
+        u, s, vh = factored_svd(stacked_b, stacked_a, rank)
         root = s.sqrt()
-        basis_a.append(root[:, None] * vh)
-        basis_b.append(u * root)
+        # pad to a fixed rank when the update has lower rank than asked, so the basis stacks
+        pad = rank - s.shape[0]
+        a_part = torch.cat([root[:, None] * vh, vh.new_zeros(pad, vh.shape[1])])
+        b_part = torch.cat([u * root, u.new_zeros(u.shape[0], pad)], dim=1)
+        basis_a.append(a_part.to(torch.float32))
+        basis_b.append(b_part.to(torch.float32))
     return {"a": torch.stack(basis_a), "b": torch.stack(basis_b), "coef": top.to(torch.float32)}
 
 
