@@ -565,3 +565,36 @@ def random_adapter(
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1 * parameter.abs().mean())
     peft_model.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
+
+
+def merge_factors(
+    adapters: Sequence[LoraAdapter],
+    method: str,
+    *,
+    parameters: Optional[Mapping[str, object]] = None,
+) -> Dict[str, LoraFactors]:
+    """The conventional baseline RMM is compared with: merge the A's and the B's separately.
+
+    Per module, ranks are zero-padded to the largest and mergekit's method runs
+    on the stacked A factors and on the B factors, with an all-zero factor as
+    the base (what a task vector of a factor is). The scale is folded into B.
+    The product of merged factors is not the merge of the products, which is
+    why this collapses (METHODS.md §5).
+    """
+    from mergekit import merge_methods
+    from mergekit.merge_methods import merge_tensors
+
+    import mergekit_ext  # noqa: F401
+
+    merge_method = merge_methods.get(method)
+    ids, base_index = _method_inputs(merge_method, adapters)
+    resolved = method_parameters(merge_method, ids if base_index is None else ids[1:], parameters)
+    result: Dict[str, LoraFactors] = {}
+    for module in module_union(adapters):
+        a, b, fan = aligned_factors(adapters, module)
+        merged = []
+        for side, stacked in (("lora_A", a), ("lora_B", b)):
+            inputs = list(stacked) if base_index is None else [torch.zeros_like(stacked[0]), *stacked]
+            merged.append(merge_tensors(inputs, merge_method, parameters=resolved, ids=ids, base_index=base_index, name=f"{module}.{side}.weight", dtype=torch.float32))
+        result[module] = LoraFactors(merged[0], merged[1], fan)
+    return result

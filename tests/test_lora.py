@@ -230,3 +230,16 @@ def test_model_plus_lora_inputs_in_mergekit_yaml(lora_family, tmp_path):
         expected = consensus_merge(base_state[name], models, weights=[1.0] * 3, tall_lambdas=[0.4] * 3, k=2, scale=1.0)
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(merged["model.embed_tokens.weight"], base_state["model.embed_tokens.weight"])
+
+
+def test_merge_factors_is_task_arithmetic_on_each_factor(lora_family):
+    adapters = [lora.read_adapter(lora_family[name]) for name in ("alpha", "beta", "gamma")]
+    merged = lora.merge_factors(adapters, "task_arithmetic", parameters={"weight": [1.0, 0.5, 2.0], "lambda": 0.5})
+    module = "model.layers.0.self_attn.q_proj"  # in all three; gamma has rank 2 (zero-padded to 4)
+    pairs = [adapter.modules[module].padded(4) for adapter in adapters]
+    expected_a = 0.5 * (pairs[0].a + 0.5 * pairs[1].a + 2.0 * pairs[2].a)
+    expected_b = 0.5 * (pairs[0].b + 0.5 * pairs[1].b + 2.0 * pairs[2].b)
+    torch.testing.assert_close(merged[module].a, expected_a)
+    torch.testing.assert_close(merged[module].b, expected_b)
+    only_gamma = "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(merged[only_gamma].b @ merged[only_gamma].a, 0.5 * 2.0 * 0.5 * 2.0 * adapters[2].delta(only_gamma))
