@@ -274,7 +274,11 @@ def _swap_in(staging: Path, state: Path) -> None:
     retired = _retired_name(state)
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(state, retired)
-    os.replace(staging, state)
+    try:
+        os.replace(staging, state)
+    except BaseException:
+        os.replace(retired, state)
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 
