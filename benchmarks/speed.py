@@ -29,6 +29,7 @@ from benchmarks import runner  # noqa: E402
 VOCAB_SIZE = 32000
 # Llama shapes giving about 0.1, 0.5 and 1 billion parameters (untied head).
 SIZES: Dict[str, Dict[str, int]] = {
+    "0.02B": dict(hidden_size=256, layers=4, intermediate_size=688, heads=4),  # smoke tests only
     "0.1B": dict(hidden_size=768, layers=8, intermediate_size=2048, heads=12),
     "0.5B": dict(hidden_size=1536, layers=14, intermediate_size=4096, heads=12),
     "1B": dict(hidden_size=2048, layers=16, intermediate_size=5504, heads=16),
@@ -73,7 +74,7 @@ def parameter_count(layout: Sequence[tuple]) -> int:
     return total
 
 
-def write_random_model(folder: Path, config, layout: Sequence[tuple], *, index: int) -> None:
+def write_random_model(folder: Path, config, layout: Sequence[tuple], *, index: int, dtype: torch.dtype = torch.bfloat16) -> None:
     """Model ``index`` (0 = base, t > 0 = base + seeded noise), streamed tensor by tensor.
 
     The base tensor is regenerated from its own seed for every model, so only
@@ -82,7 +83,7 @@ def write_random_model(folder: Path, config, layout: Sequence[tuple], *, index: 
     from mergekit_ext import io
 
     config.architectures = ["LlamaForCausalLM"]  # mergekit picks the architecture from this
-    config.torch_dtype = "bfloat16"
+    config.dtype = str(dtype).replace("torch.", "")
     if (folder / ".complete").exists():
         config.save_pretrained(folder)
         return
@@ -98,7 +99,7 @@ def write_random_model(folder: Path, config, layout: Sequence[tuple], *, index: 
         if index > 0:
             generator = torch.Generator().manual_seed(1_000_003 * index + position)
             tensor += torch.randn(shape, generator=generator) * FINETUNE_STD
-        writer.save_tensor(name, tensor.to(torch.bfloat16))
+        writer.save_tensor(name, tensor.to(dtype))
         del tensor
     writer.finalize()
     config.save_pretrained(folder)
@@ -193,7 +194,8 @@ def run_grid(args) -> Dict[str, Any]:
                     "peak_rss_mib": max(m.peak_rss_mib for m in measurements),
                 }
                 if not ok:
-                    row["error"] = measurements[-1].log_tail[-600:]
+                    timed_out = args.timeout is not None and measurements[-1].wall_s >= args.timeout
+                    row["error"] = f"killed after {args.timeout:.0f} s" if timed_out else measurements[-1].log_tail[-600:]
                     tqdm.write(f"FAILED {key}: {row['error'][-300:]}")
                 rows.append(row)
                 write_results(report, Path(args.out_dir))
@@ -241,7 +243,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
             if row["size"] != size or row["T"] != count:
                 continue
             if not row["ok"]:
-                table.append([row["label"], "failed", "", "", "", "", ""])
+                status = row.get("error", "") if str(row.get("error", "")).startswith("killed") else "failed"
+                table.append([row["label"], status, "", "", "", "", ""])
                 continue
 
             def ratio(field: str) -> str:
@@ -300,7 +303,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
     parser.add_argument("--keep-models", action="store_true", help="keep generated models in the work dir")
     parser.add_argument("--resume", action="store_true", help="reuse successful rows already in speed.json")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only combine earlier speed.json files (same machine) into one report")
     args = parser.parse_args(argv)
+    if args.render:
+        reports = [json.loads(Path(path).read_text()) for path in args.render]
+        report = dict(reports[0], rows=[row for item in reports for row in item["rows"]], sizes={})
+        for item in reports:
+            report["sizes"].update(item["sizes"])
+        write_results(report, Path(args.out_dir))
+        print(render_markdown(report))
+        return
     report = run_grid(args)
     print(render_markdown(report))
 

@@ -1,0 +1,220 @@
+"""Quality: every method of this package and mergekit's baselines on a zoo.
+
+The papers' protocol: each method's free hyperparameters are chosen on the
+VALIDATION split from a small grid (the same size, GRID_SIZE settings, for every
+method that has free hyperparameters), and the chosen setting is reported on
+the TEST split. Merges go through mergekit's engine (``run_merge``, in
+process); accuracies come from lm-eval via ``mergekit_ext.evaluate``. Writes
+results/quality.md, quality.json and quality.png.
+
+    mergekit-ext zoo benchmarks/work/zoo-demo --preset demo
+    python benchmarks/quality.py --zoo benchmarks/work/zoo-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks import runner  # noqa: E402
+
+GRID_SIZE = 4
+
+
+def product(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[name] for name in names))]
+
+
+LAMBDAS = (0.25, 0.5, 0.75, 1.0)
+# TIES-family: disjoint SUM (normalize: false) scaled by lambda, as in the TIES paper.
+TIES_GRID = [dict(setting, weight=1.0, normalize=False) for setting in product(density=(0.2, 0.5), **{"lambda": (0.5, 1.0)})]
+
+# (fixed parameters, grid) per method. Fixed parameters apply to every setting.
+GRIDS: Dict[str, List[Dict[str, Any]]] = {
+    # No free hyperparameter: the plain average of the experts, and Model Stock's closed form.
+    "linear": [dict(weight=1.0, normalize=True)],
+    "model_stock": [dict()],
+    "task_arithmetic": [{"weight": 1.0, "lambda": value} for value in LAMBDAS],
+    "ties": TIES_GRID,
+    "dare_ties": TIES_GRID,
+    "breadcrumbs_ties": [dict(setting, gamma=0.01) for setting in TIES_GRID],
+    "della": [dict(setting, epsilon=0.1) for setting in TIES_GRID],
+    # Ours. Consensus keeps the paper's mask defaults (λt 0.4, k 2) and tunes the
+    # final scale like task arithmetic / TIES.
+    "consensus_ta": [{"k": 2, "tall_lambda": 0.4, "lambda": value} for value in LAMBDAS],
+    "consensus_ties": [dict(k=2, tall_lambda=0.4, **setting) for setting in product(density=(0.2, 0.5), **{"lambda": (0.5, 1.0)})],
+    # CART: around the paper's starting points (2.0 / 0.12 vision, 1.3 / 0.01 GPT-2).
+    "cart": product(rank_ratio=(0.05, 0.15), **{"lambda": (1.3, 2.0)}),
+    # OPCM in mergekit-yaml (per-tensor norm matching): its one free parameter.
+    "opcm": [{"alpha": value} for value in (0.3, 0.5, 0.7, 0.9)],
+    # RMM product space: basis size K and the weight of each reconstructed delta.
+    "rmm": product(k=(1, 2), weight=(0.5, 1.0)),
+}
+
+
+def grid_for(method: str) -> List[Dict[str, Any]]:
+    if method in GRIDS:
+        return GRIDS[method]
+    # A method registered after this file was written: tune its lambda if it has one.
+    names = {parameter.name for parameter in runner.method_spec(method).parameters}
+    if "lambda" in names:
+        return [{"lambda": value} for value in LAMBDAS]
+    return [dict()]
+
+
+def quality_specs(methods: Optional[Sequence[str]]) -> Dict[str, List[runner.MergeSpec]]:
+    names = list(runner.MERGEKIT_BASELINES) + runner.our_method_names()
+    if methods:
+        unknown = sorted(set(methods) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; known: {names}")
+        names = [name for name in names if name in methods]
+    specs: Dict[str, List[runner.MergeSpec]] = {}
+    for name in names:
+        # linear averages the experts only; every other method gets the base when it can use one.
+        use_base = False if name == "linear" else (True if name == "cart" else None)
+        specs[name] = [runner.MergeSpec(f"{name}#{index}", name, setting, use_base=use_base) for index, setting in enumerate(grid_for(name))]
+    return specs
+
+
+def run(args) -> Dict[str, Any]:
+    from mergekit_ext.evaluate import compare_on_zoo
+    from mergekit_ext.zoo import load_zoo
+
+    zoo = load_zoo(args.zoo)
+    experts = [zoo.expert(task) for task in zoo.tasks]
+    work = Path(args.work_dir) / "quality" / Path(zoo.root).name
+    specs = quality_specs(args.methods)
+    merged_paths: Dict[str, Path] = {}
+    merge_seconds: Dict[str, float] = {}
+    failures: Dict[str, str] = {}
+    all_specs = [spec for rows in specs.values() for spec in rows]
+    for spec in tqdm(all_specs, desc="merging", unit="merge"):
+        out = work / spec.label.replace("#", "-")
+        try:
+            merge_seconds[spec.label] = runner.run_in_process(runner.merge_config(spec, zoo.base, experts, dtype="float32"), out, device=args.device)
+            merged_paths[spec.label] = out
+        except Exception as error:  # a failing method is reported, not fatal for the others
+            failures[spec.label] = f"{type(error).__name__}: {error}"
+            tqdm.write(f"merge {spec.label} failed: {failures[spec.label]}")
+
+    validation = compare_on_zoo(zoo.root, merged_paths, split="validation", device=args.device, batch_size=args.batch_size)
+    chosen: Dict[str, runner.MergeSpec] = {}
+    selection: Dict[str, Any] = {}
+    for method, rows in specs.items():
+        scored = [(validation["models"][spec.label]["mean_accuracy"], index, spec) for index, spec in enumerate(rows) if spec.label in merged_paths]
+        if not scored:
+            continue
+        best_score, _, best = max(scored, key=lambda item: (item[0], -item[1]))  # ties: the first setting
+        chosen[method] = best
+        selection[method] = {
+            "grid": [dict(spec.parameters) for spec in rows],
+            "validation_mean_accuracy": [validation["models"][spec.label]["mean_accuracy"] if spec.label in merged_paths else None for spec in rows],
+            "chosen": dict(best.parameters),
+            "chosen_validation_mean_accuracy": best_score,
+            "merge_seconds": merge_seconds.get(best.label),
+        }
+    test = compare_on_zoo(zoo.root, {method: merged_paths[spec.label] for method, spec in chosen.items()}, split="test", device=args.device, batch_size=args.batch_size)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "machine": runner.machine_description(),
+        "zoo": str(zoo.root),
+        "preset": zoo.manifest.get("preset", {}).get("name"),
+        "zoo_parameters": zoo.manifest.get("parameters"),
+        "grid_size": GRID_SIZE,
+        "selection": selection,
+        "failures": failures,
+        "validation_report": validation,
+        "test_report": test,
+    }
+
+
+def render_markdown(result: Dict[str, Any]) -> str:
+    from mergekit_ext.evaluate import format_markdown
+
+    test = result["test_report"]
+    machine = result["machine"]
+    models = test["models"]
+    rows = []
+    ranked = sorted((label for label in models if label not in ("base", "expert")), key=lambda label: -(models[label]["mean_normalized_accuracy"] or 0))
+    for label in ["base", "expert"] + ranked:
+        model = models[label]
+        chosen = result["selection"].get(label, {})
+        rows.append(
+            [
+                label,
+                f"{model['mean_accuracy']:.3f}",
+                f"{model['mean_normalized_accuracy']:.3f}" if model.get("mean_normalized_accuracy") is not None else "–",
+                f"{chosen['chosen_validation_mean_accuracy']:.3f}" if chosen else "–",
+                ", ".join(f"{key}={value}" for key, value in chosen.get("chosen", {}).items()) if chosen else "–",
+            ]
+        )
+    lines = [
+        f"# Quality on the `{result['preset']}` zoo",
+        "",
+        f"Zoo: {result['zoo']} ({result['zoo_parameters']:,} parameters per model, tasks: {', '.join(test['tasks'])}). "
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + f"; {machine['date_utc']} UTC.",
+        f"Protocol: every method's setting chosen on the validation split (mean accuracy) from its grid "
+        f"({GRID_SIZE} settings for every method with free hyperparameters; `linear` and `model_stock` have none), "
+        "then reported on the test split. Accuracy is lm-eval `acc` (4-way multiple choice); normalized = merged / "
+        "the task's own expert. Merges: mergekit `run_merge` on the zoo's full fine-tunes, float32.",
+        "",
+        "## Test split, mean over tasks (ranked by normalized accuracy)",
+        "",
+        runner.markdown_table(["method", "test acc", "normalized", "validation acc", "chosen setting"], rows),
+        "",
+        "## Test split, per task",
+        "",
+        format_markdown(test),
+        "## Validation grid",
+        "",
+    ]
+    grid_rows = []
+    for method, info in result["selection"].items():
+        for setting, score in zip(info["grid"], info["validation_mean_accuracy"]):
+            marker = " ←" if setting == info["chosen"] else ""
+            grid_rows.append([method, ", ".join(f"{k}={v}" for k, v in setting.items()) or "(defaults)", "failed" if score is None else f"{score:.3f}{marker}"])
+    lines += [runner.markdown_table(["method", "setting", "validation acc"], grid_rows), ""]
+    if result["failures"]:
+        lines += ["## Failed merges", ""] + [f"- {label}: {error}" for label, error in result["failures"].items()] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", required=True, help="a zoo built by `mergekit-ext zoo DIR --preset demo|bench`")
+    parser.add_argument("--methods", nargs="+", help="subset of methods (default: all of ours and mergekit's baselines)")
+    parser.add_argument("--device", default="cpu", help="torch device for merging and lm-eval (cpu, cuda)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--work-dir", default=str(runner.WORK_DIR))
+    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
+    parser.add_argument("--name", default="quality", help="basename of the result files")
+    parser.add_argument("--keep", action="store_true", help="keep merged models in the work dir")
+    args = parser.parse_args(argv)
+    result = run(args)
+    from mergekit_ext.evaluate import write_chart
+    from mergekit_ext.io import write_json
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{args.name}.json", result)
+    write_chart(result["test_report"], out_dir / f"{args.name}.png")
+    markdown = render_markdown(result)
+    (out_dir / f"{args.name}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
