@@ -447,8 +447,15 @@ def _method_inputs(method, adapters: Sequence[LoraAdapter]) -> Tuple[List[str], 
 
     names = [adapter.name for adapter in adapters]
     ids = names if len(set(names)) == len(names) and "base" not in names else [f"{i}:{n}" for i, n in enumerate(names)]
-    if method.spec.contract.base in (BasePolicy.IGNORED, BasePolicy.FORBIDDEN):
+    contract = method.spec.contract
+    if contract.base in (BasePolicy.IGNORED, BasePolicy.FORBIDDEN):
         return ids, None  # the method merges whole models; the base is not one of them
+    if contract.max_inputs is not None and len(ids) + 1 > contract.max_inputs:
+        # slerp/nearswap interpolate between two models: the first adapted model
+        # plays mergekit's "base_model" role, as in a mergekit YAML
+        if len(ids) > contract.max_inputs:
+            raise ValueError(f"merge method '{method.spec.name}' takes at most {contract.max_inputs} models, got {len(ids)} adapters")
+        return ids, 0
     return ["base", *ids], 0
 
 
@@ -475,6 +482,9 @@ def method_parameters(method, adapter_ids: Sequence[str], given: Optional[Mappin
     weight = known.get("weight")
     if weight is not None and "weight" not in parameters and weight.default is MISSING:
         parameters["weight"] = 1.0
+    missing = [name for name, parameter in known.items() if parameter.default is MISSING and name not in parameters]
+    if missing:
+        raise ValueError(f"merge method '{method.spec.name}' needs parameter(s) {', '.join(missing)} (pass --param NAME=VALUE)")
     return parameters
 
 
@@ -509,7 +519,8 @@ def merge_adapters(
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     ids, base_index = _method_inputs(merge_method, adapters)
-    adapter_ids = ids if base_index is None else ids[1:]
+    base_is_input = base_index is not None and ids[0] == "base"
+    adapter_ids = ids[1:] if base_is_input else ids
     resolved = method_parameters(merge_method, adapter_ids, parameters)
     factors: Dict[str, LoraFactors] = {}
     dense: Dict[str, torch.Tensor] = {}
@@ -520,7 +531,7 @@ def merge_adapters(
         for adapter in adapters:
             update = adapter.delta(module)
             models.append(base if update is None else base + update)
-        inputs = models if base_index is None else [base, *models]
+        inputs = [base, *models] if base_is_input else models
         merged = merge_tensors(inputs, merge_method, parameters=resolved, ids=ids, base_index=base_index, name=name, dtype=torch.float32)
         update = merged.to(torch.float32) - base
         fan = next(a.modules[module].fan_in_fan_out for a in adapters if module in a.modules)
@@ -588,13 +599,14 @@ def merge_factors(
 
     merge_method = merge_methods.get(method)
     ids, base_index = _method_inputs(merge_method, adapters)
-    resolved = method_parameters(merge_method, ids if base_index is None else ids[1:], parameters)
+    base_is_input = base_index is not None and ids[0] == "base"
+    resolved = method_parameters(merge_method, ids[1:] if base_is_input else ids, parameters)
     result: Dict[str, LoraFactors] = {}
     for module in module_union(adapters):
         a, b, fan = aligned_factors(adapters, module)
         merged = []
         for side, stacked in (("lora_A", a), ("lora_B", b)):
-            inputs = list(stacked) if base_index is None else [torch.zeros_like(stacked[0]), *stacked]
+            inputs = [torch.zeros_like(stacked[0]), *stacked] if base_is_input else list(stacked)
             merged.append(merge_tensors(inputs, merge_method, parameters=resolved, ids=ids, base_index=base_index, name=f"{module}.{side}.weight", dtype=torch.float32))
         result[module] = LoraFactors(merged[0], merged[1], fan)
     return result

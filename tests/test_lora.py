@@ -243,3 +243,20 @@ def test_merge_factors_is_task_arithmetic_on_each_factor(lora_family):
     torch.testing.assert_close(merged[module].b, expected_b)
     only_gamma = "model.layers.1.mlp.down_proj"
     torch.testing.assert_close(merged[only_gamma].b @ merged[only_gamma].a, 0.5 * 2.0 * 0.5 * 2.0 * adapters[2].delta(only_gamma))
+
+
+def test_lora_merge_two_model_methods_and_parameter_errors(lora_family, tmp_path):
+    """slerp takes the first adapted model as its 'base' (as in a mergekit YAML); errors name the parameter."""
+    runner = CliRunner()
+    base, alpha, beta = (str(lora_family[n]) for n in ("base", "alpha", "beta"))
+    result = runner.invoke(main, ["lora", "merge", "--base", base, "--method", "slerp", alpha, beta, "-r", "2", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "needs parameter(s) t" in result.output
+    result = runner.invoke(main, ["lora", "merge", "--base", base, "--method", "task_arithmetic", alpha, beta, "-r", "2", str(tmp_path / "b"), "--param", "nope=1"])
+    assert result.exit_code == 1 and "has no parameter 'nope'" in result.output
+    result = runner.invoke(main, ["lora", "merge", "--base", base, "--method", "slerp", alpha, beta, "-r", "32", str(tmp_path / "c"), "--param", "t=0"])
+    assert result.exit_code == 0, result.output
+    # t = 0 is the first model: the merged adapter is the first adapter
+    merged = lora.read_adapter(tmp_path / "c")
+    first = lora.read_adapter(alpha)
+    module = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(merged.delta(module), first.delta(module), atol=1e-5, rtol=1e-4)
