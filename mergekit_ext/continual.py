@@ -493,7 +493,11 @@ def init_command(state, model, base, method, alpha, zero_diagonal, coefficient, 
 @click.option("--device", default="cpu", show_default=True, help="Where to compute (e.g. cuda); files stay on CPU.")
 @click.option("--allow-repeat", is_flag=True, help="Accept a model whose content is already in the state.")
 def add_command(state, model, base, device, allow_repeat) -> None:
-    """Merge one more MODEL into STATE (the previous models are not needed)."""
+    """Merge one more MODEL into STATE.
+
+    Reads only the base, STATE and MODEL; the models merged before are not
+    needed. STATE is replaced atomically at the end.
+    """
     data = add_model(state, model, base=base, device=device, allow_repeat=allow_repeat)
     for line in describe_state(data):
         click.echo(line)
@@ -503,7 +507,11 @@ def add_command(state, model, base, device, allow_repeat) -> None:
 @click.argument("state", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the state's metadata as JSON.")
 def show_command(state, as_json) -> None:
-    """Print STATE's method, base and history (models, hashes, order, scale, norms)."""
+    """Print STATE's method, base and history.
+
+    One row per model in merge order: content hash, task-vector norm, the
+    global scale after that step and the merged task vector's norm.
+    """
     data = read_state(state)
     if as_json:
         click.echo(json.dumps(data, indent=2))

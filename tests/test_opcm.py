@@ -166,3 +166,26 @@ def test_mergekit_refuses_bad_alpha_before_writing(tiny_family, tmp_path):
     with pytest.raises(ValueError, match=r"opcm: invalid value 2.0 for parameter 'alpha'"):
         run_merge_in_process(_config(tiny_family, ["ft0", "ft1"], alpha=2.0), out)
     assert not (out / "model.safetensors").exists()
+
+
+def test_low_rank_merged_direction_gives_a_well_defined_projection():
+    # A rank-2 D̄ (like a merged LoRA fine-tune): the SVD basis past rank 2 is arbitrary,
+    # so the result must not depend on it (float32 vs float64 SVDs complete it differently).
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(32, 2, generator=generator) @ torch.randn(2, 48, generator=generator)
+    task_delta = torch.randn(32, 48, generator=generator)
+    single = project_task_vector(low_rank, task_delta)
+    double = project_task_vector(low_rank.double(), task_delta.double())
+    torch.testing.assert_close(single.double(), double, rtol=1e-4, atol=1e-4)
+    assert abs(float((single * low_rank).sum())) < 1e-4 * float(single.norm() * low_rank.norm())
+    # Only the two defined directions lose their diagonal entries.
+    u, s, vh = torch.linalg.svd(low_rank.double(), full_matrices=False)
+    expected = task_delta.double().clone()
+    for i in range(2):
+        expected -= (u[:, i] @ task_delta.double() @ vh[i]) * torch.outer(u[:, i], vh[i])
+    rank = split_rank(s.float(), 0.5)
+    for i in range(rank):
+        for j in range(rank):
+            if i != j:
+                expected -= (u[:, i] @ task_delta.double() @ vh[j]) * torch.outer(u[:, i], vh[j])
+    torch.testing.assert_close(double, expected, rtol=1e-8, atol=1e-8)

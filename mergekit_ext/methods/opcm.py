@@ -22,9 +22,14 @@ Deviations from the reference code, on purpose:
   biases are added unprojected (``D' = D``), as the reference does for
   non-Linear parameters.
 * SVD runs in float32 (the reference uses the model dtype).
-* A tensor whose merged task vector is exactly zero has no direction to be
-  orthogonal to; its update is kept whole (the reference would zero the
-  diagonal of ``D`` in an arbitrary basis).
+* The diagonal is zeroed only up to the numerical rank of ``D̄``. Past it the
+  singular vectors are an arbitrary completion of the basis, so the reference
+  removes components of ``D`` along directions that depend on the LAPACK
+  driver, dtype and device (for a low-rank ``D̄``, e.g. merged LoRA fine-tunes,
+  float32 and float64 SVDs then disagree by O(|D|)); those entries do not
+  affect ``⟨D', D̄⟩``, which stays 0. Identical to the reference for a
+  full-rank ``D̄``. A tensor whose merged task vector is exactly zero keeps its
+  update whole.
 * In mergekit-yaml the adaptive scale is per tensor (see ``opcm_merge``); the
   paper's single global scale is in ``mergekit-ext continual``.
 """
@@ -102,7 +107,13 @@ def project_task_vector(
     removed = torch.zeros(k, k, dtype=torch.bool, device=rotated.device)
     removed[:rank, :rank] = True
     if zero_diagonal:
-        removed.fill_diagonal_(True)
+        # Only where D̄ has a direction: past its numerical rank the singular
+        # vectors are an arbitrary completion (LAPACK-, dtype- and device-
+        # dependent), and those diagonal entries never touch ⟨D', D̄⟩. The
+        # rank uses float32's epsilon: checkpoints carry no more precision.
+        defined = int((s > s[0] * max(direction.shape) * torch.finfo(torch.float32).eps).sum())
+        diagonal = torch.arange(defined, device=rotated.device)
+        removed[diagonal, diagonal] = True
     return update - u @ (rotated * removed) @ vh
 
 
