@@ -260,3 +260,26 @@ def test_lora_merge_two_model_methods_and_parameter_errors(lora_family, tmp_path
     first = lora.read_adapter(alpha)
     module = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(merged.delta(module), first.delta(module), atol=1e-5, rtol=1e-4)
+
+
+def test_gpt2_conv1d_adapters_fan_in_fan_out(tmp_path):
+    """GPT-2 stores c_attn as [in, out]: updates come out in that layout and written adapters reload."""
+    from mergekit_ext.modeling import gpt2_config
+
+    tokenizer = char_tokenizer()
+    base = save_model(random_model(gpt2_config(len(tokenizer)), seed=0), tmp_path / "gpt2", tokenizer)
+    paths = [lora.random_adapter(base, tmp_path / f"g{i}", seed=30 + i, target_modules=("c_attn", "c_proj")) for i in range(2)]
+    adapter = lora.read_adapter(paths[0])
+    assert all(f.fan_in_fan_out for f in adapter.modules.values())
+    base_state = load_state_dict(base)
+    reference = peft_deltas(base, paths[0])
+    for module, delta in reference.items():
+        assert adapter.delta(module).shape == base_state[lora.weight_name(module)].shape
+        torch.testing.assert_close(adapter.delta(module), delta, rtol=1e-5, atol=1e-7)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["lora", "merge", "--base", str(base), "--method", "task_arithmetic", *map(str, paths), "-r", "64", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = peft_deltas(base, out)
+    second = lora.read_adapter(paths[1])
+    for module in reference:
+        torch.testing.assert_close(merged[module], adapter.delta(module) + second.delta(module), rtol=1e-4, atol=1e-5)
