@@ -240,6 +240,9 @@ def revert_command(bundle, task, out, merged, base, rank, overwrite) -> None:
     if not Path(base).is_dir():
         raise click.BadParameter(f"the bundle's base model {base} does not exist; pass --base", param_hint="--base")
     factors = reverted_factors(basis, task, rank=rank)
+    # the base must be the one the adapters were made for (same modules, same shapes)
+    shapes = lora.base_weight_shapes(base, [lora.weight_name(module) for module in factors])
+    lora.check_against_base([lora.LoraAdapter(name=f"{bundle} (task {task})", modules=factors)], shapes, base_label=f"base model {base}")
     template = next((t for t in manifest["tasks"] if t["name"] == task), {})
     with atomic_output_dir(out, overwrite=overwrite) as staging:
         if merged:

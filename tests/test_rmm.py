@@ -153,6 +153,12 @@ def test_named_tasks_lossy_k_and_refusals(family, tmp_path):
     assert result.exit_code != 0 and "'sort' is not in" in result.output
     result = runner.invoke(main, ["rmm", "build", "--base", str(family["base"]), *adapters, "-k", "4", str(tmp_path / "y")])
     assert result.exit_code != 0 and "exceeds the number of adapters" in result.output
+    # reverting onto another base model is refused before anything is written
+    tokenizer = char_tokenizer()
+    wider = save_model(random_model(llama_config(len(tokenizer), hidden_size=48), seed=1), tmp_path / "wider", tokenizer)
+    result = runner.invoke(main, ["rmm", "revert", str(bundle), "a", str(tmp_path / "w"), "--merged", "--base", str(wider)])
+    assert result.exit_code == 1 and "wider" in result.output and "made for another model" in result.output
+    assert not (tmp_path / "w").exists()
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     coefficients = broken / "coefficients.safetensors"
