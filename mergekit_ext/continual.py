@@ -348,6 +348,10 @@ def init_state(
     state, base_path, model_path = Path(state).absolute(), Path(base).absolute(), Path(model).absolute()
     if state.exists() and not overwrite:
         raise FileExistsError(f"state already exists (pass --overwrite to replace it): {state}")
+    if state.exists() and not _state_json_path(state).is_file():
+        raise ContinualStateError(f"refusing to overwrite {state}: it is not a continual state")
+    if state in (base_path, model_path):
+        raise ContinualStateError(f"the state cannot be one of the input models: {state}")
     _check_compatible(base_path, io.open_model(base_path), model_path, io.open_model(model_path))
     base_digest, model_digest = io.content_hash(base_path), io.content_hash(model_path)
     state.parent.mkdir(parents=True, exist_ok=True)
