@@ -13,7 +13,8 @@ import torch
 # A tensor inside a repeated transformer block carries its block index in its
 # name (``model.layers.3.``, ``transformer.h.3.``, ``encoder.layer.3.``).
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
-_EMBEDDING_WORDS = ("embed", "wte", "wpe", "lm_head")
+# T5's per-block relative_attention_bias is a position-bucket table, not a projection.
+_EMBEDDING_WORDS = ("embed", "wte", "wpe", "lm_head", "relative_attention_bias")
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
