@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -319,15 +318,8 @@ def _staging_folder(state: Path) -> Iterator[Path]:
     """
     for stale in state.parent.glob(_staging_prefix(state) + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(state), dir=state.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would lock other users out of the model
-    try:
+    with io.staging_dir(state.parent, _staging_prefix(state)) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------

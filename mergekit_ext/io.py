@@ -88,6 +88,21 @@ def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -
 
 
 @contextlib.contextmanager
+def staging_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A fresh folder in ``parent`` (same filesystem, so it can be renamed into place),
+    removed again if the block fails."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; a result should look like any new folder
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``path`` only if the block succeeds.
 
@@ -98,12 +113,8 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     if target.exists() and not overwrite:
         raise FileExistsError(f"output already exists (pass --overwrite to replace it): {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with staging_dir(target.parent, f".{target.name}.partial-") as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if target.exists():
         retired = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, retired)
