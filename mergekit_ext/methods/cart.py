@@ -59,7 +59,7 @@ def cart_merge(
     dtype = compute_dtype(models[0])
     stacked = torch.stack([model.to(dtype) for model in models])
     count = stacked.shape[0]
-    weight = torch.ones(count, dtype=dtype) if weights is None else torch.tensor(list(weights), dtype=dtype)
+    weight = torch.tensor([1.0] * count if weights is None else list(weights), dtype=dtype, device=stacked.device)
     if weight.numel() != count or not bool((weight > 0).all()):
         raise ValueError(f"cart: need one positive weight per model, got {list(weight.tolist())}")
     share = weight / weight.sum()
@@ -74,7 +74,8 @@ def cart_merge(
         # LR_k(ct) = ct at full rank and Σ pt ct = 0: the average, without SVD round-off.
         return average.to(out_dtype)
     left, right = [], []
-    for centred, model_share in zip(stacked - average, share):
+    for model, model_share in zip(stacked, share):
+        centred = model - average  # one at a time: T centred copies would double peak memory
         if not bool(centred.any()):
             continue  # this model equals the average here: nothing to add
         u, s, vh = truncated_svd(centred, rank, method=svd)
