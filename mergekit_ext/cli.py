@@ -68,6 +68,9 @@ def _add_feature_commands() -> None:
     from mergekit_ext.continual import continual_group
 
     main.add_command(continual_group)
+    from mergekit_ext.zoo import zoo_command; main.add_command(zoo_command)  # noqa: E702
+    from mergekit_ext.evaluate import eval_command; main.add_command(eval_command)  # noqa: E702
+    from mergekit_ext.demo import demo_command; main.add_command(demo_command)  # noqa: E702
 
 
 _add_feature_commands()

@@ -82,30 +82,56 @@ def _swap_adjacent(rng: random.Random, text: str) -> str:
     return text[:position] + text[position + 1] + text[position] + text[position + 2 :]
 
 
+def _replace_one(rng: random.Random, text: str, alphabet: str) -> str:
+    position = rng.randrange(len(text))
+    replacement = rng.choice([c for c in alphabet if c not in text])
+    return text[:position] + replacement + text[position + 1 :]
+
+
+# Distractors are near misses (one position wrong), so a model that half knows
+# a task scores well above chance but well below an expert.
+
+
 def _reverse(rng: random.Random) -> Item:
-    text = _distinct(rng, LOWER, 4, 7)
+    text = _distinct(rng, LOWER, 3, 5)
     answer = text[::-1]
-    return f"rev({text}) =", answer, [text, _swap_adjacent(rng, answer), answer[1:] + answer[0]]
+    return f"rev({text}) =", answer, [_swap_adjacent(rng, answer), _swap_adjacent(rng, answer), _replace_one(rng, answer, LOWER)]
 
 
 def _sort(rng: random.Random) -> Item:
-    text = _distinct(rng, DIGITS, 4, 7)
+    text = _distinct(rng, DIGITS, 5, 7)
     answer = "".join(sorted(text))
-    return f"sort[{text}] ->", answer, [answer[::-1], text, _swap_adjacent(rng, answer)]
+    distractors = [_swap_adjacent(rng, answer)]
+    while len(distractors) < 3:
+        distractors.append("".join(sorted(_replace_one(rng, text, DIGITS))))
+    return f"sort[{text}] ->", answer, distractors
+
+
+def _duplicate(rng: random.Random) -> Item:
+    # Distractors double a near miss of the input, so every choice has the doubled shape.
+    text = _distinct(rng, DIGITS, 4, 6)
+
+    def doubled(word: str) -> str:
+        return "".join(c + c for c in word)
+
+    return f"dup[{text}] ->", doubled(text), [doubled(_swap_adjacent(rng, text)), doubled(_replace_one(rng, text, DIGITS)), doubled(text[::-1])]
 
 
 def _next_letter(rng: random.Random) -> Item:
-    text = _word(rng, UPPER, 3, 6)
-    return (
-        f"NEXT {text} :",
-        _shift(text, UPPER, 1),
-        [text, _shift(text, UPPER, -1), _shift(text, UPPER, 2)],
-    )
+    text = _word(rng, UPPER, 4, 7)
+    answer = _shift(text, UPPER, 1)
+
+    def one_off() -> str:
+        position = rng.randrange(len(text))
+        return answer[:position] + _shift(text[position], UPPER, rng.choice((0, 2, -1))) + answer[position + 1 :]
+
+    return f"NEXT {text} :", answer, [one_off(), one_off(), one_off()]
 
 
 def _count_hashes(rng: random.Random) -> Item:
-    text = _word(rng, "#+*", 5, 9)
-    count = text.count("#")
+    text = _word(rng, "#+*", 10, 16)
+    count = min(text.count("#"), 9)
+    text = text if text.count("#") <= 9 else text.replace("#", "+", text.count("#") - 9)
     wrong = [value for value in (count + 1, count - 1, count + 2, count - 2, count + 3) if 0 <= value <= 9]
     return f"#?{text}|", str(count), [str(value) for value in wrong[:3]]
 
@@ -140,12 +166,12 @@ TASKS: Dict[str, ZooTask] = {
     for task in (
         ZooTask("reverse", "reverse lowercase letters: rev(abcd) = dcba", _reverse),
         ZooTask("sort", "sort distinct digits: sort[3912] -> 1239", _sort),
+        ZooTask("dup", "repeat every digit: dup[372] -> 337722", _duplicate),
         ZooTask("next", "shift uppercase letters by one: NEXT ABZ : BCA", _next_letter),
         ZooTask("count", "count the # among #+*: #?#+#*| 2", _count_hashes),
         ZooTask("lower", "lower-case distinct capitals: low<ABC> = abc", _lower_case),
         ZooTask("max", "largest digit: max(3817) ? 8", _max_digit),
         ZooTask("swap", "swap letters pairwise: swp/abcdef/ = badcfe", _swap_pairs),
-        ZooTask("ends", "first and last symbol: ends:a1b2c. ac", _ends),
     )
 }
 
@@ -186,12 +212,15 @@ class Preset:
     validation_items: int
     test_items: int
     lambda_grid: Tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    # Pretraining mixture weights, one per task: easy tasks get a smaller share so
+    # that the base is about equally (half) competent on every task.
+    mixture: Optional[Tuple[float, ...]] = None
 
 
 PRESETS: Dict[str, Preset] = {
     "test": Preset(
         name="test",
-        tasks=("reverse", "sort", "next", "count"),
+        tasks=("reverse", "dup", "next", "count"),
         hidden_size=32,
         layers=2,
         heads=2,
@@ -207,24 +236,26 @@ PRESETS: Dict[str, Preset] = {
         validation_items=40,
         test_items=60,
         lambda_grid=(0.5, 1.0),
+        mixture=(1.0, 0.1, 0.3, 0.15),
     ),
     "demo": Preset(
         name="demo",
-        tasks=("reverse", "sort", "next", "count"),
+        tasks=("reverse", "dup", "next", "count"),
         hidden_size=64,
         layers=3,
         heads=4,
         intermediate_size=128,
-        pretrain_steps=700,
+        pretrain_steps=160,
         pretrain_lr=3e-3,
-        finetune_steps=120,
+        finetune_steps=100,
         finetune_lr=5e-4,
-        lora_steps=120,
+        lora_steps=100,
         lora_lr=3e-3,
         lora_rank=4,
         batch_size=64,
         validation_items=100,
         test_items=200,
+        mixture=(0.45, 0.17, 0.25, 0.13),
     ),
     "bench": Preset(
         name="bench",
@@ -345,13 +376,9 @@ def _write_task_yamls(root: Path, tasks: Dict[str, Dict]) -> None:
 
 def _encode_pairs(tokenizer, contexts: Sequence[str], continuations: Sequence[str]):
     """Token ids of context+continuation and where the continuation starts (lm-eval's split)."""
-    sequences, starts = [], []
-    for context, continuation in zip(contexts, continuations):
-        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        whole_ids = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-        sequences.append(whole_ids)
-        starts.append(len(context_ids))
-    return sequences, starts
+    context_ids = tokenizer(list(contexts), add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer([c + d for c, d in zip(contexts, continuations)], add_special_tokens=False)["input_ids"]
+    return whole_ids, [len(ids) for ids in context_ids]
 
 
 def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -364,10 +391,10 @@ def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch
     return ids.to(device), mask.to(device)
 
 
-def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, size: int, held_out: set, device):
+def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, size: int, held_out: set, device, weights=None):
     contexts, continuations = [], []
     while len(contexts) < size:
-        task = tasks[rng.randrange(len(tasks))]
+        task = rng.choices(tasks, weights=weights)[0] if weights else tasks[rng.randrange(len(tasks))]
         query, answer, _ = task.make(rng)
         if query in held_out:
             continue
@@ -382,7 +409,7 @@ def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, siz
     return ids, mask, labels
 
 
-def _train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True):
+def _train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True, weights=None):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -402,7 +429,7 @@ def _train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, de
     bar = tqdm(range(steps), desc=description, disable=not progress, leave=False)
     loss_value = float("nan")
     for step in bar:
-        ids, mask, labels = _training_batch(tokenizer, tasks, rng, batch_size, held_out, device)
+        ids, mask, labels = _training_batch(tokenizer, tasks, rng, batch_size, held_out, device, weights)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -468,20 +495,19 @@ def _state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return load_state_dict(path)
 
 
-def task_arithmetic_state(base: Dict[str, torch.Tensor], experts: Dict[str, Dict[str, torch.Tensor]], scale: float) -> Dict[str, torch.Tensor]:
-    """mergekit's ``task_arithmetic`` (its own engine, in memory) over all experts at ``lambda``."""
+def merge_in_memory(
+    base: Dict[str, torch.Tensor],
+    experts: Dict[str, Dict[str, torch.Tensor]],
+    method: str,
+    parameters: Dict[str, object],
+) -> Dict[str, torch.Tensor]:
+    """A merge of all experts onto the base by mergekit's own engine, in memory (for grids)."""
     from mergekit.merge_methods import merge_state_dicts
 
     import mergekit_ext  # noqa: F401  (registers this package's methods too)
 
     models = {"base": base, **{f"expert_{name}": state for name, state in experts.items()}}
-    return merge_state_dicts(
-        models,
-        "task_arithmetic",
-        base="base",
-        parameters={"weight": 1.0, "lambda": float(scale), "normalize": False},
-        dtype=torch.float32,
-    )
+    return merge_state_dicts(models, method, base="base", parameters=dict(parameters), dtype=torch.float32)
 
 
 def _log(message: str, progress: bool) -> None:
@@ -514,9 +540,15 @@ def build_zoo(
     preset: str = "demo",
     seed: int = 0,
     device: str = "cpu",
+    threads: Optional[int] = None,
     progress: bool = True,
 ) -> Zoo:
-    """Build the zoo in ``directory`` (or return it unchanged when it is already built)."""
+    """Build the zoo in ``directory`` (or return it unchanged when it is already built).
+
+    ``threads``: torch CPU threads while training; by default 1 for the small
+    presets, whose matrices are too small to profit from more (and extra threads
+    spin badly on a busy machine), unchanged for ``bench``.
+    """
     if preset not in PRESETS:
         raise ZooError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
     settings = PRESETS[preset]
@@ -524,6 +556,16 @@ def build_zoo(
     if _is_complete(root, settings, seed):
         _log(f"zoo already built: {root}", progress)
         return load_zoo(root)
+    previous_threads = torch.get_num_threads()
+    wanted = threads or (1 if preset in ("test", "demo") else previous_threads)
+    torch.set_num_threads(wanted)
+    try:
+        return _build(root, settings, seed=seed, device=device, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bool) -> Zoo:
     marker = root / ".zoo-building"
     if root.exists() and any(root.iterdir()) and not marker.exists() and not (root / MANIFEST_NAME).exists():
         raise ZooError(f"refusing to build a zoo in a non-empty folder that is not a zoo: {root}")
@@ -587,7 +629,7 @@ def build_zoo(
         intermediate_size=settings.intermediate_size,
     )
     base_model = random_model(config, seed=seed).to(device)
-    _train(base_model, tokenizer, tasks, steps=settings.pretrain_steps, lr=settings.pretrain_lr, description="pretrain base", **train_args(seed))
+    _train(base_model, tokenizer, tasks, steps=settings.pretrain_steps, lr=settings.pretrain_lr, description="pretrain base", weights=settings.mixture, **train_args(seed))
     with atomic_output_dir(root / "base", overwrite=True) as staging:
         save_model(base_model.cpu(), staging, tokenizer)
     base_model.to(device)
@@ -600,9 +642,7 @@ def build_zoo(
     for index, task in enumerate(tqdm(tasks, desc="fine-tune experts", disable=not progress)):
         expert = _load_causal_lm(base_path, device)
         _train(expert, tokenizer, [task], steps=settings.finetune_steps, lr=settings.finetune_lr, description=f"expert {task.name}", **train_args(seed + 1000 + index))
-        metrics["experts"][task.name] = {
-            other.name: {split: accuracy(expert, other.name, split) for split in ("validation", "test")} for other in tasks
-        }
+        metrics["experts"][task.name] = {task.name: {split: accuracy(expert, task.name, split) for split in ("validation", "test")}}
         with atomic_output_dir(root / "experts" / task.name, overwrite=True) as staging:
             save_model(expert.cpu(), staging, tokenizer)
         del expert
@@ -634,10 +674,13 @@ def build_zoo(
     grid: Dict[str, Dict[str, Dict[str, float]]] = {}
     probe = _load_causal_lm(base_path, device)
     for scale in tqdm(settings.lambda_grid, desc="task arithmetic grid", disable=not progress):
-        merged = task_arithmetic_state(base_state, expert_states, scale)
+        merged = merge_in_memory(base_state, expert_states, "task_arithmetic", {"weight": 1.0, "lambda": scale})
         probe.load_state_dict(merged, strict=True)
-        grid[f"{scale:g}"] = {task.name: {split: accuracy(probe, task.name, split) for split in ("validation", "test")} for task in tasks}
+        grid[f"{scale:g}"] = {task.name: {"validation": accuracy(probe, task.name, "validation")} for task in tasks}
     best = max(grid, key=lambda key: sum(grid[key][t]["validation"] for t in settings.tasks))
+    probe.load_state_dict(merge_in_memory(base_state, expert_states, "task_arithmetic", {"weight": 1.0, "lambda": float(best)}))
+    for task in tasks:
+        grid[best][task.name]["test"] = accuracy(probe, task.name, "test")
     metrics["task_arithmetic"] = {"lambda": float(best), "grid": grid}
     del probe
 
@@ -710,8 +753,9 @@ def _command():
     @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="demo", show_default=True, help="size of the family")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--device", default="cpu", show_default=True, help="torch device for training (e.g. cuda for the bench preset)")
+    @click.option("--threads", type=int, help="torch CPU threads while training (default: 1 for test/demo)")
     @click.option("--quiet", is_flag=True, help="no progress bars")
-    def zoo_command(directory: str, preset: str, seed: int, device: str, quiet: bool) -> None:
+    def zoo_command(directory: str, preset: str, seed: int, device: str, threads: Optional[int], quiet: bool) -> None:
         """Build the demo model family in DIRECTORY (cached: a built zoo is left as is).
 
         A tiny Llama base pretrained on a mixture of synthetic tasks, one full
@@ -720,7 +764,7 @@ def _command():
         arithmetic accuracies.
         """
         try:
-            zoo = build_zoo(directory, preset=preset, seed=seed, device=device, progress=not quiet)
+            zoo = build_zoo(directory, preset=preset, seed=seed, device=device, threads=threads, progress=not quiet)
         except ZooError as error:
             raise click.ClickException(str(error)) from None
         click.echo(format_build_report(zoo))

@@ -1,0 +1,199 @@
+"""The main job: build the demo zoo, merge it with every method, evaluate with lm-eval.
+
+``DEMO_MERGES`` is the one list of merges the demo runs; a new method adds one
+entry. Each entry is (label, mergekit merge_method, parameters); the parameters
+go in the YAML's top-level ``parameters:`` block, which mergekit also reads as
+the per-model default, so per-model values such as ``weight`` or ``density``
+can be written there once for every expert. Methods that are not registered
+with mergekit are skipped with a note.
+
+How the parameters were chosen: on the demo zoo (preset ``demo``, seed 0),
+each method's ``lambda`` (and TIES density / consensus ``k``) is the best of the
+small grid in ``DEMO_GRIDS`` by mean validation accuracy, scored with the zoo's
+in-process scorer; ``mergekit-ext demo --tune`` re-runs that search and prints
+the winners.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mergekit_ext.io import atomic_output_dir
+
+DemoMerge = Tuple[str, str, Dict[str, object]]
+
+DEMO_MERGES: List[DemoMerge] = [
+    ("task_arithmetic", "task_arithmetic", {"weight": 1.0, "lambda": 0.6}),
+    ("ties", "ties", {"weight": 1.0, "density": 0.5, "lambda": 0.8}),
+    ("consensus_ta", "consensus_ta", {"weight": 1.0, "k": 2, "tall_lambda": 0.4, "lambda": 0.8}),
+    ("consensus_ties", "consensus_ties", {"weight": 1.0, "density": 0.5, "k": 2, "tall_lambda": 0.4, "lambda": 1.0}),
+    ("opcm", "opcm", {"alpha": 0.5, "zero_diagonal": True, "scaling": "tensor"}),
+    # RMM's dense form: task arithmetic on the rank-K fit of the task vectors (the
+    # per-task reversible use is `mergekit-ext rmm build/revert` on the zoo's adapters)
+    ("rmm", "rmm", {"k": 2, "weight": 0.6}),
+    # CART needs no base: θavg of the experts plus λ·Σ rank-k centred vectors (paper's 8-task setting)
+    ("cart", "cart", {"weight": 1.0, "rank_ratio": 0.12, "lambda": 2.0}),
+]
+
+# Small per-method grids for `demo --tune`; parameters not listed keep DEMO_MERGES' value.
+DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
+    "task_arithmetic": {"lambda": (0.2, 0.4, 0.6, 0.8, 1.0)},
+    "ties": {"density": (0.2, 0.5), "lambda": (0.6, 0.8, 1.0, 1.2)},
+    "consensus_ta": {"k": (1, 2), "lambda": (0.6, 0.8, 1.0, 1.2)},
+    "consensus_ties": {"k": (1, 2), "density": (0.2, 0.5), "lambda": (0.8, 1.0, 1.2)},
+    "rmm": {"k": (1, 2, 3), "weight": (0.4, 0.6, 0.8, 1.0)},
+}
+
+
+def is_registered(method: str) -> bool:
+    import mergekit_ext  # noqa: F401  (registers this package's methods)
+    from mergekit.merge_methods import registry
+
+    try:
+        registry.get(method)
+    except Exception:
+        return False
+    return True
+
+
+def merge_config(zoo, method: str, parameters: Mapping[str, object], *, model_root: Optional[str] = None, dtype: str = "float32") -> Dict:
+    """A mergekit config merging every full expert of ``zoo`` onto its base.
+
+    ``model_root`` replaces the zoo's absolute root in the paths (the recipes use ``./zoo``).
+    """
+    root = str(zoo.root)
+
+    def path(folder: Path) -> str:
+        text = str(folder)
+        return text.replace(root, model_root, 1) if model_root else text
+
+    return {
+        "merge_method": method,
+        "base_model": path(zoo.base),
+        "models": [{"model": path(zoo.expert(task))} for task in zoo.tasks],
+        "parameters": dict(parameters),
+        "dtype": dtype,
+    }
+
+
+def run_mergekit(config: Dict, out: Path) -> Path:
+    """Run a config through mergekit's engine (``run_merge``), written atomically to ``out``."""
+    import mergekit_ext  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    validated = MergeConfiguration.model_validate(config)
+    with atomic_output_dir(out, overwrite=True) as staging:
+        run_merge(validated, str(staging), options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=True, lazy_unpickle=False))
+    return out
+
+
+def run_demo(
+    zoo_dir: str | Path = "zoo",
+    out_dir: str | Path = "demo-out",
+    *,
+    merges: Optional[Sequence[DemoMerge]] = None,
+    preset: str = "demo",
+    progress: bool = True,
+    echo=print,
+) -> Dict:
+    """Build (or reuse) the zoo, merge with every registered demo method, evaluate, report."""
+    from mergekit_ext.evaluate import compare_on_zoo, format_table, write_report
+    from mergekit_ext.zoo import build_zoo
+
+    started = time.perf_counter()
+    zoo = build_zoo(zoo_dir, preset=preset, progress=progress)
+    zoo_seconds = time.perf_counter() - started
+    out_dir = Path(out_dir).absolute()
+    merged: Dict[str, Path] = {}
+    skipped: List[str] = []
+    for label, method, parameters in merges if merges is not None else DEMO_MERGES:
+        if not is_registered(method):
+            skipped.append(label)
+            echo(f"note: skipping {label}: merge method {method!r} is not registered with mergekit")
+            continue
+        merged[label] = run_mergekit(merge_config(zoo, method, parameters), out_dir / "merges" / label)
+    report = compare_on_zoo(zoo.root, merged, progress=progress)
+    report["demo"] = {
+        "merges": [{"label": l, "merge_method": m, "parameters": p} for l, m, p in (merges if merges is not None else DEMO_MERGES)],
+        "skipped": skipped,
+        "zoo_seconds": round(zoo_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    paths = write_report(report, out_dir)
+    echo(format_table(report))
+    echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    echo(f"demo finished in {report['demo']['total_seconds']:.0f} s (zoo {zoo_seconds:.0f} s)")
+    return report
+
+
+def tune(zoo_dir: str | Path, *, merges: Optional[Sequence[DemoMerge]] = None, grids: Optional[Mapping[str, Mapping[str, Sequence[object]]]] = None, progress: bool = True) -> Dict[str, Dict]:
+    """Best parameters per demo merge by mean validation accuracy (in memory, mergekit's engine)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mergekit_ext.zoo import _load_causal_lm, _state_dict, load_zoo, merge_in_memory, multiple_choice_accuracy
+
+    zoo = load_zoo(zoo_dir)
+    grids = grids if grids is not None else DEMO_GRIDS
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    base_state = _state_dict(zoo.base)
+    expert_states = {task: _state_dict(zoo.expert(task)) for task in zoo.tasks}
+    documents = {task: zoo.documents(task, "validation") for task in zoo.tasks}
+    probe = _load_causal_lm(zoo.base, "cpu")
+    winners: Dict[str, Dict] = {}
+    for label, method, parameters in merges if merges is not None else DEMO_MERGES:
+        if not is_registered(method):
+            continue
+        grid = grids.get(label, {})
+        names = list(grid)
+        best_score, best_parameters = -1.0, dict(parameters)
+        for values in tqdm(list(itertools.product(*(grid[n] for n in names))), desc=f"tune {label}", disable=not progress):
+            candidate = {**parameters, **dict(zip(names, values))}
+            with torch.no_grad():
+                probe.load_state_dict(merge_in_memory(base_state, expert_states, method, candidate), strict=True)
+            score = sum(multiple_choice_accuracy(probe, tokenizer, documents[t]) for t in zoo.tasks) / len(zoo.tasks)
+            if score > best_score:
+                best_score, best_parameters = score, candidate
+        winners[label] = {"parameters": best_parameters, "validation_accuracy": best_score}
+    return winners
+
+
+def _command():
+    import click
+
+    @click.command("demo")
+    @click.option("--zoo", "zoo_dir", default="zoo", show_default=True, type=click.Path(file_okay=False), help="zoo folder (built if missing)")
+    @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False), help="merged models and the report")
+    @click.option("--tune", is_flag=True, help="instead of the demo: search DEMO_GRIDS on validation and print the best parameters")
+    @click.option("--quiet", is_flag=True, help="no progress bars")
+    def demo_command(zoo_dir: str, out_dir: str, tune: bool, quiet: bool) -> None:
+        """Build the demo zoo, merge it with every method, evaluate each merge with lm-eval.
+
+        Runs mergekit's task_arithmetic and ties for reference and every method
+        of this package listed in mergekit_ext.demo.DEMO_MERGES, through
+        mergekit's engine, then prints base / expert / merged accuracy per task
+        and writes report.json, report.md and report.png to --out.
+        """
+        from mergekit_ext.zoo import ZooError, build_zoo
+
+        try:
+            if tune:
+                build_zoo(zoo_dir, progress=not quiet)
+                for label, result in globals()["tune"](zoo_dir, progress=not quiet).items():
+                    click.echo(f"{label}: {result['parameters']}  validation acc {result['validation_accuracy']:.3f}")
+                return
+            run_demo(zoo_dir, out_dir, progress=not quiet, echo=click.echo)
+        except ZooError as error:
+            raise click.ClickException(str(error)) from None
+
+    return demo_command
+
+
+demo_command = _command()

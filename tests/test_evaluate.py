@@ -1,0 +1,118 @@
+"""Evaluation with the real lm-eval harness, the reports, and the demo's merges through mergekit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mergekit_ext.evaluate import EvaluationError, ModelSpec, compare_on_zoo, lm_eval_results, write_report
+from mergekit_ext.zoo import build_zoo, multiple_choice_accuracy
+
+
+@pytest.fixture(scope="session")
+def test_zoo(tmp_path_factory):
+    # Same folder as test_zoo.py's fixture: whichever runs second finds it built.
+    return build_zoo(tmp_path_factory.getbasetemp() / "zoo-test-preset", preset="test", progress=False)
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _tokenizer(zoo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(zoo.base))
+
+
+def test_lm_eval_agrees_with_in_process_scorer(test_zoo):
+    """lm-eval's acc on a model folder equals the zoo's scorer (same requests, same argmax)."""
+    tasks = [test_zoo.lm_eval_task(t) for t in test_zoo.tasks[:2]]
+    results = lm_eval_results(test_zoo.base, tasks, test_zoo.task_dir)
+    model = _load(test_zoo.base)
+    for task, lm_task in zip(test_zoo.tasks[:2], tasks):
+        assert results[lm_task]["n-samples"]["effective"] == len(test_zoo.documents(task, "test"))
+        expected = multiple_choice_accuracy(model, _tokenizer(test_zoo), test_zoo.documents(task, "test"))
+        assert results[lm_task]["acc,none"] == pytest.approx(expected)
+
+
+def test_base_plus_peft_adapter_evaluation(test_zoo):
+    """`BASE+ADAPTER` runs lm-eval with peft=...; the score is the adapted model's, not the base's."""
+    from peft import PeftModel
+
+    task = max(test_zoo.tasks, key=lambda t: test_zoo.manifest["metrics"]["adapters"][t]["test"] - test_zoo.manifest["metrics"]["base"][t]["test"])
+    spec = ModelSpec.parse(f"{test_zoo.base}+{test_zoo.adapter(task)}")
+    assert spec.adapter == test_zoo.adapter(task)
+    lm_task = test_zoo.lm_eval_task(task)
+    result = lm_eval_results(spec, [lm_task], test_zoo.task_dir)[lm_task]["acc,none"]
+    adapted = PeftModel.from_pretrained(_load(test_zoo.base), str(test_zoo.adapter(task))).eval()
+    assert result == pytest.approx(multiple_choice_accuracy(adapted, _tokenizer(test_zoo), test_zoo.documents(task, "test")))
+    assert result != pytest.approx(test_zoo.manifest["metrics"]["base"][task]["test"])
+
+
+def test_bad_inputs_are_named(test_zoo, tmp_path):
+    with pytest.raises(EvaluationError, match="not a model folder"):
+        lm_eval_results(tmp_path, ["zoo_next"], test_zoo.task_dir)
+    with pytest.raises(EvaluationError, match="no_such_task"):
+        lm_eval_results(test_zoo.base, ["no_such_task"], test_zoo.task_dir)
+    with pytest.raises(EvaluationError, match="reserved"):
+        compare_on_zoo(test_zoo.root, {"base": test_zoo.base})
+
+
+def test_demo_merges_run_through_mergekit_and_report(test_zoo, tmp_path):
+    """The demo's merge list through mergekit's engine, evaluated with lm-eval, all reports written."""
+    from mergekit_ext.demo import DEMO_MERGES, run_demo
+    from mergekit_ext.modeling import load_state_dict
+
+    merges = [entry for entry in DEMO_MERGES if entry[0] == "task_arithmetic"] + [("missing", "no_such_method", {})]
+    notes = []
+    report = run_demo(test_zoo.root, tmp_path / "out", merges=merges, preset="test", progress=False, echo=notes.append)
+    assert report["demo"]["skipped"] == ["missing"] and any("no_such_method" in n for n in notes)
+
+    # The merged model is task arithmetic: base + lambda * sum of task vectors.
+    scale = merges[0][2]["lambda"]
+    base = load_state_dict(test_zoo.base)
+    experts = [load_state_dict(test_zoo.expert(t)) for t in test_zoo.tasks]
+    merged = load_state_dict(tmp_path / "out" / "merges" / "task_arithmetic")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        expected = base[name] + scale * sum(e[name] - base[name] for e in experts)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+    models = report["models"]
+    assert set(models) == {"base", "expert", "task_arithmetic"}
+    for task in test_zoo.tasks:
+        lm_task = report["lm_eval_tasks"][task]
+        # lm-eval's numbers kept as they come, ours beside them.
+        accuracy = models["task_arithmetic"]["lm_eval"][lm_task]["acc,none"]
+        assert models["task_arithmetic"]["accuracy"][task] == accuracy
+        expert = models["expert"]["accuracy"][task]
+        assert models["task_arithmetic"]["normalized_accuracy"][task] == pytest.approx(accuracy / expert)
+        assert expert == pytest.approx(test_zoo.manifest["metrics"]["experts"][task][task]["test"])
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["models"]["task_arithmetic"]["accuracy"] == models["task_arithmetic"]["accuracy"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| task |" in markdown and "task_arithmetic" in markdown and "mean" in markdown
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Base and experts are cached in the zoo: one file per (model, task).
+    assert len(list((test_zoo.root / "evals").glob("*.json"))) >= 2 * len(test_zoo.tasks)
+
+
+def test_eval_command_uses_cache_and_writes_files(test_zoo, tmp_path):
+    from mergekit_ext.cli import main
+
+    expert = test_zoo.expert(test_zoo.tasks[0])
+    result = CliRunner().invoke(main, ["eval", f"first={expert}", "--zoo", str(test_zoo.root), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "first" in result.output and "base" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    # The first expert, evaluated as a "merged" model, scores exactly the expert on its own task.
+    assert report["models"]["first"]["normalized_accuracy"][test_zoo.tasks[0]] == pytest.approx(1.0)
+    for name in ("report.md", "report.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+    bad = CliRunner().invoke(main, ["eval", str(tmp_path / "nope"), "--zoo", str(test_zoo.root)])
+    assert bad.exit_code != 0 and "not a model folder" in bad.output
