@@ -110,9 +110,8 @@ def product_basis(a: torch.Tensor, b: torch.Tensor, k: int, basis_rank: int) -> 
 
     Returns ``a`` [k, basis_rank, in], ``b`` [k, out, basis_rank] and ``coef`` [n, k].
     """
-    from mergekit_ext.tensors import factored_svd
-
-    n = a.shape[0]
+    n, r, in_features = a.shape
+    out_features = b.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of tasks ({n}), got {k}")
     _, eigenvectors = torch.linalg.eigh(product_gram(a, b))
@@ -120,21 +119,23 @@ def product_basis(a: torch.Tensor, b: torch.Tensor, k: int, basis_rank: int) -> 
     pivot = top.abs().argmax(dim=0)
     signs = top[pivot, torch.arange(k)].sign()
     top = top * torch.where(signs == 0, torch.ones_like(signs), signs)
-    rank = min(basis_rank, a.shape[2], b.shape[1])
-    stacked_a = a.to(torch.float64).reshape(-1, a.shape[2])  # [A1; …; An]
-    basis_a, basis_b = [], []
-    for index in range(k):
-        # Σi Q[i,k] Bi Ai = [Q[1,k] B1 … Q[n,k] Bn] @ [A1; …; An], truncated without densifying
-        stacked_b = torch.cat(list(b.to(torch.float64) * top[:, index, None, None]), dim=1)
-        u, s, vh = factored_svd(stacked_b, stacked_a, rank)
-        root = s.sqrt()
-        # pad to a fixed rank when the update has lower rank than asked, so the basis stacks
-        pad = rank - s.shape[0]
-        a_part = torch.cat([root[:, None] * vh, vh.new_zeros(pad, vh.shape[1])])
-        b_part = torch.cat([u * root, u.new_zeros(u.shape[0], pad)], dim=1)
-        basis_a.append(a_part.to(torch.float32))
-        basis_b.append(b_part.to(torch.float32))
-    return {"a": torch.stack(basis_a), "b": torch.stack(basis_b), "coef": top.to(torch.float32)}
+    rank = min(basis_rank, in_features, out_features)
+    # Σi Q[i,k] Bi Ai = [Q[1,k] B1 … Q[n,k] Bn] @ [A1; …; An]. The stacked A is the
+    # same for every k: one QR of it, then one thin SVD per k of [Q·B] @ R_Aᵀ
+    # (out × n·r), never the dense out × in update.
+    q_a, r_a = torch.linalg.qr(a.to(torch.float64).reshape(n * r, in_features).T)
+    stacked_b = b.to(torch.float64).permute(1, 0, 2).reshape(out_features, n * r)  # block i = Bi
+    weights = top.repeat_interleave(r, dim=0).T  # [k, n·r]: Q[i,k] on block i
+    u, s, vh = torch.linalg.svd((stacked_b * weights[:, None, :]) @ r_a.T, full_matrices=False)
+    keep = min(rank, s.shape[-1])
+    root = s[:, :keep].sqrt()
+    basis_b = u[:, :, :keep] * root[:, None, :]
+    basis_a = root[:, :, None] * (vh[:, :keep] @ q_a.T)
+    if keep < rank:  # the updates have lower rank than asked: pad so the basis stacks
+        basis_b = torch.cat([basis_b, basis_b.new_zeros(k, out_features, rank - keep)], dim=2)
+        basis_a = torch.cat([basis_a, basis_a.new_zeros(k, rank - keep, in_features)], dim=1)
+    basis_a, basis_b = basis_a.to(torch.float32), basis_b.to(torch.float32)
+    return {"a": basis_a.contiguous(), "b": basis_b.contiguous(), "coef": top.to(torch.float32)}
 
 
 def product_reconstruct(basis: Dict[str, torch.Tensor], task: int) -> Tuple[torch.Tensor, torch.Tensor]:
