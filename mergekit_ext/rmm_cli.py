@@ -68,7 +68,7 @@ def write_bundle(out: str | os.PathLike, basis, adapters, *, base: str, dtype: s
     from safetensors.torch import save_file
 
     from mergekit_ext import lora
-    from mergekit_ext.io import atomic_output_dir, write_json
+    from mergekit_ext.io import atomic_output_dir, content_hash, write_json
 
     torch_dtype = _torch_dtype(dtype)
     basis_names = [f"basis_{index:02d}" for index in range(basis.k)]
@@ -92,6 +92,7 @@ def write_bundle(out: str | os.PathLike, basis, adapters, *, base: str, dtype: s
             "variant": basis.variant,
             "k": basis.k,
             "base_model": str(Path(base).absolute()),
+            "base_hash": content_hash(base),
             "dtype": dtype,
             "basis": basis_names,
             "tasks": [
@@ -240,7 +241,11 @@ def revert_command(bundle, task, out, merged, base, rank, overwrite) -> None:
     if not Path(base).is_dir():
         raise click.BadParameter(f"the bundle's base model {base} does not exist; pass --base", param_hint="--base")
     factors = reverted_factors(basis, task, rank=rank)
-    # the base must be the one the adapters were made for (same modules, same shapes)
+    # the base must be the one the adapters were made for: same weights, so same shapes
+    from mergekit_ext.io import content_hash
+
+    if manifest.get("base_hash") and content_hash(base) != manifest["base_hash"]:
+        raise BundleError(f"base model {base} is not the one this bundle was built on ({manifest['base_model']}): its weights differ")
     shapes = lora.base_weight_shapes(base, [lora.weight_name(module) for module in factors])
     lora.check_against_base([lora.LoraAdapter(name=f"{bundle} (task {task})", modules=factors)], shapes, base_label=f"base model {base}")
     template = next((t for t in manifest["tasks"] if t["name"] == task), {})

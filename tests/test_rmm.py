@@ -157,8 +157,11 @@ def test_named_tasks_lossy_k_and_refusals(family, tmp_path):
     tokenizer = char_tokenizer()
     wider = save_model(random_model(llama_config(len(tokenizer), hidden_size=48), seed=1), tmp_path / "wider", tokenizer)
     result = runner.invoke(main, ["rmm", "revert", str(bundle), "a", str(tmp_path / "w"), "--merged", "--base", str(wider)])
-    assert result.exit_code == 1 and "wider" in result.output and "made for another model" in result.output
+    assert result.exit_code == 1 and "wider" in result.output and "weights differ" in result.output
     assert not (tmp_path / "w").exists()
+    same_shapes = save_model(random_model(llama_config(len(tokenizer)), seed=1), tmp_path / "other", tokenizer)
+    result = runner.invoke(main, ["rmm", "revert", str(bundle), "a", str(tmp_path / "w"), "--merged", "--base", str(same_shapes)])
+    assert result.exit_code == 1 and "not the one this bundle was built on" in result.output
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)
     coefficients = broken / "coefficients.safetensors"
