@@ -231,19 +231,20 @@ def base_weight_shapes(base: str | os.PathLike, names: Iterable[str]) -> Dict[st
     from mergekit_ext.io import open_model
 
     loader = open_model(base)
-    shapes: Dict[str, Tuple[int, ...]] = {}
+    by_shard: Dict[str, List[str]] = {}
     for name in names:
         shard = loader.index.tensor_paths.get(name)
-        if shard is None:
-            continue
-        shard_path = os.path.join(loader.index.base_path, shard)
+        if shard is not None:
+            by_shard.setdefault(shard, []).append(name)
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for shard, shard_names in by_shard.items():
         if loader.index.is_safetensors:
             from safetensors import safe_open
 
-            with safe_open(shard_path, framework="pt") as handle:
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+            with safe_open(os.path.join(loader.index.base_path, shard), framework="pt") as handle:
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in shard_names})
         else:
-            shapes[name] = tuple(loader.get_tensor(name).shape)
+            shapes.update({name: tuple(loader.get_tensor(name).shape) for name in shard_names})
     return shapes
 
 
