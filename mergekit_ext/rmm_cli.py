@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import click
 
@@ -18,7 +18,7 @@ BUNDLE_FORMAT = "mergekit-ext/rmm-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 COEFFICIENTS = "coefficients.safetensors"
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class BundleError(ValueError):
@@ -198,6 +198,10 @@ def build_command(base, adapters, k, out, variant, names, basis_rank, all_varian
 
     name_list = None if names is None else [name.strip() for name in names.split(",")]
     loaded = load_adapters(adapters, name_list, base)
+    task_names = [adapter.name for adapter in loaded]
+    duplicates = sorted({name for name in task_names if task_names.count(name) > 1})
+    if duplicates:
+        raise click.BadParameter(f"task names {duplicates} repeat (adapter folders with the same name); give unique ones with --names a,b,c", param_hint="--names")
     if k > len(loaded):
         raise click.BadParameter(f"K = {k} exceeds the number of adapters ({len(loaded)})", param_hint="-k")
     basis = build_basis(loaded, k, variant, basis_rank=basis_rank, progress=True)
