@@ -7,11 +7,13 @@ Official code: github.com/JH-GEECS/CART. Per tensor:
     θ    = θavg + λ · T · Σt pt LR_k(ct)     on matrices inside transformer blocks
     θ    = θavg                              everywhere else
 
-With the default equal weights ``T·pt = 1`` and this is the paper's
-``θavg + λ Σt LR_k(ct)``. Weights are relative (only their ratios matter), and
-because ``Σt pt ct = 0`` a full-rank merge is exactly the weighted average for
-any λ. A base model in the config is accepted and ignored: CART needs none,
-and the base is never part of the average.
+With equal weights ``T·pt = 1``, so this is the paper's ``θavg + λ Σt LR_k(ct)``.
+Weights are relative (only their ratios matter), and because ``Σt pt ct = 0``
+a full-rank merge is exactly the weighted average for any λ. A base model in
+the config is accepted and ignored: CART needs none, and the base is never
+part of the average. Fused projections (GPT-2's Conv1D ``c_attn``, stored
+[in, out]) are low-ranked as one matrix, as the official code does with ViT's
+fused ``in_proj_weight``; the SVD does not depend on the orientation.
 """
 
 from __future__ import annotations
