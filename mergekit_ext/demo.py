@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from mergekit_ext.io import atomic_output_dir
 
 DemoMerge = Tuple[str, str, Dict[str, object]]
+RECIPE_ZOO_ROOT = "./zoo"
 
 DEMO_MERGES: List[DemoMerge] = [
     ("task_arithmetic", "task_arithmetic", {"weight": 1.0, "lambda": 0.6}),
@@ -59,24 +60,41 @@ def is_registered(method: str) -> bool:
     return True
 
 
-def merge_config(zoo, method: str, parameters: Mapping[str, object], *, model_root: Optional[str] = None, dtype: str = "float32") -> Dict:
-    """A mergekit config merging every full expert of ``zoo`` onto its base.
+def merge_config(zoo, method: str, parameters: Mapping[str, object], *, dtype: str = "float32") -> Dict:
+    """A mergekit config merging every full expert of ``zoo`` onto its base (absolute paths)."""
+    return recipe_config(method, parameters, zoo.tasks, root=str(zoo.root), dtype=dtype)
 
-    ``model_root`` replaces the zoo's absolute root in the paths (the recipes use ``./zoo``).
-    """
-    root = str(zoo.root)
 
-    def path(folder: Path) -> str:
-        text = str(folder)
-        return text.replace(root, model_root, 1) if model_root else text
-
+def recipe_config(method: str, parameters: Mapping[str, object], tasks: Sequence[str], *, root: str = RECIPE_ZOO_ROOT, dtype: str = "float32") -> Dict:
+    """The same config with the zoo at ``root`` (the recipes use ``./zoo``, run from the repository root)."""
     return {
         "merge_method": method,
-        "base_model": path(zoo.base),
-        "models": [{"model": path(zoo.expert(task))} for task in zoo.tasks],
+        "base_model": f"{root}/base",
+        "models": [{"model": f"{root}/experts/{task}"} for task in tasks],
         "parameters": dict(parameters),
         "dtype": dtype,
     }
+
+
+def write_recipes(folder: str | Path, *, merges: Optional[Sequence[DemoMerge]] = None) -> List[Path]:
+    """recipes/<label>.yml for every demo merge, pointing at ``./zoo`` (the demo preset)."""
+    import yaml
+
+    from mergekit_ext.zoo import PRESETS
+
+    written = []
+    for label, method, parameters in merges if merges is not None else DEMO_MERGES:
+        path = Path(folder) / f"{label}.yml"
+        header = (
+            f"# {label} on the demo zoo. From the repository root:\n"
+            f"#   mergekit-ext zoo zoo        # or `mergekit-ext demo`; builds ./zoo once\n"
+            f"#   mergekit-yaml {path.as_posix()} out/{label} --no-write-model-card\n"
+            f"#   mergekit-ext eval out/{label} --zoo zoo\n"
+        )
+        body = yaml.safe_dump(recipe_config(method, parameters, PRESETS["demo"].tasks), sort_keys=False)
+        path.write_text(header + body, encoding="utf-8")
+        written.append(path)
+    return written
 
 
 def run_mergekit(config: Dict, out: Path) -> Path:

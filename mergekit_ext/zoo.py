@@ -212,9 +212,16 @@ class Preset:
     validation_items: int
     test_items: int
     lambda_grid: Tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
-    # Pretraining mixture weights, one per task: easy tasks get a smaller share so
-    # that the base is about equally (half) competent on every task.
-    mixture: Optional[Tuple[float, ...]] = None
+    # Pretraining stops feeding a task (down to ``mixture_floor`` of its share, so
+    # it is not forgotten) once the base reaches ``base_target`` accuracy on it,
+    # measured every ``probe_every`` steps on probe items drawn like training
+    # data; it stops when every task is there or after ``pretrain_steps``. The
+    # tasks learn at very different speeds, and this makes the base about
+    # equally (half) competent on all of them: the regime where merges can win.
+    base_target: Optional[float] = None
+    mixture_floor: float = 0.1
+    probe_every: int = 20
+    probe_items: int = 48
 
 
 PRESETS: Dict[str, Preset] = {
@@ -236,7 +243,7 @@ PRESETS: Dict[str, Preset] = {
         validation_items=40,
         test_items=60,
         lambda_grid=(0.5, 1.0),
-        mixture=(1.0, 0.1, 0.3, 0.15),
+        base_target=0.6,
     ),
     "demo": Preset(
         name="demo",
@@ -245,36 +252,40 @@ PRESETS: Dict[str, Preset] = {
         layers=3,
         heads=4,
         intermediate_size=128,
-        pretrain_steps=160,
+        pretrain_steps=400,
         pretrain_lr=3e-3,
         finetune_steps=100,
-        finetune_lr=5e-4,
+        finetune_lr=7e-4,
         lora_steps=100,
         lora_lr=3e-3,
         lora_rank=4,
         batch_size=64,
         validation_items=100,
         test_items=200,
-        mixture=(0.45, 0.17, 0.25, 0.13),
+        base_target=0.5,
+        probe_every=10,
     ),
     "bench": Preset(
         name="bench",
         tasks=tuple(TASKS),
-        hidden_size=512,
-        layers=8,
+        hidden_size=256,
+        layers=6,
         heads=8,
-        intermediate_size=1376,
-        pretrain_steps=6000,
+        intermediate_size=704,
+        pretrain_steps=3000,
         pretrain_lr=1e-3,
-        finetune_steps=400,
-        finetune_lr=1e-4,
-        lora_steps=400,
+        finetune_steps=200,
+        finetune_lr=2e-4,
+        lora_steps=200,
         lora_lr=1e-3,
-        lora_rank=16,
+        lora_rank=8,
         batch_size=64,
         validation_items=200,
         test_items=500,
         lambda_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+        base_target=0.6,
+        probe_every=50,
+        probe_items=64,
     ),
 }
 
@@ -409,7 +420,12 @@ def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, siz
     return ids, mask, labels
 
 
-def _train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True, weights=None):
+def _train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True, weights=None, check=None, check_every=20):
+    """AdamW with warmup and cosine decay on answer-token loss.
+
+    ``check(step)``, called every ``check_every`` steps, returns new mixture
+    weights, or None to stop early.
+    """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -439,6 +455,11 @@ def _train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, de
         loss_value = loss.item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}")
+        if check is not None and (step + 1) % check_every == 0:
+            weights = check(step + 1)
+            model.train()
+            if weights is None:
+                break
     model.eval()
     return loss_value
 
@@ -629,12 +650,39 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         intermediate_size=settings.intermediate_size,
     )
     base_model = random_model(config, seed=seed).to(device)
-    _train(base_model, tokenizer, tasks, steps=settings.pretrain_steps, lr=settings.pretrain_lr, description="pretrain base", weights=settings.mixture, **train_args(seed))
+    probe_documents = {}
+    for task in tasks:
+        rng = random.Random(f"{seed}-{task.name}-probe")
+        probe_documents[task.name] = []
+        while len(probe_documents[task.name]) < settings.probe_items:
+            document = make_document(task, rng)
+            if document["query"] not in held_out:
+                probe_documents[task.name].append(document)
+    pretrain_trace: List[Dict] = []
+
+    def steer_mixture(step: int) -> Optional[List[float]]:
+        scores = [multiple_choice_accuracy(base_model, tokenizer, probe_documents[t.name], device=device) for t in tasks]
+        pretrain_trace.append({"step": step, **{t.name: s for t, s in zip(tasks, scores)}})
+        if all(score >= settings.base_target for score in scores):
+            return None
+        return [settings.mixture_floor if score >= settings.base_target else 1.0 for score in scores]
+
+    _train(
+        base_model,
+        tokenizer,
+        tasks,
+        steps=settings.pretrain_steps,
+        lr=settings.pretrain_lr,
+        description="pretrain base",
+        check=steer_mixture if settings.base_target else None,
+        check_every=settings.probe_every,
+        **train_args(seed),
+    )
     with atomic_output_dir(root / "base", overwrite=True) as staging:
         save_model(base_model.cpu(), staging, tokenizer)
     base_model.to(device)
     base_path = root / "base"
-    metrics: Dict = {"base": {}, "experts": {}, "adapters": {}}
+    metrics: Dict = {"pretraining": pretrain_trace, "base": {}, "experts": {}, "adapters": {}}
     for task in tasks:
         metrics["base"][task.name] = {split: accuracy(base_model, task.name, split) for split in ("validation", "test")}
 

@@ -116,3 +116,30 @@ def test_eval_command_uses_cache_and_writes_files(test_zoo, tmp_path):
         assert (tmp_path / "r" / name).stat().st_size > 0
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "nope"), "--zoo", str(test_zoo.root)])
     assert bad.exit_code != 0 and "not a model folder" in bad.output
+
+
+def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_path):
+    """recipes/<method>.yml is DEMO_MERGES' config with ./zoo paths, and runs as its header says."""
+    import shutil
+    import subprocess
+
+    import yaml
+    from conftest import REPO_ROOT, mergekit_env
+
+    from mergekit_ext.demo import DEMO_MERGES, recipe_config
+    from mergekit_ext.zoo import PRESETS
+
+    assert PRESETS["test"].tasks == PRESETS["demo"].tasks  # so the test zoo stands in for ./zoo
+    ours = {"task_arithmetic", "ties", "consensus_ta", "consensus_ties"}
+    for label, method, parameters in DEMO_MERGES:
+        if label in ours:
+            recipe = yaml.safe_load((REPO_ROOT / "recipes" / f"{label}.yml").read_text())
+            assert recipe == recipe_config(method, parameters, PRESETS["demo"].tasks), label
+    (tmp_path / "zoo").symlink_to(test_zoo.root)
+    shutil.copytree(REPO_ROOT / "recipes", tmp_path / "recipes")
+    result = subprocess.run(
+        [shutil.which("mergekit-yaml") or "mergekit-yaml", "recipes/consensus_ta.yml", "out/consensus_ta", "--no-write-model-card", "--quiet"],
+        cwd=tmp_path, env=mergekit_env(), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "consensus_ta" / "config.json").is_file()
