@@ -77,8 +77,9 @@ def truncated_svd(
         relative on typical spectra (worse, up to ~1e-3, when σk/σ1 < 1e-2,
         because the Gram matrix squares the condition number) and is several
         times faster than ``full`` at every k.
-      - ``auto``: ``randomized`` when ``rank + oversample`` is below
-        ``exact_above · min(m, n)``, otherwise ``full``.
+      - ``auto``: ``gram`` when ``rank + oversample`` is below
+        ``exact_above · min(m, n)``, otherwise ``full``. Both give the exact
+        truncation the papers define; ``randomized`` is only used on request.
     The sketch uses its own seeded generator, so results are deterministic and
     the global RNG is untouched.
     """
@@ -91,7 +92,7 @@ def truncated_svd(
     rank = max(1, min(rank, full_rank))
     sketch_size = rank + oversample
     if method == "auto":
-        method = "full" if sketch_size >= exact_above * full_rank else "randomized"
+        method = "full" if sketch_size >= exact_above * full_rank else "gram"
     if method == "full":
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
