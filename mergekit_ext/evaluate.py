@@ -331,7 +331,7 @@ def write_chart(report: Dict, path: Union[str, os.PathLike]) -> Path:
     labels = _columns(report)
     groups = report["tasks"] + ["mean"]
     width = 0.8 / max(1, len(labels))
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) * max(1, len(labels)) * 0.45), 4.0), dpi=110)
+    figure, axis = plt.subplots(figsize=(min(16.0, 3.0 + 0.22 * len(groups) * len(labels)), 4.5), dpi=110)
     for index, label in enumerate(labels):
         model = report["models"][label]
         values = [model["mean_accuracy"] if g == "mean" else model["accuracy"].get(g) for g in groups]
@@ -342,7 +342,8 @@ def write_chart(report: Dict, path: Union[str, os.PathLike]) -> Path:
     axis.set_ylim(0, 1.05)
     axis.set_ylabel(report["metric"])
     axis.set_title(_caption(report).split(";")[0])
-    axis.legend(fontsize=7, ncol=min(4, len(labels)), loc="lower right")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=7, ncol=min(5, len(labels)), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     figure.tight_layout()
     path = Path(path)
     temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
