@@ -232,11 +232,11 @@ PRESETS: Dict[str, Preset] = {
         layers=2,
         heads=2,
         intermediate_size=64,
-        pretrain_steps=120,
+        pretrain_steps=300,
         pretrain_lr=3e-3,
-        finetune_steps=40,
-        finetune_lr=1e-3,
-        lora_steps=20,
+        finetune_steps=80,
+        finetune_lr=2e-3,
+        lora_steps=40,
         lora_lr=3e-3,
         lora_rank=2,
         batch_size=32,
@@ -577,13 +577,20 @@ def build_zoo(
     if _is_complete(root, settings, seed):
         _log(f"zoo already built: {root}", progress)
         return load_zoo(root)
+    from transformers.utils import logging as hf_logging
+
     previous_threads = torch.get_num_threads()
     wanted = threads or (1 if preset in ("test", "demo") else previous_threads)
     torch.set_num_threads(wanted)
+    # transformers' per-load/save bars would drown the build's own bars.
+    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         return _build(root, settings, seed=seed, device=device, progress=progress)
     finally:
         torch.set_num_threads(previous_threads)
+        if hf_bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bool) -> Zoo:

@@ -119,9 +119,9 @@ def test_experts_beat_base_on_their_own_task(test_zoo):
         assert expert_accuracy == pytest.approx(test_zoo.manifest["metrics"]["experts"][task][task]["test"])
         assert base_accuracy == pytest.approx(test_zoo.manifest["metrics"]["base"][task]["test"])
         gains[task] = expert_accuracy - base_accuracy
-    # The test preset trains for seconds: require a clear mean gain and a wide one on at least one task.
-    assert sum(gains.values()) / len(gains) > 0.1, gains
-    assert max(gains.values()) > 0.25, gains
+    # The test preset trains for seconds (measured: +0.17 to +0.32 on 60 items); the demo preset's gains are +0.2 to +0.35.
+    assert all(gain > 0.1 for gain in gains.values()), gains
+    assert sum(gains.values()) / len(gains) > 0.15, gains
 
 
 def test_lora_adapters_load_with_peft_and_match_recorded_accuracy(test_zoo):
@@ -158,3 +158,17 @@ def test_task_arithmetic_at_recorded_lambda_is_reproducible(test_zoo):
     task = test_zoo.tasks[0]
     recorded = test_zoo.manifest["metrics"]["task_arithmetic"]["grid"][f"{scale:g}"][task]["test"]
     assert multiple_choice_accuracy(model, tokenizer, test_zoo.documents(task, "test")) == pytest.approx(recorded)
+
+
+def test_zoo_command_on_a_built_zoo_prints_the_build_report(test_zoo):
+    from click.testing import CliRunner
+
+    from mergekit_ext.cli import main
+
+    result = CliRunner().invoke(main, ["zoo", str(test_zoo.root), "--preset", "test", "--quiet"])
+    assert result.exit_code == 0, result.output
+    for word in ("base", "expert", "LoRA", "TA", *test_zoo.tasks):
+        assert word in result.output
+    assert CliRunner().invoke(main, ["zoo", "--help"]).exit_code == 0
+    refused = CliRunner().invoke(main, ["zoo", str(test_zoo.root), "--preset", "demo", "--quiet"])
+    assert refused.exit_code != 0 and "different zoo" in refused.output
