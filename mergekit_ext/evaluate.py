@@ -211,7 +211,7 @@ def compare_on_zoo(
     expert_raw = {lm_task: raw[f"expert:{task_of[lm_task]}"][lm_task] for lm_task in lm_tasks}
     expert_acc = {task_of[t]: float(expert_raw[t][METRIC]) for t in lm_tasks}
 
-    def entry(model_label: str, path: str, lm: Dict[str, Dict]) -> Dict:
+    def entry(path, lm: Dict[str, Dict]) -> Dict:
         accuracy = {task_of[t]: float(lm[t][METRIC]) for t in lm_tasks}
         normalized = {task: (accuracy[task] / expert_acc[task] if expert_acc[task] > 0 else None) for task in accuracy}
         return {
@@ -223,14 +223,10 @@ def compare_on_zoo(
             "mean_normalized_accuracy": _mean(v for v in normalized.values() if v is not None),
         }
 
-    models = {"base": entry("base", str(zoo.base), raw["base"])}
-    models["expert"] = entry(
-        "expert",
-        {task: str(spec) for label, spec, _ in jobs if label.startswith("expert:") for task in [label.split(":", 1)[1]]},
-        expert_raw,
-    )
+    expert_paths = {label.split(":", 1)[1]: str(spec) for label, spec, _ in jobs if label.startswith("expert:")}
+    models = {"base": entry(str(zoo.base), raw["base"]), "expert": entry(expert_paths, expert_raw)}
     for label, spec in specs.items():
-        models[label] = entry(label, str(spec), raw[label])
+        models[label] = entry(str(spec), raw[label])
     return {
         "zoo": str(zoo.root),
         "split": split,

@@ -3,7 +3,8 @@
 ``build_zoo(DIR)`` makes, offline and deterministically:
 
 * a tiny Llama-architecture base with its own character tokenizer, pretrained on
-  a mixture of synthetic text tasks until it is competent but not expert;
+  a mixture of synthetic text tasks until it is competent but not expert (the
+  mixture is steered: a task the base already half-knows gets a small share);
 * per task, one full fine-tune (``experts/<task>``) and one peft LoRA adapter
   (``adapters/<task>``, same LoRA init seed for every task), both trained
   lightly (low learning rate, few steps) so that their task vectors are small;
@@ -153,12 +154,6 @@ def _swap_pairs(rng: random.Random) -> Item:
     text = "".join(rng.sample(LOWER, 6))
     answer = "".join(text[i + 1] + text[i] for i in range(0, 6, 2))
     return f"swp/{text}/ =", answer, [text, text[::-1], answer[::-1]]
-
-
-def _ends(rng: random.Random) -> Item:
-    text = _distinct(rng, LOWER + DIGITS, 4, 8)
-    answer = text[0] + text[-1]
-    return f"ends:{text}.", answer, [text[-1] + text[0], text[:2], text[-2:]]
 
 
 TASKS: Dict[str, ZooTask] = {

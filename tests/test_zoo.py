@@ -172,3 +172,17 @@ def test_zoo_command_on_a_built_zoo_prints_the_build_report(test_zoo):
     assert CliRunner().invoke(main, ["zoo", "--help"]).exit_code == 0
     refused = CliRunner().invoke(main, ["zoo", str(test_zoo.root), "--preset", "demo", "--quiet"])
     assert refused.exit_code != 0 and "different zoo" in refused.output
+
+
+def test_moved_zoo_rewrites_its_task_yamls(test_zoo, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved-zoo"
+    shutil.copytree(test_zoo.root, moved, ignore=shutil.ignore_patterns("evals"))
+    zoo = load_zoo(moved)
+    assert zoo.base == moved / "base"
+    files = yaml.safe_load((zoo.task_dir / f"zoo_{zoo.tasks[0]}.yaml").read_text())["dataset_kwargs"]["data_files"]
+    assert all(path.startswith(str(moved)) for path in files.values())
+    # The original zoo is untouched.
+    original = yaml.safe_load((test_zoo.task_dir / f"zoo_{zoo.tasks[0]}.yaml").read_text())["dataset_kwargs"]["data_files"]
+    assert all(path.startswith(str(test_zoo.root)) for path in original.values())
