@@ -154,6 +154,7 @@ def run_grid(args) -> Dict[str, Any]:
         "repeats": args.repeats,
         "sizes": {},
         "rows": rows,
+        "note": args.note,
     }
     for size in args.sizes:
         config = llama_shape_config(size)
@@ -231,6 +232,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
         f"({FIXED_PARAMETERS['ties']}) on the same inputs. Goals (not asserted): consensus ≤ 1.3× ties time, "
         "SVD-based methods ≤ 3×, peak memory ≤ 1.2×.",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "Sizes: "
         + "; ".join(f"{name} = {info['parameters'] / 1e6:.0f}M parameters (hidden {info['hidden_size']}, {info['layers']} layers)" for name, info in report["sizes"].items()),
         "",
@@ -259,26 +261,38 @@ def render_markdown(report: Dict[str, Any]) -> str:
     sizes = [size for size in SIZES if any(row["size"] == size for row in rows)]
     counts = sorted({row["T"] for row in rows})
     lookup = {(row["size"], row["T"], row["label"]): row for row in rows if row["ok"]}
+    def growth(first: Optional[float], last: Optional[float]) -> str:
+        return f"{last / first:.2f}" if first and last else "–"
+
     if len(counts) > 1:
-        lines += ["## Growth with T (wall seconds; last column: time at largest T / time at smallest T)", ""]
+        lines += ["## Growth with T (wall s / CPU s; growth = largest T over smallest T, CPU time)", ""]
         for size in sizes:
             table = []
             for label in labels:
-                times = [lookup.get((size, count, label), {}).get("wall_s") for count in counts]
-                growth = times[-1] / times[0] if times[0] and times[-1] else float("nan")
-                table.append([label] + [round(t, 1) if t else "–" for t in times] + [f"{growth:.2f}"])
-            lines += [f"{size}:", "", runner.markdown_table(["method"] + [f"T={count}" for count in counts] + ["growth"], table), ""]
+                cells = [lookup.get((size, count, label)) for count in counts]
+                if not any(cells):
+                    continue
+                text = [f"{row['wall_s']:.1f} / {row.get('cpu_s', 0):.0f}" if row else "–" for row in cells]
+                table.append([label] + text + [growth(cells[0] and cells[0].get("cpu_s"), cells[-1] and cells[-1].get("cpu_s"))])
+            lines += [f"{size}:", "", runner.markdown_table(["method"] + [f"T={count}" for count in counts] + ["CPU growth"], table), ""]
     if len(sizes) > 1:
-        lines += ["## Growth with model size (wall seconds per billion parameters)", ""]
+        lines += [
+            "## Growth with model size (wall s / CPU s; growth = largest size over smallest, CPU time; "
+            "parameters grow " + growth(report["sizes"][sizes[0]]["parameters"], report["sizes"][sizes[-1]]["parameters"]) + "×)",
+            "",
+        ]
         for count in counts:
+            present = [size for size in sizes if any(key[0] == size and key[1] == count for key in lookup)]
+            if len(present) < 2:
+                continue
             table = []
             for label in labels:
-                cells = []
-                for size in sizes:
-                    row = lookup.get((size, count, label))
-                    cells.append(round(row["wall_s"] / (report["sizes"][size]["parameters"] / 1e9), 1) if row else "–")
-                table.append([label] + cells)
-            lines += [f"T = {count}:", "", runner.markdown_table(["method"] + sizes, table), ""]
+                cells = [lookup.get((size, count, label)) for size in present]
+                if sum(cell is not None for cell in cells) < 2:
+                    continue
+                text = [f"{row['wall_s']:.1f} / {row.get('cpu_s', 0):.0f}" if row else "–" for row in cells]
+                table.append([label] + text + [growth(cells[0] and cells[0].get("cpu_s"), cells[-1] and cells[-1].get("cpu_s"))])
+            lines += [f"T = {count}:", "", runner.markdown_table(["method"] + present + ["CPU growth"], table), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -303,13 +317,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
     parser.add_argument("--keep-models", action="store_true", help="keep generated models in the work dir")
     parser.add_argument("--resume", action="store_true", help="reuse successful rows already in speed.json")
+    parser.add_argument("--note", help="a line for the report saying what was run and why")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only combine earlier speed.json files (same machine) into one report")
     args = parser.parse_args(argv)
     if args.render:
         reports = [json.loads(Path(path).read_text()) for path in args.render]
-        report = dict(reports[0], rows=[row for item in reports for row in item["rows"]], sizes={})
+        latest = {(row["size"], row["T"], row["label"]): row for item in reports for row in item["rows"]}  # later files win
+        report = dict(reports[0], rows=list(latest.values()), sizes={})
         for item in reports:
             report["sizes"].update(item["sizes"])
+        if args.note:
+            report["note"] = args.note
         write_results(report, Path(args.out_dir))
         print(render_markdown(report))
         return
