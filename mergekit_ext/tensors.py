@@ -43,8 +43,11 @@ def is_block_matrix(
 def task_vectors(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack ``θt − θ0`` for every model, in the compute dtype: shape [T, *base]."""
     dtype = compute_dtype(base)
-    base = base.to(dtype)
-    return torch.stack([model.to(dtype) - base for model in models])
+    vectors = torch.empty((len(models), *base.shape), dtype=dtype, device=base.device)
+    for row, model in zip(vectors, models):
+        # Filled row by row: no list of T temporaries beside the stacked result.
+        row.copy_(model).sub_(base)
+    return vectors
 
 
 def rank_from_ratio(shape: Sequence[int], rank_ratio: float) -> int:

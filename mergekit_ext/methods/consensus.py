@@ -40,6 +40,18 @@ def tall_masks(vectors: torch.Tensor, multitask: torch.Tensor, lambdas: Sequence
     return vectors.abs() > scale * (multitask.unsqueeze(0) - vectors).abs()
 
 
+def consensus_votes(vectors: torch.Tensor, multitask: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
+    """Σt mt: how many TALL masks select each weight.
+
+    Same masks as ``tall_masks``, one task at a time, so the extra memory is a
+    few tensors the size of one model's tensor rather than of all T.
+    """
+    votes = torch.zeros(multitask.shape, dtype=torch.int16, device=multitask.device)
+    for vector, scale in zip(vectors, lambdas):
+        votes += vector.abs() > scale * (multitask - vector).abs()
+    return votes
+
+
 def consensus_merge(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -57,16 +69,16 @@ def consensus_merge(
     entry (plain TA/TIES); ``k > T`` keeps none (the base).
     """
     vectors = task_vectors(base, models)
-    weight = torch.tensor(list(weights), dtype=vectors.dtype).reshape(-1, *([1] * base.dim()))
+    weight = torch.tensor(list(weights), dtype=vectors.dtype, device=vectors.device).reshape(-1, *([1] * base.dim()))
     vectors.mul_(weight)
     if densities is None:
         multitask = vectors.sum(dim=0)
     else:
         multitask = ties_multitask_vector(vectors, densities)
     if k > 0:
-        votes = tall_masks(vectors, multitask, tall_lambdas).sum(dim=0)
-        multitask = multitask * (votes >= k)
-    return (base.to(multitask.dtype) + scale * multitask).to(base.dtype)
+        multitask.mul_(consensus_votes(vectors, multitask, tall_lambdas) >= k)
+    del vectors
+    return multitask.mul_(scale).add_(base).to(base.dtype)
 
 
 def _merge_group(group: TensorGroup, **parameters) -> torch.Tensor:
