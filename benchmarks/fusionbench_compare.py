@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from benchmarks import runner, speed  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "fusionbench_worker.py"
+DIFFERENT = 1e-5  # an element counts as differing above this (float32 rounding of sums stays far below)
 
 CONVENTIONS = {
     "consensus_ta": (
@@ -64,8 +65,12 @@ def compare(ours: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor], base
     """Largest elementwise difference overall, without lm_head, and the scale of the update."""
     common = sorted(set(ours) & set(theirs))
     per_tensor = {}
+    differing = total = 0
     for name in common:
-        per_tensor[name] = float((ours[name].float() - theirs[name].float()).abs().max())
+        difference = (ours[name].float() - theirs[name].float()).abs()
+        per_tensor[name] = float(difference.max())
+        differing += int((difference > DIFFERENT).sum())
+        total += difference.numel()
     update = max(float((ours[name].float() - base[name].float()).abs().max()) for name in common)
     worst = max(per_tensor, key=per_tensor.get)
     without_head = [value for name, value in per_tensor.items() if "lm_head" not in name]
@@ -76,6 +81,8 @@ def compare(ours: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor], base
         "max_abs_diff_lm_head": max((v for n, v in per_tensor.items() if "lm_head" in n), default=None),
         "max_abs_update_ours": update,
         "tensors_compared": len(common),
+        "elements_differing": differing,
+        "elements_compared": total,
         "only_ours": sorted(set(ours) - set(theirs))[:5],
         "only_theirs": sorted(set(theirs) - set(ours))[:5],
     }
@@ -177,7 +184,7 @@ def run_all(args) -> Dict[str, Any]:
 
 def render_markdown(report: Dict[str, Any]) -> str:
     machine = report["machine"]
-    header = ["comparison", "ours wall s", "FB wall s", "ours CPU s", "FB CPU s", "ours RSS MiB", "FB RSS MiB", "max |ours − FB|", "… without lm_head", "max |update|"]
+    header = ["comparison", "ours wall s", "FB wall s", "ours CPU s", "FB CPU s", "ours RSS MiB", "FB RSS MiB", "max |ours − FB|", "… without lm_head", f"elements > {DIFFERENT:g}", "max |update|"]
     table = []
     for row in report["rows"]:
         table.append(
@@ -191,6 +198,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
                 round(row["fb_peak_rss_mib"]),
                 f"{row['max_abs_diff']:.2e}",
                 f"{row['max_abs_diff_without_lm_head']:.2e}" if row["max_abs_diff_without_lm_head"] is not None else "–",
+                f"{row['elements_differing']:,} of {row['elements_compared']:,}",
                 f"{row['max_abs_update_ours']:.2e}",
             ]
         )

@@ -146,7 +146,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
     machine = result["machine"]
     models = test["models"]
     rows = []
-    ranked = sorted((label for label in models if label not in ("base", "expert")), key=lambda label: -(models[label]["mean_normalized_accuracy"] or 0))
+    ranked = sorted((label for label in models if label not in ("base", "expert")), key=lambda label: -(models[label]["mean_accuracy"] or 0))
     for label in ["base", "expert"] + ranked:
         model = models[label]
         chosen = result["selection"].get(label, {})
@@ -171,7 +171,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
         "then reported on the test split. Accuracy is lm-eval `acc` (4-way multiple choice); normalized = merged / "
         "the task's own expert. Merges: mergekit `run_merge` on the zoo's full fine-tunes, float32.",
         "",
-        "## Test split, mean over tasks (ranked by normalized accuracy)",
+        "## Test split, mean over tasks (ranked by test accuracy)",
         "",
         runner.markdown_table(["method", "test acc", "normalized", "validation acc", "chosen setting"], rows),
         "",
