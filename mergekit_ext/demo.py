@@ -136,7 +136,8 @@ def run_demo(
             echo(f"note: skipping {label}: merge method {method!r} is not registered with mergekit")
             continue
         merged[label] = run_mergekit(merge_config(zoo, method, parameters), out_dir / "merges" / label)
-    report = compare_on_zoo(zoo.root, merged, progress=progress)
+    # One torch thread: the zoo's models are tiny, and extra threads only spin.
+    report = compare_on_zoo(zoo.root, merged, threads=1 if preset in ("test", "demo") else None, progress=progress)
     report["demo"] = {
         "merges": [{"label": l, "merge_method": m, "parameters": p} for l, m, p in (merges if merges is not None else DEMO_MERGES)],
         "skipped": skipped,

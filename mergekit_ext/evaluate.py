@@ -98,8 +98,13 @@ def lm_eval_results(
     device: str = "cpu",
     limit: Optional[int] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
 ) -> Dict[str, Dict]:
-    """lm-eval's result dict per task (``{"alias", "acc,none", "acc_stderr,none"}``), cached."""
+    """lm-eval's result dict per task (``{"alias", "acc,none", "acc_stderr,none"}``), cached.
+
+    ``threads`` sets torch's CPU threads for the run (1 suits the zoo's tiny
+    models: more threads only spin, worst on a busy machine).
+    """
     spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
     spec.check()
     include_path = Path(include_path).absolute()
@@ -121,7 +126,15 @@ def lm_eval_results(
                 results[task] = json.loads(cache_files[task].read_text(encoding="utf-8"))["lm_eval"]
     todo = [task for task in tasks if task not in results]
     if todo:
-        fresh = _simple_evaluate(spec, todo, include_path, batch_size=batch_size, device=device, limit=limit)
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            fresh = _simple_evaluate(spec, todo, include_path, batch_size=batch_size, device=device, limit=limit)
+        finally:
+            torch.set_num_threads(previous_threads)
         for task in todo:
             results[task] = fresh[task]
             if task in cache_files:
@@ -175,6 +188,7 @@ def compare_on_zoo(
     experts: str = "full",
     batch_size: int = 64,
     device: str = "cpu",
+    threads: Optional[int] = None,
     progress: bool = True,
 ) -> Dict:
     """Evaluate merged models against the zoo's base and experts; the report dict.
@@ -192,7 +206,7 @@ def compare_on_zoo(
     zoo = load_zoo(zoo_dir)
     task_of = {zoo.lm_eval_task(task, split): task for task in zoo.tasks}
     lm_tasks = list(task_of)
-    common = dict(include_path=zoo.task_dir, batch_size=batch_size, device=device, cache_dir=zoo.eval_cache)
+    common = dict(include_path=zoo.task_dir, batch_size=batch_size, device=device, cache_dir=zoo.eval_cache, threads=threads)
     specs = {label: spec if isinstance(spec, ModelSpec) else ModelSpec.parse(str(spec)) for label, spec in merged.items()}
     for label in specs:
         if label in ("base", "expert"):
@@ -248,11 +262,12 @@ def report_on_models(
     device: str = "cpu",
     limit: Optional[int] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
 ) -> Dict:
     """lm-eval on arbitrary models and tasks (no base/expert normalization); the report dict."""
     entries = {}
     for label, spec in models.items():
-        lm = lm_eval_results(spec, tasks, include_path, batch_size=batch_size, device=device, limit=limit, cache_dir=cache_dir)
+        lm = lm_eval_results(spec, tasks, include_path, batch_size=batch_size, device=device, limit=limit, cache_dir=cache_dir, threads=threads)
         accuracy = {task: float(lm[task][METRIC]) for task in tasks if METRIC in lm[task]}
         entries[label] = {"model": str(spec), "lm_eval": lm, "accuracy": accuracy, "mean_accuracy": _mean(accuracy.values())}
     return {"metric": METRIC, "tasks": list(tasks), "lm_eval_tasks": {t: t for t in tasks}, "models": entries}
@@ -392,7 +407,8 @@ def _command():
     @click.option("--batch-size", type=int, default=64, show_default=True)
     @click.option("--device", default="cpu", show_default=True)
     @click.option("--limit", type=int, help="at most this many documents per task (no cache; for smoke tests)")
-    def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_dir, batch_size, device, limit):
+    @click.option("--threads", type=int, help="torch CPU threads (1 is fastest for the zoo's tiny models)")
+    def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_dir, batch_size, device, limit, threads):
         """Validate MODELS with the real lm-eval harness.
 
         Each MODEL is PATH, BASE+ADAPTER (a peft adapter on a base) or
@@ -405,11 +421,11 @@ def _command():
             if zoo_dir:
                 if limit is not None:
                     raise EvaluationError("--limit is for ad-hoc runs; a zoo comparison uses the whole split")
-                report = compare_on_zoo(zoo_dir, specs, split=split, experts=expert_kind, batch_size=batch_size, device=device)
+                report = compare_on_zoo(zoo_dir, specs, split=split, experts=expert_kind, batch_size=batch_size, device=device, threads=threads)
             else:
                 if not (tasks and include_path and specs):
                     raise click.UsageError("without --zoo, give MODELS, --tasks and --include-path")
-                report = report_on_models(specs, [t.strip() for t in tasks.split(",") if t.strip()], include_path, batch_size=batch_size, device=device, limit=limit)
+                report = report_on_models(specs, [t.strip() for t in tasks.split(",") if t.strip()], include_path, batch_size=batch_size, device=device, limit=limit, threads=threads)
         except EvaluationError as error:
             raise click.ClickException(str(error)) from None
         click.echo(format_table(report))
