@@ -150,21 +150,30 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    import datasets
+
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # datasets' per-split bars for a few hundred local JSON lines are only noise.
+    dataset_bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
     model_args = f"pretrained={spec.path},dtype=float32"
     if spec.adapter is not None:
         model_args += f",peft={spec.adapter}"
-    output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=list(tasks),
-        task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
-        device=device,
-        batch_size=batch_size,
-        limit=limit,
-        log_samples=False,
-    )
+    try:
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=list(tasks),
+            task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=False,
+        )
+    finally:
+        if dataset_bars_were_on:
+            datasets.utils.enable_progress_bars()
     results = output["results"]
     for task in tasks:
         if task not in results:
