@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 
 import torch
 from mergekit.merge_methods.base import TensorGroup
-from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 from mergekit.sparsify import magnitude
 
 from mergekit_ext.registry import PER_MODEL, SHARED, declare, integer, real
@@ -25,12 +24,23 @@ DEFAULT_TIES_DENSITY = 0.2
 def ties_multitask_vector(vectors: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
     """TIES flavour of τMTL: trim each row to its top ``density``, elect signs, disjoint SUM.
 
-    Uses mergekit's own magnitude trimming and sign election, so ``k = 0`` is
-    exactly mergekit ``ties`` with ``normalize: false``.
+    Trimming is mergekit's own ``magnitude`` and the election is that of its
+    ``get_mask(method="sum")``, so ``k = 0`` is exactly mergekit ``ties`` with
+    ``normalize: false``. Only a boolean keep-mask per task is stored beside
+    the task vectors (which the TALL masks still need untrimmed), and sums run
+    one task at a time.
     """
-    trimmed = torch.stack([magnitude(row, density) for row, density in zip(vectors, densities)])
-    agree = get_mask(trimmed, method="sum")
-    return (trimmed * agree).sum(dim=0)
+    keep = torch.empty(vectors.shape, dtype=torch.bool, device=vectors.device)
+    for keep_row, row, density in zip(keep, vectors, densities):
+        torch.ne(magnitude(row, density), 0, out=keep_row)
+    elected = torch.zeros_like(vectors[0])
+    for row, keep_row in zip(vectors, keep):
+        elected += row * keep_row
+    majority = torch.where(elected >= 0, 1.0, -1.0).to(vectors.dtype)
+    multitask = elected.zero_()
+    for row, keep_row in zip(vectors, keep):
+        multitask += torch.where(keep_row & (row.sign() == majority), row, 0.0)
+    return multitask
 
 
 def tall_masks(vectors: torch.Tensor, multitask: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
