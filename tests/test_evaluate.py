@@ -137,6 +137,13 @@ def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_
             assert recipe == recipe_config(method, parameters, PRESETS["demo"].tasks), label
     (tmp_path / "zoo").symlink_to(test_zoo.root)
     shutil.copytree(REPO_ROOT / "recipes", tmp_path / "recipes")
+    # Every recipe names only models and adapters that the zoo has.
+    for recipe_path in sorted((tmp_path / "recipes").glob("*.yml")):
+        recipe = yaml.safe_load(recipe_path.read_text())
+        references = [recipe.get("base_model")] + [entry["model"] for entry in recipe.get("models", [])]
+        for reference in filter(None, references):
+            for part in reference.split("+"):
+                assert (tmp_path / part).is_dir(), f"{recipe_path.name}: {part} is not in the zoo"
     result = subprocess.run(
         [shutil.which("mergekit-yaml") or "mergekit-yaml", "recipes/consensus_ta.yml", "out/consensus_ta", "--no-write-model-card", "--quiet"],
         cwd=tmp_path, env=mergekit_env(), capture_output=True, text=True,
