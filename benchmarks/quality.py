@@ -156,7 +156,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
                 f"{model['mean_accuracy']:.3f}",
                 f"{model['mean_normalized_accuracy']:.3f}" if model.get("mean_normalized_accuracy") is not None else "–",
                 f"{chosen['chosen_validation_mean_accuracy']:.3f}" if chosen else "–",
-                ", ".join(f"{key}={value}" for key, value in chosen.get("chosen", {}).items()) if chosen else "–",
+                (", ".join(f"{key}={value}" for key, value in chosen["chosen"].items()) or "(defaults)") if chosen else "–",
             ]
         )
     lines = [
@@ -194,7 +194,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", required=True, help="a zoo built by `mergekit-ext zoo DIR --preset demo|bench`")
+    parser.add_argument("--zoo", help="a zoo built by `mergekit-ext zoo DIR --preset demo|bench`")
+    parser.add_argument("--render", metavar="JSON", help="only re-render the Markdown of an earlier quality.json")
     parser.add_argument("--methods", nargs="+", help="subset of methods (default: all of ours and mergekit's baselines)")
     parser.add_argument("--device", default="cpu", help="torch device for merging and lm-eval (cpu, cuda)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -203,6 +204,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--name", default="quality", help="basename of the result files")
     parser.add_argument("--keep", action="store_true", help="keep merged models in the work dir")
     args = parser.parse_args(argv)
+    if args.render:
+        import json
+
+        Path(args.render).with_suffix(".md").write_text(render_markdown(json.loads(Path(args.render).read_text())))
+        return
+    if not args.zoo:
+        parser.error("--zoo is required")
     result = run(args)
     from mergekit_ext.evaluate import write_chart
     from mergekit_ext.io import write_json
