@@ -133,7 +133,7 @@ cart = declare(
             DEFAULT_SVD,
             "truncated SVD: gram (top eigenvectors of the Gram matrix, ~1e-5 from exact), full (LAPACK, "
             "exact), randomized (fastest for small k, near-optimal but not the exact truncation), auto "
-            "(randomized for small k, else full)",
+            "(gram for small k, else full)",
         ),
     ],
 )
