@@ -209,7 +209,13 @@ def machine_description() -> Dict[str, Any]:
     gpu = None
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {
+        "commit": commit,
         "cpu": cpu_model,
         "cores": os.cpu_count(),
         "memory_gib": memory_gib,
