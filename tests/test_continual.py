@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import mergekit_env
+from test_opcm import paper_projection  # the paper's formula, written once for both test files
 from mergekit_ext import continual, io
 from mergekit_ext.cli import main
 from mergekit_ext.methods.opcm import ContinualOptions
@@ -38,17 +39,6 @@ def _is_matrix(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.startswith("model.layers.")
 
 
-def _paper_projection(merged_delta, task_delta, alpha=0.5, zero_diagonal=True):
-    u, s, vh = torch.linalg.svd(merged_delta, full_matrices=True)
-    v = vh.T
-    rank = int(((torch.cumsum(s, 0) / s.sum()) > alpha).float().argmax())
-    rotated = u.T @ task_delta @ v
-    rotated[:rank, :rank] = 0
-    if zero_diagonal:
-        rotated.diagonal().zero_()
-    return u @ rotated @ v.T
-
-
 def _global_norm(tensors: dict) -> float:
     return float(torch.sqrt(sum(t.double().square().sum() for t in tensors.values())))
 
@@ -65,7 +55,7 @@ def _paper_opcm(base: dict, models: list, alpha=0.5) -> list:
         for name, theta0 in base.items():
             merged_delta, task_delta = merged[name] - theta0, model[name] - theta0
             if _is_matrix(name, theta0):
-                task_delta = _paper_projection(merged_delta, task_delta, alpha)
+                task_delta = paper_projection(merged_delta, task_delta, alpha, zero_diagonal=True)
             unscaled[name] = lambda_previous * merged_delta + task_delta
         lambda_t = _global_norm(unscaled) / (sum(norms) / len(norms))
         merged = {name: base[name] + unscaled[name] / lambda_t for name in base}
