@@ -161,8 +161,7 @@ def run_all(args) -> Dict[str, Any]:
         if not step.ok:
             raise RuntimeError(f"mergekit-ext continual failed:\n{step.log_tail}")
         continual_measurements.append(step)
-    merged_weights = [f for f in state.glob("*.safetensors")]
-    record("opcm (continual, global scaling)", state if merged_weights else state, continual_measurements, fb_opcm)
+    record("opcm (continual, global scaling)", state, continual_measurements, fb_opcm)  # the state folder is the merged model
     ours_yaml = work / "ours-opcm-yaml"
     spec = runner.MergeSpec("opcm", "opcm", {"alpha": args.alpha})
     measurement = runner.run_yaml(runner.merge_config(spec, base, models, dtype="float32"), ours_yaml, threads=args.threads)
