@@ -170,14 +170,27 @@ def product_space_merge(
     count = vectors.shape[0]
     flat = vectors.reshape(count, -1)
     rank = min(k, count)
-    gram = flat.to(torch.float64) @ flat.to(torch.float64).T
-    _, eigenvectors = torch.linalg.eigh(gram)
+    _, eigenvectors = torch.linalg.eigh(float64_gram(flat))
     top = eigenvectors[:, -rank:]
     projector = top @ top.T  # τ̂ = P τ
-    weight = torch.tensor(list(weights), dtype=torch.float64)
+    weight = torch.tensor(list(weights), dtype=torch.float64, device=flat.device)
     mixing = (weight @ projector).to(flat.dtype)
     merged = (mixing @ flat).reshape(base.shape)
-    return (base.to(merged.dtype) + merged).to(base.dtype)
+    del vectors, flat
+    return merged.add_(base).to(base.dtype)
+
+
+def float64_gram(rows: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """``rows @ rows.T`` accumulated in float64 over column chunks.
+
+    A float64 copy of all T rows would be twice the task vectors themselves;
+    chunks keep the extra memory at T × ``chunk`` doubles.
+    """
+    gram = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[1], chunk):
+        block = rows[:, start : start + chunk].to(torch.float64)
+        gram += block @ block.T
+    return gram
 
 
 # ---------------------------------------------------------------------------
