@@ -37,7 +37,7 @@ DEMO_MERGES: List[DemoMerge] = [
     # per-task reversible use is `mergekit-ext rmm build/revert` on the zoo's adapters)
     ("rmm", "rmm", {"k": 2, "weight": 0.6}),
     # CART needs no base: θavg of the experts plus λ·Σ rank-k centred vectors (paper's 8-task setting)
-    ("cart", "cart", {"weight": 1.0, "rank_ratio": 0.12, "lambda": 2.0}),
+    ("cart", "cart", {"weight": 1.0, "rank_ratio": 0.15, "lambda": 1.3}),
 ]
 
 # Small per-method grids for `demo --tune`; parameters not listed keep DEMO_MERGES' value.

@@ -356,7 +356,9 @@ def write_chart(report: Dict, path: Union[str, os.PathLike]) -> Path:
         model = report["models"][label]
         values = [model["mean_accuracy"] if g == "mean" else model["accuracy"].get(g) for g in groups]
         positions = [g + (index - (len(labels) - 1) / 2) * width for g in range(len(groups))]
-        axis.bar(positions, [v if v is not None else 0.0 for v in values], width, label=label)
+        # tab20: distinct colours for up to 20 models (the default cycle repeats after 10).
+        colour = plt.get_cmap("tab20")(index % 20)
+        axis.bar(positions, [v if v is not None else 0.0 for v in values], width, label=label, color=colour)
     axis.set_xticks(range(len(groups)))
     axis.set_xticklabels(groups)
     axis.set_ylim(0, 1.05)
