@@ -36,7 +36,7 @@ DEMO_MERGES: List[DemoMerge] = [
     # RMM's dense form: task arithmetic on the rank-K fit of the task vectors (the
     # per-task reversible use is `mergekit-ext rmm build/revert` on the zoo's adapters)
     ("rmm", "rmm", {"k": 2, "weight": 0.6}),
-    # CART needs no base: θavg of the experts plus λ·Σ rank-k centred vectors (paper's 8-task setting)
+    # CART needs no base: θavg of the experts plus λ·Σ rank-k centred vectors (its defaults)
     ("cart", "cart", {"weight": 1.0, "rank_ratio": 0.15, "lambda": 1.3}),
 ]
 
