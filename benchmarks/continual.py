@@ -170,14 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     result = run(args)
-    from mergekit_ext.io import write_json
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "continual.json", result)
-    markdown = render_markdown(result)
-    (out_dir / "continual.md").write_text(markdown)
-    print(markdown)
+    runner.save_results(args.out_dir, "continual", result, render_markdown(result))
 
 
 if __name__ == "__main__":

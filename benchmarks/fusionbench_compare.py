@@ -245,14 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not Path(args.fb_python).exists():
         raise SystemExit(f"FusionBench python not found: {args.fb_python} (see benchmarks/README.md to create the venv)")
     report = run_all(args)
-    from mergekit_ext.io import write_json
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "fusionbench.json", report)
-    markdown = render_markdown(report)
-    (out_dir / "fusionbench.md").write_text(markdown)
-    print(markdown)
+    runner.save_results(args.out_dir, "fusionbench", report, render_markdown(report))
 
 
 if __name__ == "__main__":

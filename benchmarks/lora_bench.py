@@ -197,15 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     result = run(args)
-    from mergekit_ext.io import write_json
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "lora.json", result)
+    out_dir = runner.save_results(args.out_dir, "lora", result, render_markdown(result))
     write_chart(result, out_dir / "lora.png")
-    markdown = render_markdown(result)
-    (out_dir / "lora.md").write_text(markdown)
-    print(markdown)
 
 
 if __name__ == "__main__":

@@ -213,15 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("--zoo is required")
     result = run(args)
     from mergekit_ext.evaluate import write_chart
-    from mergekit_ext.io import write_json
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / f"{args.name}.json", result)
+    out_dir = runner.save_results(args.out_dir, args.name, result, render_markdown(result))
     write_chart(result["test_report"], out_dir / f"{args.name}.png")
-    markdown = render_markdown(result)
-    (out_dir / f"{args.name}.md").write_text(markdown)
-    print(markdown)
 
 
 if __name__ == "__main__":

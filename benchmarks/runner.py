@@ -236,3 +236,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_results(out_dir: str | os.PathLike, name: str, result: Mapping[str, Any], markdown: str, *, echo: bool = True) -> Path:
+    """Write ``name.json`` and ``name.md`` into ``out_dir`` (JSON via a temporary file); print the Markdown if ``echo``."""
+    from mergekit_ext.io import write_json
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{name}.json", dict(result))
+    (folder / f"{name}.md").write_text(markdown)
+    if echo:
+        print(markdown)
+    return folder

@@ -297,11 +297,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
 
 
 def write_results(report: Dict[str, Any], out_dir: Path) -> None:
-    from mergekit_ext.io import write_json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "speed.json", report)
-    (out_dir / "speed.md").write_text(render_markdown(report))
+    # Called after every merge, so an interrupted grid keeps what it measured.
+    runner.save_results(out_dir, "speed", report, render_markdown(report), echo=False)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -331,8 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         write_results(report, Path(args.out_dir))
         print(render_markdown(report))
         return
-    report = run_grid(args)
-    print(render_markdown(report))
+    print(render_markdown(run_grid(args)))
 
 
 if __name__ == "__main__":
