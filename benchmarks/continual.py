@@ -112,9 +112,7 @@ def run(args) -> Dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     models = final_report["models"]
     return {
-        "machine": runner.machine_description(),
-        "zoo": str(zoo.root),
-        "preset": zoo.manifest.get("preset", {}).get("name"),
+        **runner.zoo_context(zoo),
         "variants": variants,
         "orders": orders,
         "base_accuracy": models["base"]["accuracy"],

@@ -126,9 +126,7 @@ def run(args) -> Dict[str, Any]:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "machine": runner.machine_description(),
-        "zoo": str(zoo.root),
-        "preset": zoo.manifest.get("preset", {}).get("name"),
+        **runner.zoo_context(zoo),
         "tasks": tasks,
         "adapter_rank": rank,
         "base_accuracy": report["models"]["base"]["accuracy"],

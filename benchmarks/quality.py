@@ -127,9 +127,7 @@ def run(args) -> Dict[str, Any]:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "machine": runner.machine_description(),
-        "zoo": str(zoo.root),
-        "preset": zoo.manifest.get("preset", {}).get("name"),
+        **runner.zoo_context(zoo),
         "zoo_parameters": zoo.manifest.get("parameters"),
         "grid_size": GRID_SIZE,
         "selection": selection,

@@ -249,3 +249,12 @@ def save_results(out_dir: str | os.PathLike, name: str, result: Mapping[str, Any
     if echo:
         print(markdown)
     return folder
+
+
+def zoo_context(zoo) -> Dict[str, Any]:
+    """The header every zoo benchmark's result starts with: machine, zoo folder, preset."""
+    return {
+        "machine": machine_description(),
+        "zoo": str(zoo.root),
+        "preset": zoo.manifest.get("preset", {}).get("name"),
+    }

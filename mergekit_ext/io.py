@@ -124,6 +124,23 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         os.replace(staging, target)
 
 
+def read_json_object(path: str | os.PathLike, *, error: type = ValueError, missing: Optional[str] = None) -> Dict:
+    """Read a JSON file that must hold an object; every failure raises ``error`` naming the file.
+
+    ``missing`` is the message for an absent file (default: which file is missing where).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing or f"no {path.name} in {path.parent}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as problem:
+        raise error(f"{path} is not valid JSON: {problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} does not hold a JSON object")
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Dict, *, indent: Optional[int] = 2) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
     path = Path(path)

@@ -15,7 +15,6 @@ plain factors whose product IS the update. Writing stores factors with
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -148,18 +147,13 @@ def _load_weights(folder: Path) -> Dict[str, torch.Tensor]:
 
 
 def read_config(path: str | os.PathLike) -> Dict:
+    from mergekit_ext.io import read_json_object
+
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterError(f"adapter path is not a folder: {folder}")
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"no {CONFIG_FILE} in adapter folder {folder}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AdapterError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path} does not hold a JSON object")
+    config = read_json_object(config_path, error=AdapterError, missing=f"no {CONFIG_FILE} in adapter folder {folder}")
     _refuse_unsupported(config, config_path)
     return config
 

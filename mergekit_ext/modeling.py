@@ -6,7 +6,6 @@ builder in the project.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence

@@ -115,22 +115,16 @@ def write_bundle(out: str | os.PathLike, basis, adapters, *, base: str, dtype: s
 
 def read_bundle(path: str | os.PathLike):
     """Manifest and ``RmmBasis`` of a bundle folder, with clear errors for missing parts."""
-    import json
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from mergekit_ext import lora
+    from mergekit_ext.io import read_json_object
     from mergekit_ext.methods.rmm import RmmBasis
 
     folder = Path(path)
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"not an RMM bundle (no {MANIFEST}): {folder}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
+    manifest = read_json_object(manifest_path, error=BundleError, missing=f"not an RMM bundle (no {MANIFEST}): {folder}")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     if manifest.get("version") != BUNDLE_VERSION:

@@ -167,12 +167,8 @@ def compress(
 
 
 def read_bundle(bundle: str | os.PathLike) -> dict:
-    import json
-
     path = Path(bundle) / "bundle.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"not a TALL-mask bundle (no bundle.json): {bundle}")
-    manifest = json.loads(path.read_text())
+    manifest = io.read_json_object(path, missing=f"not a TALL-mask bundle (no bundle.json): {bundle}")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: unknown bundle format {manifest.get('format')!r}")
     return manifest

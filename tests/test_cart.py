@@ -17,7 +17,6 @@ from mergekit_ext.methods.cart import cart_merge
 from mergekit_ext.modeling import (
     char_tokenizer,
     gpt2_config,
-    llama_config,
     load_state_dict,
     perturbed,
     random_model,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mergekit_ext.evaluate import EvaluationError, ModelSpec, compare_on_zoo, lm_eval_results, write_report
+from mergekit_ext.evaluate import EvaluationError, ModelSpec, compare_on_zoo, lm_eval_results
 from mergekit_ext.zoo import build_zoo, multiple_choice_accuracy
 
 
