@@ -59,11 +59,14 @@ def ensure_registered() -> None:
 
 
 def our_method_names() -> List[str]:
-    """Names of every method this package registers, in documentation order."""
-    ensure_registered()
-    from mergekit_ext.registry import our_methods
+    """Names of every method this package registers that runs with defaults alone, in documentation order.
 
-    return [method.spec.name for method in our_methods()]
+    Methods that apply a learned file (``adarank``) are left out.
+    """
+    ensure_registered()
+    from mergekit_ext.registry import needs_learned_file, our_methods
+
+    return [method.spec.name for method in our_methods() if not needs_learned_file(method.spec.name)]
 
 
 def method_spec(name: str):

@@ -101,8 +101,19 @@ def our_methods() -> Tuple[MergeMethod, ...]:
     from mergekit_ext.methods import consensus, rmm
     from mergekit_ext.methods import opcm
     from mergekit_ext.methods import cart
+    from mergekit_ext.methods import adarank
 
-    return (*consensus.METHODS, *cart.METHODS, *opcm.METHODS, *rmm.METHODS)
+    return (*consensus.METHODS, *cart.METHODS, *adarank.METHODS, *opcm.METHODS, *rmm.METHODS)
+
+
+# Methods that only apply a file learned beforehand by a `mergekit-ext` command
+# (they cannot run with defaults alone, so benchmarks that run every method skip them).
+LEARNED_FILE_METHODS = frozenset({"adarank"})
+
+
+def needs_learned_file(name: str) -> bool:
+    """True for a method that needs a learned file (e.g. ``adarank``'s masks) to run."""
+    return name in LEARNED_FILE_METHODS
 
 
 def register_all() -> None:
