@@ -157,18 +157,14 @@ def render_markdown(result: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", required=True)
+    runner.add_zoo_arguments(parser, name="continual")
     parser.add_argument("--orders", type=int, default=3, help="number of random task orders")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--work-dir", default=str(runner.WORK_DIR))
-    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
-    parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
+    runner.apply_threads(args)
     result = run(args)
-    runner.save_results(args.out_dir, "continual", result, render_markdown(result))
+    runner.save_results(args.out_dir, args.name, result, render_markdown(result))
 
 
 if __name__ == "__main__":

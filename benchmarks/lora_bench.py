@@ -187,16 +187,12 @@ def write_chart(result: Dict[str, Any], path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", required=True)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--work-dir", default=str(runner.WORK_DIR))
-    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
-    parser.add_argument("--keep", action="store_true")
+    runner.add_zoo_arguments(parser, name="lora")
     args = parser.parse_args(argv)
+    runner.apply_threads(args)
     result = run(args)
-    out_dir = runner.save_results(args.out_dir, "lora", result, render_markdown(result))
-    write_chart(result, out_dir / "lora.png")
+    out_dir = runner.save_results(args.out_dir, args.name, result, render_markdown(result))
+    write_chart(result, out_dir / f"{args.name}.png")
 
 
 if __name__ == "__main__":

@@ -192,15 +192,9 @@ def render_markdown(result: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", help="a zoo built by `mergekit-ext zoo DIR --preset demo|bench`")
+    runner.add_zoo_arguments(parser, name="quality", zoo_required=False)
     parser.add_argument("--render", metavar="JSON", help="only re-render the Markdown of an earlier quality.json")
     parser.add_argument("--methods", nargs="+", help="subset of methods (default: all of ours and mergekit's baselines)")
-    parser.add_argument("--device", default="cpu", help="torch device for merging and lm-eval (cpu, cuda)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--work-dir", default=str(runner.WORK_DIR))
-    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
-    parser.add_argument("--name", default="quality", help="basename of the result files")
-    parser.add_argument("--keep", action="store_true", help="keep merged models in the work dir")
     args = parser.parse_args(argv)
     if args.render:
         import json
@@ -209,6 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if not args.zoo:
         parser.error("--zoo is required")
+    runner.apply_threads(args)
     result = run(args)
     from mergekit_ext.evaluate import write_chart
 

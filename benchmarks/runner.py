@@ -261,3 +261,27 @@ def zoo_context(zoo) -> Dict[str, Any]:
         "zoo": str(zoo.root),
         "preset": zoo.manifest.get("preset", {}).get("name"),
     }
+
+
+def add_zoo_arguments(parser, *, name: str, zoo_required: bool = True) -> None:
+    """The options every zoo benchmark (quality, continual, LoRA) shares."""
+    parser.add_argument("--zoo", required=zoo_required, help="a zoo built by `mergekit-ext zoo DIR --preset demo|bench`")
+    parser.add_argument("--device", default="cpu", help="torch device for merging and lm-eval (cpu, cuda)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for merges and lm-eval (default: torch's); 1 lets two benchmarks share a 2-core "
+        "machine without the threads of one spinning against the other's",
+    )
+    parser.add_argument("--work-dir", default=str(WORK_DIR))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--name", default=name, help="basename of the result files")
+    parser.add_argument("--keep", action="store_true", help="keep merged models in the work dir")
+
+
+def apply_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
