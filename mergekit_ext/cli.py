@@ -71,6 +71,7 @@ def _add_feature_commands() -> None:
     from mergekit_ext.zoo import zoo_command; main.add_command(zoo_command)  # noqa: E702
     from mergekit_ext.evaluate import eval_command; main.add_command(eval_command)  # noqa: E702
     from mergekit_ext.demo import demo_command; main.add_command(demo_command)  # noqa: E702
+    from mergekit_ext.adarank import adarank_group; main.add_command(adarank_group)  # noqa: E702
 
 
 _add_feature_commands()

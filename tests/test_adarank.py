@@ -1,0 +1,367 @@
+"""AdaRank: straight-through masks, identities with TA / CART, the learner, the file, the command.
+
+References are written from METHODS.md §3 with torch.linalg.svd directly; the
+engine tests run mergekit's own engine (stock ``mergekit-yaml`` where noted).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import run_merge_in_process, run_mergekit_yaml
+from mergekit_ext.adarank import LearnOptions, learn, read_prompts
+from mergekit_ext.methods.adarank import (
+    MASK_TEMPERATURE,
+    apply_masks,
+    band_rank,
+    factorize,
+    initial_logits,
+    merge_matrix,
+    open_learned_file,
+    origin_and_vectors,
+    straight_through_mask,
+    write_learned_file,
+)
+from mergekit_ext.methods.cart import cart_merge
+from mergekit_ext.modeling import load_state_dict
+from mergekit_ext.tensors import is_block_matrix
+
+MODELS = ("ft0", "ft1", "ft2")
+
+
+def _prompts(seed, count=24):
+    rng = random.Random(seed)
+    letters = "abcdefghij"
+    return [f"rev({''.join(rng.sample(letters, rng.randint(3, 5)))}) = " for _ in range(count)]
+
+
+def _pools():
+    return [_prompts(seed) for seed in range(len(MODELS))]
+
+
+def _learn(family, *, steps, variant="ta", seed=0, **options):
+    return learn(
+        [family[name] for name in MODELS],
+        _pools(),
+        base=family["base"],
+        options=LearnOptions(variant=variant, steps=steps, seed=seed, batch_size=8, **options),
+        progress=False,
+    )
+
+
+def _write(result, path):
+    return write_learned_file(path, result.masks, result.coefficients, result.info)
+
+
+def _config(family, file, order=MODELS, base=True, **parameters):
+    config = {
+        "merge_method": "adarank",
+        "dtype": "float32",
+        "models": [{"model": str(family[name])} for name in order],
+        "parameters": {"file": str(file), **parameters},
+    }
+    if base:
+        config["base_model"] = str(family["base"])
+    return config
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_straight_through_forward_is_hard_and_gradient_flows_through_p():
+    logits = torch.tensor([[2.0, -3.0, 1e-9, -1e-9, 0.0, 0.1], [-0.1, 5.0, -5.0, 0.3, -0.3, 40.0]], requires_grad=True)
+    weights = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    mask = straight_through_mask(logits)
+    p = torch.sigmoid(logits.detach() / MASK_TEMPERATURE)
+    assert torch.equal(mask.detach(), (p > 0.5).float())  # exactly 0/1 in the forward pass
+    (mask * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, weights * p * (1 - p) / MASK_TEMPERATURE)
+    # The paper's form p·s + ((hard − p)·s).detach() has the same gradient and value.
+    paper_logits = logits.detach().clone().requires_grad_(True)
+    paper_p = torch.sigmoid(paper_logits / MASK_TEMPERATURE)
+    paper = paper_p * weights + (((paper_p > 0.5).float() - paper_p) * weights).detach()
+    paper.sum().backward()
+    torch.testing.assert_close(paper_logits.grad, logits.grad)
+    torch.testing.assert_close(paper.detach(), mask.detach() * weights)
+
+
+def test_initial_logits_and_band():
+    logits = initial_logits(3, (20, 12), band=8, init_rank_ratio=0.25)  # k = int(0.25·12) = 3
+    assert logits.shape == (3, 8)
+    assert torch.equal(logits[:, :3], torch.full((3, 3), 0.1)) and torch.equal(logits[:, 3:], torch.full((3, 5), -0.1))
+    assert bool((initial_logits(2, (20, 12), band=12, init_rank_ratio=1.0) > 0).all())
+    assert int((initial_logits(1, (20, 12), band=12, init_rank_ratio=0.01) > 0).sum()) == 1  # max(1, ·), like CART
+    assert band_rank((20, 12), 0.5) == 6 and band_rank((20, 12), 1.0) == 12
+    with pytest.raises(ValueError, match="max_rank_ratio"):
+        band_rank((20, 12), 0)
+
+
+def _random_family(count=3, shape=(16, 24), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    return base, [base + 0.1 * torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def test_step_zero_is_task_arithmetic_and_cart():
+    base, models = _random_family()
+    shape = base.shape
+    # TA: all components on (init ratio 1), coefficients at the prior.
+    origin, vectors = origin_and_vectors(base, models, "ta")
+    band = band_rank(shape, 1.0)
+    u, s, vh = factorize(vectors, band)
+    mask = straight_through_mask(initial_logits(3, shape, band, 1.0))
+    merged = merge_matrix(origin, u, s, vh, mask, torch.full((3,), 0.7))
+    torch.testing.assert_close(merged, base + 0.7 * sum(m - base for m in models), atol=1e-5, rtol=1e-5)
+    # CART: origin θavg, top-k on; also with a band narrower than full rank.
+    for max_ratio in (1.0, 0.5):
+        origin, vectors = origin_and_vectors(None, models, "cart")
+        torch.testing.assert_close(origin, torch.stack(models).mean(0))
+        band = band_rank(shape, max_ratio)
+        u, s, vh = factorize(vectors, band)
+        mask = straight_through_mask(initial_logits(3, shape, band, 0.25))
+        merged = merge_matrix(origin, u, s, vh, mask, torch.full((3,), 1.3))
+        expected = cart_merge(models, rank_ratio=0.25, scale=1.3, svd="full")
+        torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+        # And it is not the plain average (the low-rank part is there).
+        assert (merged - origin).abs().max() > 0.05
+    # Non-matrix tensors are o + Σ coef·v, never masked.
+    vectors_1d = [torch.randn(7, generator=torch.Generator().manual_seed(t)) for t in range(3)]
+    out = apply_masks(vectors_1d[0], vectors_1d, variant="ta", coefficients=torch.tensor([0.5, 1.0, 2.0]), mask=None)
+    torch.testing.assert_close(out, vectors_1d[0] + 1.0 * (vectors_1d[1] - vectors_1d[0]) + 2.0 * (vectors_1d[2] - vectors_1d[0]))
+
+
+def test_masks_prune_singular_components():
+    base, models = _random_family(count=2)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [0, 3]] = True
+    mask[1, 1] = True
+    out = apply_masks(base, models, variant="ta", coefficients=torch.tensor([0.5, 2.0]), mask=mask)
+    expected = base.double().clone()
+    for model, kept, coefficient in zip(models, mask, (0.5, 2.0)):
+        u, s, vh = torch.linalg.svd((model - base).double(), full_matrices=False)
+        expected += coefficient * (u[:, kept] * s[kept]) @ vh[kept]
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the base"):
+        apply_masks(None, models, variant="ta", coefficients=torch.ones(2), mask=mask)
+
+
+# ---------------------------------------------------------------- through mergekit's engine
+
+
+@pytest.mark.parametrize("variant", ["ta", "cart"])
+def test_identity_through_stock_mergekit(tiny_family, tmp_path, variant):
+    """All logits positive and coefficients at the prior: TA (origin θ0) or full-rank CART (θavg)."""
+    result = _learn(tiny_family, steps=0, variant=variant, prior=0.8, init_rank_ratio=1.0)
+    assert all(bool(mask.all()) for mask in result.masks.values()) and len(result.masks) == 14
+    file = _write(result, tmp_path / "identity.safetensors")
+    out = tmp_path / "adarank"
+    run_mergekit_yaml(_config(tiny_family, file), out)
+    merged = load_state_dict(out)
+    base = load_state_dict(tiny_family["base"])
+    models = [load_state_dict(tiny_family[name]) for name in MODELS]
+    if variant == "ta":
+        reference_dir = tmp_path / "ta"
+        run_merge_in_process(
+            {
+                "merge_method": "task_arithmetic",
+                "dtype": "float32",
+                "base_model": str(tiny_family["base"]),
+                "models": [{"model": str(tiny_family[name]), "parameters": {"weight": 1.0}} for name in MODELS],
+                "parameters": {"lambda": 0.8},
+            },
+            reference_dir,
+        )
+        reference = load_state_dict(reference_dir)
+    else:
+        reference = {key: torch.stack([model[key] for model in models]).mean(0) for key in base}
+    assert merged.keys() == reference.keys()
+    for key in merged:
+        torch.testing.assert_close(merged[key], reference[key], atol=2e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+    # The merge moved away from θ0 (the test can fail).
+    assert max(float((merged[key] - base[key]).abs().max()) for key in merged) > 0.01
+
+
+def test_step_zero_cart_through_engine_is_cart(tiny_family, tmp_path):
+    result = _learn(tiny_family, steps=0, variant="cart", prior=1.3, init_rank_ratio=0.25, max_rank_ratio=0.5)
+    assert max(mask.shape[1] for mask in result.masks.values()) == 16  # band = 0.5 · min(32, 64)
+    file = _write(result, tmp_path / "cart0.safetensors")
+    run_merge_in_process(_config(tiny_family, file, base=False), tmp_path / "adarank")
+    run_merge_in_process(
+        {
+            "merge_method": "cart",
+            "dtype": "float32",
+            "models": [{"model": str(tiny_family[name])} for name in MODELS],
+            "parameters": {"rank_ratio": 0.25, "lambda": 1.3, "svd": "full"},
+        },
+        tmp_path / "cart",
+    )
+    merged, reference = load_state_dict(tmp_path / "adarank"), load_state_dict(tmp_path / "cart")
+    for key in merged:
+        torch.testing.assert_close(merged[key], reference[key], atol=2e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def _entropy_by_hand(folder, pools, count):
+    """Next-token entropy after each prompt, one unpadded prompt at a time, summed over tasks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    total = 0.0
+    with torch.no_grad():
+        for pool in pools:
+            values = []
+            for prompt in pool[:count]:
+                ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)
+                values.append(float(-(log_probs.exp() * log_probs).sum()))
+            total += sum(values) / len(values)
+    return total
+
+
+def test_learner_lowers_entropy_is_deterministic_and_file_reproduces_it(tiny_family, tmp_path):
+    result = _learn(tiny_family, steps=25, lr=0.02, seed=3)
+    info = result.info
+    assert info["entropy_after"]["total"] < info["entropy_before"]["total"] - 1e-3
+    assert sum(result.history[-5:]) / 5 < sum(result.history[:5]) / 5
+    kept = info["kept_components"]
+    assert kept["after"] != kept["before"]  # some masks flipped
+    coefficients = torch.stack(list(result.coefficients.values()))
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.4))
+    again = _learn(tiny_family, steps=25, lr=0.02, seed=3)
+    assert again.history == result.history
+    for name in result.masks:
+        assert torch.equal(again.masks[name], result.masks[name])
+    for name in result.coefficients:
+        assert torch.equal(again.coefficients[name], result.coefficients[name])
+    # The written file, applied by mergekit's engine, is the model the learner scored.
+    file = _write(result, tmp_path / "learned.safetensors")
+    out = tmp_path / "merged"
+    run_merge_in_process(_config(tiny_family, file), out)
+    by_hand = _entropy_by_hand(out, _pools(), 8)
+    assert by_hand == pytest.approx(info["entropy_after"]["total"], abs=1e-4)
+    assert by_hand != pytest.approx(info["entropy_before"]["total"], abs=1e-4)
+    # Model order in the config does not matter: the file's models are matched by path.
+    out_reversed = tmp_path / "merged_reversed"
+    run_merge_in_process(_config(tiny_family, file, order=MODELS[::-1]), out_reversed)
+    forward, backward = load_state_dict(out), load_state_dict(out_reversed)
+    for key in forward:
+        torch.testing.assert_close(forward[key], backward[key], atol=1e-6, rtol=1e-6)
+
+
+def test_mismatched_file_gives_clear_errors(tiny_family, tmp_path):
+    result = _learn(tiny_family, steps=0)
+    file = _write(result, tmp_path / "good.safetensors")
+    metadata = open_learned_file(file).info
+    with pytest.raises(Exception, match=r"learned for 3 models, but this merge has 2"):
+        run_merge_in_process(_config(tiny_family, file, order=("ft0", "ft1")), tmp_path / "two")
+    # A model that the file was not learned for.
+    import shutil
+
+    copy = shutil.copytree(tiny_family["ft2"], tmp_path / "ft2_copy")
+    config = _config(tiny_family, file, order=("ft0", "ft1"))
+    config["models"].append({"model": str(copy)})
+    with pytest.raises(Exception, match=r"ft2_copy is not one of the models .*good.safetensors.*check_models: false"):
+        run_merge_in_process(config, tmp_path / "other")
+    config["parameters"]["check_models"] = False  # the same weights elsewhere: config order
+    run_merge_in_process(config, tmp_path / "moved")
+    assert (tmp_path / "moved" / "model.safetensors").is_file()
+    matrix = next(name for name in result.masks if "mlp.up_proj" in name)
+    # Missing tensor.
+    coefficients = dict(result.coefficients)
+    del coefficients[matrix]
+    missing = write_learned_file(tmp_path / "missing.safetensors", result.masks, coefficients, result.info)
+    with pytest.raises(Exception, match=rf"missing.safetensors has no coefficients for tensor {matrix}"):
+        run_merge_in_process(_config(tiny_family, missing), tmp_path / "m")
+    # Wrong mask shape.
+    masks = dict(result.masks)
+    masks[matrix] = masks[matrix][:, :5]
+    wrong = write_learned_file(tmp_path / "wrong.safetensors", masks, result.coefficients, result.info)
+    with pytest.raises(Exception, match=rf"wrong.safetensors: mask of {matrix} has shape \[3, 5\]"):
+        run_merge_in_process(_config(tiny_family, wrong), tmp_path / "w")
+    # TA file without a base; a missing file; a file that is not ours.
+    with pytest.raises(Exception, match="variant 'ta', which needs base_model"):
+        run_merge_in_process(_config(tiny_family, file, base=False), tmp_path / "nobase")
+    with pytest.raises(Exception, match="learned file not found"):
+        run_merge_in_process(_config(tiny_family, tmp_path / "nope.safetensors"), tmp_path / "nofile")
+    with pytest.raises(Exception, match="not an AdaRank file"):
+        run_merge_in_process(_config(tiny_family, tiny_family["base"] / "model.safetensors"), tmp_path / "foreign")
+    # Missing `file` parameter is refused by mergekit itself.
+    config = _config(tiny_family, file)
+    del config["parameters"]["file"]
+    with pytest.raises(Exception, match="file"):
+        run_merge_in_process(config, tmp_path / "noparam")
+    assert metadata["tasks"] == 3 and metadata["variant"] == "ta"
+    assert [entry["path"] for entry in metadata["models"]] == [str(tiny_family[name]) for name in MODELS]
+    assert all(len(entry["content_hash"]) == 64 for entry in metadata["models"])
+
+
+def test_learner_refuses_bad_options(tiny_family):
+    with pytest.raises(ValueError, match="init_rank_ratio 0.5 is above max_rank_ratio 0.2"):
+        _learn(tiny_family, steps=0, init_rank_ratio=0.5, max_rank_ratio=0.2)
+    with pytest.raises(ValueError, match="one prompt pool per model"):
+        learn([tiny_family["ft0"]], _pools(), base=tiny_family["base"], progress=False)
+    with pytest.raises(ValueError, match="needs --base"):
+        learn([tiny_family["ft0"]], _pools()[:1], options=LearnOptions(variant="ta"), progress=False)
+
+
+def test_read_prompts(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt = \n\nsecond\n")
+    assert read_prompts(text) == ["first prompt = ", "second"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('"plain"\n{"query": "q = "}\n{"prompt": "p"}\n')
+    assert read_prompts(jsonl) == ["plain", "q = ", "p"]
+    jsonl.write_text('{"label": 1}\n')
+    with pytest.raises(ValueError, match="p.jsonl:1"):
+        read_prompts(jsonl)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
+    from mergekit_ext.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(_prompts(7)) + "\n")
+    file, merged = tmp_path / "learned.safetensors", tmp_path / "merged"
+    arguments = [
+        "adarank", "learn", *(str(tiny_family[name]) for name in MODELS),
+        "--base", str(tiny_family["base"]), "--prompts", str(prompts),
+        "--steps", "4", "--batch-size", "4", "--out", str(file), "--merge-out", str(merged), "--quiet",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert "answer entropy" in result.output and "kept singular components" in result.output
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    info = open_learned_file(file).info
+    assert info["variant"] == "cart" and info["prior"] == 1.3 and info["init_rank_ratio"] == 0.15
+    assert info["training"]["steps"] == 4 and info["tasks"] == 3
+    # The stock mergekit-yaml with the same file writes the same model.
+    out = tmp_path / "stock"
+    run_mergekit_yaml(_config(tiny_family, file), out)
+    written, stock = load_state_dict(merged), load_state_dict(out)
+    assert written.keys() == stock.keys()
+    for key in written:
+        assert torch.equal(written[key], stock[key]), key
+    shown = CliRunner().invoke(main, ["adarank", "show", str(file), "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["tasks"] == 3
+    again = CliRunner().invoke(main, arguments)
+    assert again.exit_code != 0 and "already exists" in again.output
+    bad = CliRunner().invoke(main, ["adarank", "learn", str(tiny_family["ft0"]), "--out", str(tmp_path / "x.safetensors")])
+    assert bad.exit_code != 0 and "no prompts" in bad.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_matrix_classification_matches_the_engine(tiny_family):
+    """The learner masks exactly the tensors the mergekit method treats as matrices."""
+    result = _learn(tiny_family, steps=0)
+    state = load_state_dict(tiny_family["base"])
+    expected = {name for name, tensor in state.items() if is_block_matrix(name, tensor.shape)}
+    assert set(result.masks) == expected and "lm_head.weight" not in expected
+    assert set(result.coefficients) == set(state)
