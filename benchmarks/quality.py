@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
@@ -86,6 +87,30 @@ def quality_specs(methods: Optional[Sequence[str]]) -> Dict[str, List[runner.Mer
     return specs
 
 
+def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: str) -> Dict[str, Any]:
+    """Per-task accuracy of each merged model with the zoo's in-process scorer.
+
+    ``zoo.multiple_choice_accuracy`` computes exactly lm-eval's ``acc`` (same
+    requests, same sum of continuation log-probs; tests/test_evaluate.py checks
+    the two agree) without lm-eval's per-request overhead: the grid's many
+    validation runs use it, the reported test numbers come from lm-eval itself.
+    """
+    from transformers import AutoTokenizer
+
+    from mergekit_ext.zoo import _load_causal_lm, multiple_choice_accuracy
+
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    documents = {task: zoo.documents(task, split) for task in zoo.tasks}
+    models: Dict[str, Any] = {}
+    for label, path in tqdm(merged_paths.items(), desc=f"score {split}", unit="model"):
+        model = _load_causal_lm(path, device)
+        with torch.no_grad():
+            accuracy = {task: multiple_choice_accuracy(model, tokenizer, documents[task], device=device) for task in zoo.tasks}
+        models[label] = {"model": str(path), "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
+        del model
+    return {"split": split, "scorer": "in-process (zoo.multiple_choice_accuracy, = lm-eval acc)", "tasks": list(zoo.tasks), "models": models}
+
+
 def run(args) -> Dict[str, Any]:
     from mergekit_ext.evaluate import compare_on_zoo
     from mergekit_ext.zoo import load_zoo
@@ -107,7 +132,10 @@ def run(args) -> Dict[str, Any]:
             failures[spec.label] = f"{type(error).__name__}: {error}"
             tqdm.write(f"merge {spec.label} failed: {failures[spec.label]}")
 
-    validation = compare_on_zoo(zoo.root, merged_paths, split="validation", device=args.device, batch_size=args.batch_size)
+    if args.validation_scorer == "lm-eval":
+        validation = compare_on_zoo(zoo.root, merged_paths, split="validation", device=args.device, batch_size=args.batch_size)
+    else:
+        validation = score_in_process(zoo, merged_paths, split="validation", device=args.device)
     chosen: Dict[str, runner.MergeSpec] = {}
     selection: Dict[str, Any] = {}
     for method, rows in specs.items():
@@ -166,8 +194,10 @@ def render_markdown(result: Dict[str, Any]) -> str:
         + f"; {machine['date_utc']} UTC.",
         f"Protocol: every method's setting chosen on the validation split (mean accuracy) from its grid "
         f"({GRID_SIZE} settings for every method with free hyperparameters; `linear` and `model_stock` have none), "
-        "then reported on the test split. Accuracy is lm-eval `acc` (4-way multiple choice); normalized = merged / "
-        "the task's own expert. Merges: mergekit `run_merge` on the zoo's full fine-tunes, float32.",
+        "then reported on the test split. Test accuracy is lm-eval `acc` (4-way multiple choice); normalized = merged / "
+        "the task's own expert. Validation scorer: "
+        + result["validation_report"].get("scorer", "lm-eval")
+        + ". Merges: mergekit `run_merge` on the zoo's full fine-tunes, float32.",
         "",
         "## Test split, mean over tasks (ranked by test accuracy)",
         "",
@@ -195,6 +225,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runner.add_zoo_arguments(parser, name="quality", zoo_required=False)
     parser.add_argument("--render", metavar="JSON", help="only re-render the Markdown of an earlier quality.json")
     parser.add_argument("--methods", nargs="+", help="subset of methods (default: all of ours and mergekit's baselines)")
+    parser.add_argument(
+        "--validation-scorer",
+        choices=("fast", "lm-eval"),
+        default="fast",
+        help="how the grid is scored on validation: the in-process scorer that equals lm-eval's acc (fast), or lm-eval itself",
+    )
     args = parser.parse_args(argv)
     if args.render:
         import json
