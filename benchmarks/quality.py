@@ -17,6 +17,7 @@ import argparse
 import itertools
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -75,7 +76,7 @@ def grid_for(method: str) -> List[Dict[str, Any]]:
 def quality_specs(methods: Optional[Sequence[str]]) -> Dict[str, List[runner.MergeSpec]]:
     names = list(runner.MERGEKIT_BASELINES) + runner.our_method_names()
     if methods:
-        unknown = sorted(set(methods) - set(names))
+        unknown = sorted(set(methods) - set(names) - {"adarank"})  # adarank: learned after the grid
         if unknown:
             raise SystemExit(f"unknown methods {unknown}; known: {names}")
         names = [name for name in names if name in methods]
@@ -109,6 +110,57 @@ def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: 
         models[label] = {"model": str(path), "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
         del model
     return {"split": split, "scorer": "in-process (zoo.multiple_choice_accuracy, = lm-eval acc)", "tasks": list(zoo.tasks), "models": models}
+
+
+def adarank_selection(zoo, chosen: Dict[str, runner.MergeSpec], selection: Dict[str, Any], merged_paths: Dict[str, Path], work: Path, args) -> None:
+    """AdaRank on top of the chosen Task Arithmetic and CART settings.
+
+    AdaRank is itself a tuning method: it starts from a base method's setting
+    (its prior) and learns masks and coefficients from the UNLABELED validation
+    prompts. Its grid is the two variants, each from its base method's
+    validation winner with the learner's defaults (steps, lr); the variant with
+    the better validation accuracy is reported on test.
+    """
+    from mergekit_ext.adarank import LearnOptions, learn, zoo_prompts
+    from mergekit_ext.methods.adarank import write_learned_file
+
+    rows, scores = [], []
+    for variant, base_method in (("ta", "task_arithmetic"), ("cart", "cart")):
+        if base_method not in chosen:
+            continue
+        setting = dict(chosen[base_method].parameters)
+        options = LearnOptions(
+            variant=variant,
+            prior=float(setting["lambda"]),
+            init_rank_ratio=float(setting["rank_ratio"]) if variant == "cart" else 1.0,
+            device=args.device,
+        )
+        label = f"adarank#{variant}"
+        file = work / f"adarank-{variant}.safetensors"
+        started = time.perf_counter()
+        try:
+            result = learn([zoo.expert(t) for t in zoo.tasks], [zoo_prompts(zoo, t) for t in zoo.tasks], base=zoo.base, options=options, task_names=zoo.tasks)
+            write_learned_file(file, result.masks, result.coefficients, result.info)
+            spec = runner.MergeSpec(label, "adarank", {"file": str(file)}, use_base=variant == "ta")
+            runner.run_in_process(runner.merge_config(spec, zoo.base, [zoo.expert(t) for t in zoo.tasks], dtype="float32"), work / label.replace("#", "-"), device=args.device)
+        except Exception as error:  # reported, not fatal for the other methods
+            tqdm.write(f"adarank {variant} failed: {type(error).__name__}: {error}")
+            continue
+        merged_paths[label] = work / label.replace("#", "-")
+        score = score_in_process(zoo, {label: merged_paths[label]}, split="validation", device=args.device)["models"][label]["mean_accuracy"]
+        rows.append({"variant": variant, "prior": options.prior, "init_rank_ratio": options.init_rank_ratio, "steps": options.steps, "lr": options.lr, "from": base_method})
+        scores.append((score, label, time.perf_counter() - started))
+    if not scores:
+        return
+    best = max(range(len(scores)), key=lambda index: (scores[index][0], -index))
+    selection["adarank"] = {
+        "grid": rows,
+        "validation_mean_accuracy": [score for score, _, _ in scores],
+        "label": scores[best][1],
+        "chosen": rows[best],
+        "chosen_validation_mean_accuracy": scores[best][0],
+        "merge_seconds": scores[best][2],
+    }
 
 
 def run(args) -> Dict[str, Any]:
@@ -147,11 +199,14 @@ def run(args) -> Dict[str, Any]:
         selection[method] = {
             "grid": [dict(spec.parameters) for spec in rows],
             "validation_mean_accuracy": [validation["models"][spec.label]["mean_accuracy"] if spec.label in merged_paths else None for spec in rows],
+            "label": best.label,
             "chosen": dict(best.parameters),
             "chosen_validation_mean_accuracy": best_score,
             "merge_seconds": merge_seconds.get(best.label),
         }
-    test = compare_on_zoo(zoo.root, {method: merged_paths[spec.label] for method, spec in chosen.items()}, split="test", device=args.device, batch_size=args.batch_size)
+    if not args.methods or "adarank" in args.methods:
+        adarank_selection(zoo, chosen, selection, merged_paths, work, args)
+    test = compare_on_zoo(zoo.root, {method: merged_paths[info["label"]] for method, info in selection.items()}, split="test", device=args.device, batch_size=args.batch_size)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return {
