@@ -100,8 +100,10 @@ def run(args) -> Dict[str, Any]:
     for label in written:
         rows.append({"label": label, "storage": storage[label], "accuracy": report["models"][label]["accuracy"], "setting": settings[label]})
 
-    for variant in VARIANTS:
-        for k in tqdm(range(1, n + 1), desc=f"RMM {variant}"):
+    ks = sorted({k for k in (args.ks or range(1, n + 1)) if 1 <= k <= n})
+    rmm_variants = list(args.variants or VARIANTS)
+    for variant in rmm_variants:
+        for k in tqdm(ks, desc=f"RMM {variant}"):
             basis = build_basis(adapters, k, variant)
             accuracy = {}
             for task in tasks:
@@ -129,6 +131,7 @@ def run(args) -> Dict[str, Any]:
         **runner.zoo_context(zoo),
         "tasks": tasks,
         "adapter_rank": rank,
+        "rmm": {"variants": rmm_variants, "ks": ks},
         "base_accuracy": report["models"]["base"]["accuracy"],
         "rows": rows,
     }
@@ -153,7 +156,11 @@ def render_markdown(result: Dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {row['label']}: {row['setting']}" for row in result["rows"] if not row["label"].startswith("RMM")]
-    lines.append("- RMM {factor, position, product}, K = 1 … n: `build_basis(adapters, K, variant)` (basis rank = the adapters' rank); each task reverted to its own adapter")
+    rmm = result.get("rmm", {"variants": list(VARIANTS), "ks": list(range(1, len(tasks) + 1))})
+    lines.append(
+        f"- RMM {{{', '.join(rmm['variants'])}}}, K ∈ {{{', '.join(map(str, rmm['ks']))}}}: `build_basis(adapters, K, variant)` "
+        "(basis rank = the adapters' rank); each task reverted to its own adapter"
+    )
     lines += ["", runner.markdown_table(header, table), ""]
     return "\n".join(lines)
 
@@ -169,7 +176,7 @@ def write_chart(result: Dict[str, Any], path: Path) -> None:
     for variant, marker in markers.items():
         points = [(row["storage"], row["mean_normalized"]) for row in result["rows"] if row["label"].startswith(f"RMM {variant},")]
         if points:
-            axis.plot(*zip(*points), marker, label=f"RMM {variant} (K = 1 … n)")
+            axis.plot(*zip(*points), marker, label=f"RMM {variant} (K = {', '.join(str(k) for k in result.get('rmm', {}).get('ks', [])) or '1 … n'})")
     for row in result["rows"]:
         if row["label"].startswith("RMM"):
             continue
@@ -188,6 +195,8 @@ def write_chart(result: Dict[str, Any], path: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_zoo_arguments(parser, name="lora")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="RMM variants (default: all)")
+    parser.add_argument("--ks", nargs="+", type=int, help="RMM basis sizes K (default: 1 … number of tasks)")
     args = parser.parse_args(argv)
     runner.apply_threads(args)
     result = run(args)
