@@ -55,6 +55,7 @@ from mergekit_ext.methods.adarank import (
     straight_through_mask,
     write_learned_file,
 )
+from mergekit_ext.modeling import pad_right
 from mergekit_ext.tensors import is_block_matrix
 
 # Base-method settings each variant starts from (step 0 is that method exactly):
@@ -180,14 +181,8 @@ def _encode(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> List
 
 
 def _batch(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention[row, : len(sequence)] = 1
-    lengths = torch.tensor([len(sequence) for sequence in sequences])
-    return ids.to(device), attention.to(device), lengths.to(device)
+    ids, attention = pad_right(sequences, pad_id, device)
+    return ids, attention, attention.sum(dim=1)
 
 
 def answer_entropy(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_ext.io import atomic_output_dir, write_json
+from mergekit_ext.modeling import pad_right
 
 ZOO_FORMAT = "mergekit-ext-zoo/1"
 MANIFEST_NAME = "manifest.json"
@@ -386,16 +387,6 @@ def _encode_pairs(tokenizer, contexts: Sequence[str], continuations: Sequence[st
     return whole_ids, [len(ids) for ids in context_ids]
 
 
-def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, size: int, held_out: set, device, weights=None):
     contexts, continuations = [], []
     while len(contexts) < size:
@@ -406,7 +397,7 @@ def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, siz
         contexts.append(query)
         continuations.append(" " + answer)
     sequences, starts = _encode_pairs(tokenizer, contexts, continuations)
-    ids, mask = _pad(sequences, tokenizer.pad_token_id, device)
+    ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
     labels = torch.full_like(ids, -100)
     for row, (sequence, start) in enumerate(zip(sequences, starts)):
         # Loss on the answer only: the inputs are random strings, not worth modelling.
@@ -476,7 +467,7 @@ def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, bat
     model.eval()
     for first in range(0, len(sequences), batch_size):
         chunk = sequences[first : first + batch_size]
-        ids, mask = _pad(chunk, tokenizer.pad_token_id or 0, device)
+        ids, mask = pad_right(chunk, tokenizer.pad_token_id or 0, device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
         for row, sequence in enumerate(chunk):
