@@ -5,7 +5,7 @@ state is evaluated on the task just added, and after the last step on every
 task. ACC = mean accuracy over all tasks after the last step; BWT = mean over
 the tasks added before the last of (accuracy at the end − accuracy right after
 that task was added) (METHODS.md §4). Mean ± std over ``--orders`` random
-orders. States are built by ``mergekit_ext.continual`` (the `mergekit-ext
+orders. States are built by ``mergekit_ext.methods.opcm.format`` (the `mergekit-ext
 continual` command's library API: the paper's global scaling); accuracies come
 from lm-eval via ``mergekit_ext.evaluate``. Writes results/continual.{md,json}.
 
@@ -40,7 +40,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 
 def build_states(zoo, order: Sequence[str], options, folder: Path) -> List[Path]:
     """One state folder per step (a copy of the previous state plus one `add`)."""
-    from mergekit_ext.continual import add_model, init_state
+    from mergekit_ext.methods.opcm.format import add_model, init_state
 
     steps: List[Path] = []
     for index, task in enumerate(order):
@@ -57,7 +57,7 @@ def build_states(zoo, order: Sequence[str], options, folder: Path) -> List[Path]
 
 def run(args) -> Dict[str, Any]:
     from mergekit_ext.evaluate import compare_on_zoo, lm_eval_results
-    from mergekit_ext.methods.opcm import ContinualOptions
+    from mergekit_ext.methods.opcm.kernel import ContinualOptions
     from mergekit_ext.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -141,7 +141,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
         f"# Continual merging on the `{result['preset']}` zoo",
         "",
         f"Zoo: {result['zoo']}. Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM; "
-        f"{machine['date_utc']} UTC. States built with `mergekit_ext.continual` (init + add, the paper's global scaling "
+        f"{machine['date_utc']} UTC. States built with `mergekit_ext.methods.opcm.format` (init + add, the paper's global scaling "
         "for OPCM); accuracy is lm-eval `acc` on the test split. ACC: mean over all tasks after the last step. "
         "BWT: mean over tasks added before the last of (final accuracy − accuracy right after it was added). "
         f"Mean ± std over {len(result['orders'])} random task orders: "

@@ -6,8 +6,8 @@ own LoRA expert):
 
 * individual adapters (storage 1, the reference);
 * task arithmetic and TIES on the A and B factors separately (the conventional
-  baseline RMM is compared with; ``lora.merge_factors``);
-* dense merges re-factorized to one adapter (``lora.merge_adapters``, what
+  baseline RMM is compared with; ``adapters.merge.merge_factors``);
+* dense merges re-factorized to one adapter (``adapters.merge.merge_adapters``, what
   `mergekit-ext lora merge` runs): task arithmetic at rank r and n·r (lossless),
   and this package's methods at rank r;
 * RMM for K = 1 … n in each variant (factor, position, product): the basis is
@@ -52,11 +52,12 @@ VARIANTS = ("factor", "position", "product")
 def run(args) -> Dict[str, Any]:
     import torch
 
-    from mergekit_ext import lora
+    from mergekit_ext.adapters import peft_io as lora
+    from mergekit_ext.adapters.merge import merge_adapters, merge_factors
     from mergekit_ext.evaluate import ModelSpec, compare_on_zoo, lm_eval_results
     from mergekit_ext.io import open_model
-    from mergekit_ext.methods.rmm import adapter_parameter_count, build_basis
-    from mergekit_ext.rmm_cli import load_adapters, reverted_factors
+    from mergekit_ext.methods.rmm.format import reverted_factors
+    from mergekit_ext.methods.rmm.kernel import adapter_parameter_count, build_basis
     from mergekit_ext.zoo import load_zoo
 
     zoo = load_zoo(args.zoo)
@@ -64,7 +65,7 @@ def run(args) -> Dict[str, Any]:
     n = len(tasks)
     work = Path(args.work_dir) / "lora" / Path(zoo.root).name
     shutil.rmtree(work, ignore_errors=True)
-    adapters = load_adapters([str(zoo.adapter(task)) for task in tasks], tasks, str(zoo.base))
+    adapters = lora.load_adapters([str(zoo.adapter(task)) for task in tasks], str(zoo.base), names=tasks)
     rank = max(f.rank for adapter in adapters for f in adapter.modules.values())
     total = adapter_parameter_count(adapters)
     base_loader = open_model(zoo.base)
@@ -80,14 +81,14 @@ def run(args) -> Dict[str, Any]:
         storage[label] = sum(f.a.numel() + f.b.numel() for f in factors.values()) / total
 
     for label, (method, parameters) in tqdm(FACTOR_MERGES.items(), desc="factor merges"):
-        write(label, lora.merge_factors(adapters, method, parameters=parameters))
+        write(label, merge_factors(adapters, method, parameters=parameters))
         settings[label] = f"{method} {parameters}"
     methods = set(runner.our_method_names()) | {"task_arithmetic", "ties"}
     for label, (method, parameters, multiplier) in tqdm(DENSE_MERGES.items(), desc="dense merges"):
         if method not in methods:
             continue
         target = rank * (n if multiplier == "n" else multiplier)
-        factors, _ = lora.merge_adapters(adapters, base_loader.get_tensor, method, target, parameters=parameters)
+        factors = merge_adapters(adapters, base_loader.get_tensor, method, target, parameters=parameters)
         write(label, factors)
         settings[label] = f"{method} {parameters}, re-factorized to rank {target}"
 

@@ -98,13 +98,13 @@ def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: 
     """
     from transformers import AutoTokenizer
 
-    from mergekit_ext.zoo import _load_causal_lm, multiple_choice_accuracy
+    from mergekit_ext.zoo import load_causal_lm, multiple_choice_accuracy
 
     tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
     documents = {task: zoo.documents(task, split) for task in zoo.tasks}
     models: Dict[str, Any] = {}
     for label, path in tqdm(merged_paths.items(), desc=f"score {split}", unit="model"):
-        model = _load_causal_lm(path, device)
+        model = load_causal_lm(path, device)
         with torch.no_grad():
             accuracy = {task: multiple_choice_accuracy(model, tokenizer, documents[task], device=device) for task in zoo.tasks}
         models[label] = {"model": str(path), "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
@@ -121,8 +121,8 @@ def adarank_selection(zoo, chosen: Dict[str, runner.MergeSpec], selection: Dict[
     validation winner with the learner's defaults (steps, lr); the variant with
     the better validation accuracy is reported on test.
     """
-    from mergekit_ext.adarank import LearnOptions, learn, zoo_prompts
-    from mergekit_ext.methods.adarank import write_learned_file
+    from mergekit_ext.methods.adarank.format import write_learned_file
+    from mergekit_ext.methods.adarank.learn import LearnOptions, learn, zoo_prompts
 
     rows, scores = [], []
     for variant, base_method in (("ta", "task_arithmetic"), ("cart", "cart")):

@@ -7,7 +7,7 @@ ours and mergekit's, goes through the same engine on the same inputs:
 * ``run_yaml`` runs the stock ``mergekit-yaml`` command in a child process and
   measures its wall time and peak resident memory (``os.wait4`` returns the
   child's own ``ru_maxrss``, so each merge is measured alone);
-* ``run_in_process`` runs the same config through ``mergekit.merge.run_merge``
+* ``run_in_process`` runs the same config through ``engine.run_merge_atomic`` (mergekit's ``run_merge``)
   (cheaper for the many small merges of the quality benchmark).
 """
 
@@ -52,7 +52,6 @@ def ensure_registered() -> None:
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     import mergekit_ext  # noqa: F401
-
     from mergekit_ext.registry import register_all
 
     register_all()
@@ -172,17 +171,10 @@ def run_yaml(config: Mapping[str, Any], out: Path, *, threads: Optional[int] = N
 
 def run_in_process(config: Mapping[str, Any], out: Path, *, device: str = "cpu") -> float:
     """Run ``config`` through mergekit's engine in this process; returns wall seconds."""
-    ensure_registered()
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+    from mergekit_ext.engine import quiet_options, run_merge_atomic
 
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    options = MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=True, device=device)
     start = time.perf_counter()
-    run_merge(MergeConfiguration.model_validate(dict(config)), str(out), options=options)
+    run_merge_atomic(config, out, options=quiet_options(device=device), overwrite=True)
     return time.perf_counter() - start
 
 

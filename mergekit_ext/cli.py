@@ -1,7 +1,7 @@
 """The ``mergekit-ext`` command: a thin click layer over the library functions.
 
-Each feature module contributes its own click command or group; this file only
-assembles them.
+Each part of the package (``registry.PARTS``) contributes its click commands in
+its ``cli.py``; this file only assembles them.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 import click
+
+from mergekit_ext.registry import our_commands
 
 # Errors a user can fix (bad paths, parameters, shapes) print as one line;
 # MERGEKIT_EXT_DEBUG=1 shows the traceback instead.
@@ -54,24 +56,5 @@ def methods_command() -> None:
         click.echo()
 
 
-def _add_feature_commands() -> None:
-    # One line per feature module; each exposes a click command or group.
-    from mergekit_ext.merge import merge_command
-    from mergekit_ext.tall import tall_group
-
-    main.add_command(merge_command)
-    main.add_command(tall_group)
-    from mergekit_ext.rmm_cli import lora_group, rmm_group
-
-    main.add_command(rmm_group)
-    main.add_command(lora_group)
-    from mergekit_ext.continual import continual_group
-
-    main.add_command(continual_group)
-    from mergekit_ext.zoo import zoo_command; main.add_command(zoo_command)  # noqa: E702
-    from mergekit_ext.evaluate import eval_command; main.add_command(eval_command)  # noqa: E702
-    from mergekit_ext.demo import demo_command; main.add_command(demo_command)  # noqa: E702
-    from mergekit_ext.adarank import adarank_group; main.add_command(adarank_group)  # noqa: E702
-
-
-_add_feature_commands()
+for _command in our_commands():
+    main.add_command(_command)

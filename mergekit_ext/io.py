@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit.io import LazyTensorLoader, TensorWriter
 
@@ -66,16 +66,74 @@ def check_same_tensors(reference: LazyTensorLoader, other: LazyTensorLoader, *, 
         )
 
 
-def content_hash(path: str | os.PathLike) -> str:
-    """sha256 over a model folder's weight files (names and bytes), for provenance checks."""
-    folder = Path(path)
+def content_hash(path: str | os.PathLike, names: Optional[Sequence[str]] = None) -> str:
+    """sha256 over a folder's files (names and bytes, streamed), for provenance checks.
+
+    By default the weight files of a model folder; ``names`` lists the files to
+    hash instead (absent ones are skipped), e.g. an adapter's config and weights.
+    A plain file hashes its own bytes.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif names is None:
+        files = sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    else:
+        files = [path / name for name in names if (path / name).is_file()]
     digest = hashlib.sha256()
-    for file in sorted(f for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)):
+    for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files below ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weight_bytes(path: str | os.PathLike) -> int:
+    """Size of a model folder's weight files."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def header_shapes(path: str | os.PathLike, names: Optional[Iterable[str]] = None) -> Dict[str, Tuple[int, ...]]:
+    """Tensor shapes of a model folder (or one safetensors file) from the headers, no weights read.
+
+    ``names`` limits the result to those tensors. ``.bin`` checkpoints have no
+    header, so their tensors are loaded to read the shapes.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    wanted = None if names is None else set(names)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    if wanted is None or key in wanted:
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as error:
+            raise ModelFolderError(f"cannot read safetensors file {file}: {error}") from None
+    if not files and path.is_dir():
+        loader = open_model(path)
+        for key in loader.index.tensor_paths:
+            if wanted is None or key in wanted:
+                shapes[key] = tuple(loader.get_tensor(key).shape)
+    return shapes
+
+
+def check_shape(tensor_name: str, tensor, reference, *, label: str, reference_label: str) -> None:
+    """Refuse a tensor whose shape differs from the reference's (the base, usually), naming both."""
+    if tuple(tensor.shape) != tuple(reference.shape):
+        raise ModelFolderError(
+            f"tensor {tensor_name}: shape {tuple(tensor.shape)} in {label} "
+            f"does not match {tuple(reference.shape)} in {reference_label}"
+        )
 
 
 def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
@@ -141,16 +199,49 @@ def read_json_object(path: str | os.PathLike, *, error: type = ValueError, missi
     return data
 
 
-def write_json(path: str | os.PathLike, data: Dict, *, indent: Optional[int] = 2) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path that becomes ``path`` (by rename) only if the block succeeds."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=indent, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        yield temporary
+        if temporary.exists():
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_json(path: str | os.PathLike, data: Dict, *, indent: Optional[int] = 2) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    with atomic_file(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=indent, sort_keys=False)
+            handle.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary file and rename."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Dict]:
+    """One JSON object per non-empty line; a bad line is reported with the file and line number."""
+    path = Path(path)
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as problem:
+                raise ValueError(f"{path}:{number}: not valid JSON: {problem}") from None
+    return items
 
 
 def tensor_writer(folder: str | os.PathLike, *, max_shard_size: int = 2 * 1000**3) -> TensorWriter:

@@ -1,109 +1,53 @@
-"""The one place that lists and registers this package's merge methods.
+"""The one list of what this package adds, and the registration of its merge methods.
 
-``declare`` builds a mergekit method from a kernel and a parameter list, the
-way mergekit's own ``GeneralizedTaskArithmeticMerge`` does (a parameter called
-``lambda`` cannot be a Python argument name, so the decorator cannot be used).
-Parameters validate when mergekit plans the merge, before any tensor is
-written, and their errors name the method and the parameter.
+``PARTS`` names every folder of the package, in documentation order. A part's
+``method.py`` (when it has one) exports ``METHODS``, the mergekit methods it
+declares; its ``cli.py`` (when it has one) exports ``COMMANDS``, its click
+commands. ``register_all`` (called by the startup hook and by ``import
+mergekit_ext``) and ``cli.py`` both assemble from this list, and nothing here is
+imported by the parts, so there is no import cycle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple
+import importlib
+import importlib.util
+from typing import List, Optional, Tuple
 
-import torch
-from pydantic import BeforeValidator, Field, ValidationError
-from typing_extensions import Annotated
-
-from mergekit.merge_methods import registry as mergekit_registry
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    FunctionalGroupMergeMethod,
-    InputContract,
-    MergeMethod,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
+PARTS = (
+    "merge",
+    "methods.consensus",
+    "methods.cart",
+    "methods.tsv",
+    "methods.iso",
+    "methods.adarank",
+    "methods.opcm",
+    "methods.rmm",
+    "adapters",
+    "zoo",
+    "evaluate",
+    "demo",
+    "tune",
 )
 
-SHARED = ParameterScope.SHARED
-PER_MODEL = ParameterScope.NON_BASE
+
+def _part_modules(suffix: str) -> List:
+    modules = []
+    for part in PARTS:
+        name = f"mergekit_ext.{part}.{suffix}"
+        if importlib.util.find_spec(f"mergekit_ext.{part}") is not None and importlib.util.find_spec(name) is not None:
+            modules.append(importlib.import_module(name))
+    return modules
 
 
-def _refuse_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not a boolean")
-    return value
-
-
-def real(**bounds: float) -> Any:
-    """A float parameter type with pydantic bounds (ge, gt, le, lt); booleans refused."""
-    return Annotated[float, BeforeValidator(_refuse_bool), Field(**bounds)]
-
-
-def integer(**bounds: int) -> Any:
-    """An int parameter type with pydantic bounds; booleans and fractions refused."""
-    return Annotated[int, BeforeValidator(_refuse_bool), Field(**bounds)]
-
-
-@dataclass(frozen=True)
-class Parameter(ParameterSpec):
-    """A mergekit parameter whose validation errors say which method and parameter."""
-
-    method: str = ""
-
-    def validate(self, value: Any) -> Any:
-        try:
-            return super().validate(value)
-        except ValidationError as error:
-            reasons = "; ".join(item["msg"] for item in error.errors())
-            raise ValueError(
-                f"{self.method}: invalid value {value!r} for parameter '{self.name}': {reasons}"
-            ) from None
-
-
-def declare(
-    kernel: Callable[..., torch.Tensor],
-    *,
-    name: str,
-    pretty_name: str,
-    reference_url: str,
-    parameters: Sequence[Tuple[str, Any, ParameterScope, Any, str]],
-    base: BasePolicy = BasePolicy.REQUIRED,
-) -> MergeMethod:
-    """A mergekit method calling ``kernel(group, **parameters)`` once per tensor.
-
-    ``parameters`` rows are (name, type, scope, default, description).
-    """
-    spec = MergeMethodSpec(
-        name=name,
-        pretty_name=pretty_name,
-        reference_url=reference_url,
-        contract=InputContract(base=base, min_non_base=1),
-        parameters=tuple(
-            Parameter(
-                name=param_name,
-                value_type=value_type,
-                scope=scope,
-                default=default,
-                description=description,
-                method=name,
-            )
-            for param_name, value_type, scope, default, description in parameters
-        ),
-    )
-    return FunctionalGroupMergeMethod(spec, kernel)
-
-
-def our_methods() -> Tuple[MergeMethod, ...]:
+def our_methods() -> Tuple:
     """Every method this package adds to mergekit, in documentation order."""
-    from mergekit_ext.methods import consensus, rmm
-    from mergekit_ext.methods import opcm
-    from mergekit_ext.methods import cart
-    from mergekit_ext.methods import adarank
+    return tuple(method for module in _part_modules("method") for method in module.METHODS)
 
-    return (*consensus.METHODS, *cart.METHODS, *adarank.METHODS, *opcm.METHODS, *rmm.METHODS)
+
+def our_commands() -> Tuple:
+    """Every ``mergekit-ext`` command group or command, in documentation order."""
+    return tuple(command for module in _part_modules("cli") for command in module.COMMANDS)
 
 
 # Methods that only apply a file learned beforehand by a `mergekit-ext` command
@@ -118,13 +62,16 @@ def needs_learned_file(name: str) -> bool:
 
 def register_all() -> None:
     """Register our methods with mergekit; names already registered are left alone."""
+    from mergekit.merge_methods import registry as mergekit_registry
+
     known = {method.spec.name for method in mergekit_registry.registered_methods()}
     for method in our_methods():
         if method.spec.name not in known:
             mergekit_registry.register(method)
 
 
-def describe_default(parameter: ParameterSpec) -> Optional[str]:
+def describe_default(parameter) -> Optional[str]:
+    """A parameter's default as text, or None when it is required."""
     from mergekit.merge_methods.base import MISSING
 
     return None if parameter.default is MISSING else repr(parameter.default)

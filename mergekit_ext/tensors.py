@@ -9,6 +9,7 @@ import re
 from typing import Optional, Sequence, Tuple
 
 import torch
+from mergekit.sparsify import magnitude
 
 # A tensor inside a repeated transformer block carries its block index in its
 # name (``model.layers.3.``, ``transformer.h.3.``, ``encoder.layer.3.``).
@@ -127,12 +128,6 @@ def _gram_svd(matrix: torch.Tensor, rank: int, oversample: int) -> Tuple[torch.T
     return (u, s, vh) if wide else (vh.mT, s, u.mT)
 
 
-def low_rank_approximation(matrix: torch.Tensor, rank: int, **svd_options) -> torch.Tensor:
-    """Best rank-``rank`` approximation of ``matrix`` (Eckart–Young), compute dtype."""
-    u, s, vh = truncated_svd(matrix, rank, **svd_options)
-    return (u * s) @ vh
-
-
 def factored_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``left @ right`` ([m, p] @ [p, n], p small) without forming it.
 
@@ -145,3 +140,67 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Tuple[to
     u_core, s, vh_core = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
     rank = max(1, min(rank, s.shape[0]))
     return q_left @ u_core[:, :rank], s[:rank], (q_right @ vh_core[:rank].mT).mT
+
+
+def ties_multitask_vector(vectors: torch.Tensor, densities: Sequence[float]) -> torch.Tensor:
+    """TIES flavour of τMTL: trim each row to its top ``density``, elect signs, disjoint SUM.
+
+    Trimming is mergekit's own ``magnitude`` and the election is that of its
+    ``get_mask(method="sum")``, so ``k = 0`` is exactly mergekit ``ties`` with
+    ``normalize: false``. Only a boolean keep-mask per task is stored beside
+    the task vectors (which the TALL masks still need untrimmed), and sums run
+    one task at a time.
+    """
+    keep = torch.empty(vectors.shape, dtype=torch.bool, device=vectors.device)
+    for keep_row, row, density in zip(keep, vectors, densities):
+        torch.ne(magnitude(row, density), 0, out=keep_row)
+    elected = torch.zeros_like(vectors[0])
+    for row, keep_row in zip(vectors, keep):
+        elected += row * keep_row
+    majority = torch.where(elected >= 0, 1.0, -1.0).to(vectors.dtype)
+    multitask = elected.zero_()
+    for row, keep_row in zip(vectors, keep):
+        multitask += torch.where(keep_row & (row.sign() == majority), row, 0.0)
+    return multitask
+
+
+def fix_signs(vectors: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Flip each eigen/singular vector (a slice along ``dim``) so its largest-magnitude entry is positive.
+
+    Eigenvectors are defined up to sign; fixing it makes bases deterministic
+    across LAPACK drivers and runs.
+    """
+    pivot = vectors.abs().argmax(dim=dim, keepdim=True)
+    signs = torch.gather(vectors, dim, pivot).sign()
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def split_singular_values(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-shaped factors ``(A, B)`` of ``U diag(s) Vᴴ``: ``B = U √s``, ``A = √s Vᴴ``.
+
+    Splitting the singular values evenly keeps either factor from carrying all
+    the magnitude (works batched: ``u`` [..., m, k], ``s`` [..., k], ``vh`` [..., k, n]).
+    """
+    root = s.sqrt()
+    return (root.unsqueeze(-1) * vh).contiguous(), (u * root.unsqueeze(-2)).contiguous()
+
+
+def singular_value_tolerance(shape: Sequence[int], largest: float, dtype: torch.dtype) -> float:
+    """Singular values at or below this are numerically zero: max(m, n) · ε · σmax (numpy's matrix_rank rule)."""
+    return max(shape[-2], shape[-1]) * torch.finfo(dtype).eps * float(largest)
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """``P Qᵀ`` from the thin SVD ``matrix = P S Qᵀ`` (orthogonal Procrustes, not QR), compute dtype.
+
+    For a matrix of full rank this is its unique polar factor. Directions whose
+    singular value is numerically zero (``singular_value_tolerance``) are left
+    out, because their singular vectors are arbitrary: a rank-deficient matrix
+    gives the partial isometry on its range, and a zero matrix gives zeros.
+    """
+    dtype = compute_dtype(matrix)
+    matrix = matrix.to(dtype)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    largest = float(s[0]) if s.numel() else 0.0
+    kept = int((s > singular_value_tolerance(matrix.shape, largest, dtype)).sum())  # s is sorted descending
+    return u[:, :kept] @ vh[:kept]

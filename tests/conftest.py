@@ -21,7 +21,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """A tiny Llama base and three 'fine-tunes' (seeded perturbations), as model folders."""
-    from mergekit_ext.modeling import char_tokenizer, llama_config, perturbed, random_model, save_model
+    from mergekit_ext.modeling import (
+        char_tokenizer,
+        llama_config,
+        perturbed,
+        random_model,
+        save_model,
+    )
 
     root = tmp_path_factory.mktemp("tiny_family")
     tokenizer = char_tokenizer()
@@ -30,6 +36,21 @@ def tiny_family(tmp_path_factory):
     for index in range(3):
         paths[f"ft{index}"] = save_model(perturbed(base, seed=100 + index), root / f"ft{index}", tokenizer)
     return paths
+
+
+@pytest.fixture(scope="session")
+def test_zoo(tmp_path_factory):
+    """The zoo's `test` preset, built once per session."""
+    from mergekit_ext.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.getbasetemp() / "zoo-test-preset", preset="test", progress=False)
+
+
+def load_model(path):
+    """A saved causal LM in float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def mergekit_env() -> dict:
@@ -57,15 +78,52 @@ def run_mergekit_yaml(config: dict, out: Path, *extra: str, check: bool = True) 
 
 
 def run_merge_in_process(config: dict, out: Path) -> None:
-    """Run a config through mergekit's engine (``run_merge``) in this process."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
+    """Run a config through mergekit's engine in this process (the package's one runner)."""
+    from mergekit_ext.engine import run_merge_atomic
 
-    import mergekit_ext  # noqa: F401  (explicit registration route)
+    run_merge_atomic(config, out)
 
-    run_merge(
-        MergeConfiguration.model_validate(config),
-        str(out),
-        options=MergeOptions(write_model_card=False, quiet=True, copy_tokenizer=True),
-    )
+
+def random_adapter(
+    base,
+    out,
+    *,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    target_modules=("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    scale: float = 0.05,
+    init_seed=None,
+) -> Path:
+    """A seeded, nonzero peft LoRA adapter for ``base`` saved by peft itself (tests and demos).
+
+    peft initialises B to zero; here A comes from peft's own seeded init
+    (``init_seed``, default ``seed``: adapters sharing it share a LoRA frame, as
+    fine-tunes from one initialisation do) and B is seeded Gaussian noise.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    torch.manual_seed(seed if init_seed is None else init_seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), use_rslora=use_rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(peft_model.named_parameters()):
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+            elif "lora_A" in name and init_seed is not None:
+                # a fine-tune moves A away from the shared init a little
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1 * parameter.abs().mean())
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
+
+
+def low_rank_approximation(matrix, rank: int, **svd_options):
+    """Best rank-``rank`` approximation of ``matrix`` (Eckart–Young) through the package's truncated SVD."""
+    from mergekit_ext.tensors import truncated_svd
+
+    u, s, vh = truncated_svd(matrix, rank, **svd_options)
+    return (u * s) @ vh

@@ -12,22 +12,21 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import run_merge_in_process, run_mergekit_yaml
-from mergekit_ext.adarank import LearnOptions, learn, read_prompts
-from mergekit_ext.methods.adarank import (
-    MASK_TEMPERATURE,
+
+from mergekit_ext.methods.adarank import MASK_TEMPERATURE
+from mergekit_ext.methods.adarank.format import open_learned_file, write_learned_file
+from mergekit_ext.methods.adarank.kernel import (
     apply_masks,
     band_rank,
     factorize,
     initial_logits,
     merge_matrix,
-    open_learned_file,
     origin_and_vectors,
     straight_through_mask,
-    write_learned_file,
 )
-from mergekit_ext.methods.cart import cart_merge
+from mergekit_ext.methods.adarank.learn import LearnOptions, learn, read_prompts
+from mergekit_ext.methods.cart.kernel import cart_merge
 from mergekit_ext.modeling import load_state_dict
 from mergekit_ext.tensors import is_block_matrix
 

@@ -10,10 +10,10 @@ import re
 
 import pytest
 import torch
+from conftest import low_rank_approximation, run_merge_in_process, run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
 
-from conftest import run_merge_in_process, run_mergekit_yaml
-from mergekit_ext.methods.cart import cart_merge
+from mergekit_ext.methods.cart.kernel import cart_merge
 from mergekit_ext.modeling import (
     char_tokenizer,
     gpt2_config,
@@ -22,7 +22,7 @@ from mergekit_ext.modeling import (
     random_model,
     save_model,
 )
-from mergekit_ext.tensors import low_rank_approximation, truncated_svd
+from mergekit_ext.tensors import truncated_svd
 
 # 2-D weights inside the transformer blocks, by architecture (GPT-2's Conv1D
 # weights are stored [in, out]; the SVD does not care).

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import run_merge_in_process, run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
 
-from conftest import run_merge_in_process, run_mergekit_yaml
-from mergekit_ext.methods.consensus import consensus_merge, tall_masks
+from mergekit_ext.methods.consensus.kernel import consensus_merge, tall_masks
 from mergekit_ext.modeling import load_state_dict
 
 

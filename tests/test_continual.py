@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import mergekit_env
-from test_opcm import paper_projection  # the paper's formula, written once for both test files
-from mergekit_ext import continual, io
+from test_opcm import (
+    paper_projection,  # the paper's formula, written once for both test files
+)
+
+from mergekit_ext import io
 from mergekit_ext.cli import main
-from mergekit_ext.methods.opcm import ContinualOptions
+from mergekit_ext.methods.opcm import format as continual
+from mergekit_ext.methods.opcm.kernel import ContinualOptions
 from mergekit_ext.modeling import load_state_dict
 
 MODELS = ("ft0", "ft1", "ft2")
@@ -232,7 +235,8 @@ def test_failed_add_leaves_previous_state_intact(tiny_family, tmp_path, monkeypa
 _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from mergekit_ext import continual, io
+    from mergekit_ext import io
+    from mergekit_ext.methods.opcm import format as continual
 
     real_writer = io.tensor_writer
     calls = []
@@ -277,7 +281,13 @@ def test_killed_add_leaves_previous_state_loadable(tiny_family, tmp_path):
 
 
 def test_bad_inputs_are_refused(tiny_family, tmp_path):
-    from mergekit_ext.modeling import char_tokenizer, gpt2_config, llama_config, random_model, save_model
+    from mergekit_ext.modeling import (
+        char_tokenizer,
+        gpt2_config,
+        llama_config,
+        random_model,
+        save_model,
+    )
 
     state = tmp_path / "state"
     assert _invoke("init", state, tiny_family["ft0"], "--base", tiny_family["base"]).exit_code == 0
@@ -316,7 +326,7 @@ def test_bad_inputs_are_refused(tiny_family, tmp_path):
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from mergekit_ext import continual
+    from mergekit_ext.methods.opcm import format as continual
 
     def status(key):
         with open("/proc/self/status") as handle:
@@ -338,7 +348,13 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 
 def test_add_peak_memory_does_not_grow_with_models_merged(tmp_path):
-    from mergekit_ext.modeling import char_tokenizer, llama_config, perturbed, random_model, save_model
+    from mergekit_ext.modeling import (
+        char_tokenizer,
+        llama_config,
+        perturbed,
+        random_model,
+        save_model,
+    )
 
     tokenizer = char_tokenizer()
     base = random_model(llama_config(len(tokenizer), hidden_size=256, intermediate_size=1024, layers=2), seed=0)

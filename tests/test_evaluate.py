@@ -7,21 +7,15 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import load_model
 
-from mergekit_ext.evaluate import EvaluationError, ModelSpec, compare_on_zoo, lm_eval_results
-from mergekit_ext.zoo import build_zoo, multiple_choice_accuracy
-
-
-@pytest.fixture(scope="session")
-def test_zoo(tmp_path_factory):
-    # Same folder as test_zoo.py's fixture: whichever runs second finds it built.
-    return build_zoo(tmp_path_factory.getbasetemp() / "zoo-test-preset", preset="test", progress=False)
-
-
-def _load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+from mergekit_ext.evaluate import (
+    EvaluationError,
+    ModelSpec,
+    compare_on_zoo,
+    lm_eval_results,
+)
+from mergekit_ext.zoo import multiple_choice_accuracy
 
 
 def _tokenizer(zoo):
@@ -34,7 +28,7 @@ def test_lm_eval_agrees_with_in_process_scorer(test_zoo):
     """lm-eval's acc on a model folder equals the zoo's scorer (same requests, same argmax)."""
     tasks = [test_zoo.lm_eval_task(t) for t in test_zoo.tasks[:2]]
     results = lm_eval_results(test_zoo.base, tasks, test_zoo.task_dir)
-    model = _load(test_zoo.base)
+    model = load_model(test_zoo.base)
     for task, lm_task in zip(test_zoo.tasks[:2], tasks):
         assert results[lm_task]["n-samples"]["effective"] == len(test_zoo.documents(task, "test"))
         expected = multiple_choice_accuracy(model, _tokenizer(test_zoo), test_zoo.documents(task, "test"))
@@ -50,7 +44,7 @@ def test_base_plus_peft_adapter_evaluation(test_zoo):
     assert spec.adapter == test_zoo.adapter(task)
     lm_task = test_zoo.lm_eval_task(task)
     result = lm_eval_results(spec, [lm_task], test_zoo.task_dir)[lm_task]["acc,none"]
-    adapted = PeftModel.from_pretrained(_load(test_zoo.base), str(test_zoo.adapter(task))).eval()
+    adapted = PeftModel.from_pretrained(load_model(test_zoo.base), str(test_zoo.adapter(task))).eval()
     assert result == pytest.approx(multiple_choice_accuracy(adapted, _tokenizer(test_zoo), test_zoo.documents(task, "test")))
     assert result != pytest.approx(test_zoo.manifest["metrics"]["base"][task]["test"])
 
@@ -66,7 +60,7 @@ def test_bad_inputs_are_named(test_zoo, tmp_path):
 
 def test_demo_merges_run_through_mergekit_and_report(test_zoo, tmp_path):
     """The demo's merge list through mergekit's engine, evaluated with lm-eval, all reports written."""
-    from mergekit_ext.demo import DEMO_MERGES, run_demo
+    from mergekit_ext.demo.run import DEMO_MERGES, run_demo
     from mergekit_ext.modeling import load_state_dict
 
     merges = [entry for entry in DEMO_MERGES if entry[0] == "task_arithmetic"] + [("missing", "no_such_method", {})]
@@ -126,7 +120,7 @@ def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_
     import yaml
     from conftest import REPO_ROOT, mergekit_env
 
-    from mergekit_ext.demo import DEMO_MERGES, recipe_config
+    from mergekit_ext.demo.run import DEMO_MERGES, recipe_config
     from mergekit_ext.zoo import PRESETS
 
     assert PRESETS["test"].tasks == PRESETS["demo"].tasks  # so the test zoo stands in for ./zoo

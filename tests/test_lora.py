@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import random_adapter
 
-from mergekit_ext import lora
+from mergekit_ext.adapters import peft_io as lora
+from mergekit_ext.adapters.merge import merge_factors
 from mergekit_ext.cli import main
-from mergekit_ext.modeling import char_tokenizer, llama_config, load_state_dict, random_model, save_model
+from mergekit_ext.modeling import (
+    char_tokenizer,
+    llama_config,
+    load_state_dict,
+    random_model,
+    save_model,
+)
 
 ADAPTER_SPECS = {
     # different ranks, alphas, rsLoRA and target modules on purpose
@@ -27,7 +35,7 @@ def lora_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_family")
     tokenizer = char_tokenizer()
     base = save_model(random_model(llama_config(len(tokenizer)), seed=0), root / "base", tokenizer)
-    adapters = {name: lora.random_adapter(base, root / name, **spec) for name, spec in ADAPTER_SPECS.items()}
+    adapters = {name: random_adapter(base, root / name, **spec) for name, spec in ADAPTER_SPECS.items()}
     return {"base": base, "root": root, "tokenizer": tokenizer, **adapters}
 
 
@@ -125,7 +133,7 @@ def test_unsupported_and_mismatched_adapters_are_refused(lora_family, tmp_path):
     # an adapter trained on a wider model does not fit this base
     tokenizer = lora_family["tokenizer"]
     other_base = save_model(random_model(llama_config(len(tokenizer), hidden_size=48), seed=5), tmp_path / "other_base", tokenizer)
-    foreign = lora.random_adapter(other_base, tmp_path / "foreign", seed=9)
+    foreign = random_adapter(other_base, tmp_path / "foreign", seed=9)
     result = CliRunner().invoke(
         main, ["rmm", "build", "--base", str(lora_family["base"]), str(lora_family["alpha"]), str(foreign), "-k", "1", str(tmp_path / "bundle")]
     )
@@ -157,7 +165,7 @@ def dense_reference(lora_family, names, method, parameters):
     ("consensus_ta", ["--param", "k=1"], {"k": 1}),
 ])
 def test_lora_merge_matches_dense_merge_up_to_truncation(lora_family, tmp_path, method, params, parameters):
-    from mergekit_ext.tensors import low_rank_approximation
+    from conftest import low_rank_approximation
 
     names = ["alpha", "beta", "gamma"]
     reference = dense_reference(lora_family, names, method, parameters)
@@ -208,7 +216,7 @@ def test_model_plus_lora_inputs_in_mergekit_yaml(lora_family, tmp_path):
     """consensus_ta with `base+adapter` model references in the stock mergekit-yaml."""
     from conftest import run_mergekit_yaml
 
-    from mergekit_ext.methods.consensus import consensus_merge
+    from mergekit_ext.methods.consensus.kernel import consensus_merge
 
     base = str(lora_family["base"])
     names = ["alpha", "beta", "gamma"]
@@ -234,7 +242,7 @@ def test_model_plus_lora_inputs_in_mergekit_yaml(lora_family, tmp_path):
 
 def test_merge_factors_is_task_arithmetic_on_each_factor(lora_family):
     adapters = [lora.read_adapter(lora_family[name]) for name in ("alpha", "beta", "gamma")]
-    merged = lora.merge_factors(adapters, "task_arithmetic", parameters={"weight": [1.0, 0.5, 2.0], "lambda": 0.5})
+    merged = merge_factors(adapters, "task_arithmetic", parameters={"weight": [1.0, 0.5, 2.0], "lambda": 0.5})
     module = "model.layers.0.self_attn.q_proj"  # in all three; gamma has rank 2 (zero-padded to 4)
     pairs = [adapter.modules[module].padded(4) for adapter in adapters]
     expected_a = 0.5 * (pairs[0].a + 0.5 * pairs[1].a + 2.0 * pairs[2].a)
@@ -268,7 +276,7 @@ def test_gpt2_conv1d_adapters_fan_in_fan_out(tmp_path):
 
     tokenizer = char_tokenizer()
     base = save_model(random_model(gpt2_config(len(tokenizer)), seed=0), tmp_path / "gpt2", tokenizer)
-    paths = [lora.random_adapter(base, tmp_path / f"g{i}", seed=30 + i, target_modules=("c_attn", "c_proj")) for i in range(2)]
+    paths = [random_adapter(base, tmp_path / f"g{i}", seed=30 + i, target_modules=("c_attn", "c_proj")) for i in range(2)]
     adapter = lora.read_adapter(paths[0])
     assert all(f.fan_in_fan_out for f in adapter.modules.values())
     base_state = load_state_dict(base)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_ext.methods.opcm import opcm, opcm_merge, project_task_vector, split_rank
+from mergekit_ext.methods.opcm.kernel import opcm_merge, project_task_vector, split_rank
+from mergekit_ext.methods.opcm.method import opcm
 from mergekit_ext.modeling import load_state_dict
 from mergekit_ext.tensors import is_block_matrix
 
@@ -133,7 +134,7 @@ def _config(paths, order, **parameters):
 
 
 def test_mergekit_yaml_opcm_matches_kernel_in_config_order(tiny_family, tmp_path):
-    from conftest import run_mergekit_yaml, run_merge_in_process
+    from conftest import run_merge_in_process, run_mergekit_yaml
 
     order = ["ft0", "ft1", "ft2"]
     out = tmp_path / "merged"

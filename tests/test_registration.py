@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
-
 from conftest import mergekit_env
 
 OUR_METHODS = ("consensus_ta", "consensus_ties")

@@ -8,11 +8,18 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import random_adapter
 
-from mergekit_ext import lora
+from mergekit_ext.adapters import peft_io as lora
 from mergekit_ext.cli import main
-from mergekit_ext.methods import rmm
-from mergekit_ext.modeling import char_tokenizer, llama_config, load_state_dict, random_model, save_model
+from mergekit_ext.methods.rmm import kernel as rmm
+from mergekit_ext.modeling import (
+    char_tokenizer,
+    llama_config,
+    load_state_dict,
+    random_model,
+    save_model,
+)
 
 TASKS = ("reverse", "sort", "shift")
 
@@ -24,9 +31,9 @@ def family(tmp_path_factory):
     tokenizer = char_tokenizer()
     base = save_model(random_model(llama_config(len(tokenizer)), seed=0), root / "base", tokenizer)
     paths = {
-        "reverse": lora.random_adapter(base, root / "reverse", seed=11, init_seed=7, rank=4, alpha=8.0),
-        "sort": lora.random_adapter(base, root / "sort", seed=12, init_seed=7, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "up_proj")),
-        "shift": lora.random_adapter(base, root / "shift", seed=13, rank=2, alpha=16.0, use_rslora=True),
+        "reverse": random_adapter(base, root / "reverse", seed=11, init_seed=7, rank=4, alpha=8.0),
+        "sort": random_adapter(base, root / "sort", seed=12, init_seed=7, rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "up_proj")),
+        "shift": random_adapter(base, root / "shift", seed=13, rank=2, alpha=16.0, use_rslora=True),
     }
     return {"base": base, **paths}
 
@@ -113,7 +120,7 @@ def test_build_and_revert_give_the_original_logits_in_peft(family, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["variant"] == "factor" and manifest["k"] == 3
     assert [task["name"] for task in manifest["tasks"]] == list(TASKS)
-    assert manifest["tasks"][0]["adapter_hash"] == lora.adapter_hash(family["reverse"])
+    assert manifest["tasks"][0]["content_hash"] == lora.adapter_hash(family["reverse"])
     assert max(manifest["reconstruction_error"].values()) < 1e-5
     assert sorted(p.name for p in bundle.iterdir()) == ["basis_00", "basis_01", "basis_02", "coefficients.safetensors", "manifest.json"]
 
@@ -129,7 +136,7 @@ def test_build_and_revert_give_the_original_logits_in_peft(family, tmp_path):
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     torch.testing.assert_close(logits(None, model_path=merged), logits(family["base"], family["sort"]), atol=1e-5, rtol=1e-5)
     # inputs untouched
-    assert manifest["tasks"][1]["adapter_hash"] == lora.adapter_hash(family["sort"])
+    assert manifest["tasks"][1]["content_hash"] == lora.adapter_hash(family["sort"])
 
 
 def test_named_tasks_lossy_k_and_refusals(family, tmp_path):
@@ -144,7 +151,7 @@ def test_named_tasks_lossy_k_and_refusals(family, tmp_path):
     # the reverted adapter is the reconstruction, not the original
     out = tmp_path / "b"
     assert runner.invoke(main, ["rmm", "revert", str(bundle), "b", str(out)]).exit_code == 0
-    _, basis = __import__("mergekit_ext.rmm_cli", fromlist=["read_bundle"]).read_bundle(bundle)
+    _, basis = __import__("mergekit_ext.methods.rmm.format", fromlist=["read_bundle"]).read_bundle(bundle)
     reverted = lora.read_adapter(out)
     for module, factors in basis.reconstruct("b").items():
         torch.testing.assert_close(reverted.delta(module), factors.delta(), atol=1e-6, rtol=1e-5)
@@ -207,8 +214,10 @@ def test_dense_rmm_method_in_mergekit(tiny_family, tmp_path):
 
 
 def test_factored_svd_and_revert_rank(family, tmp_path):
-    from mergekit_ext.rmm_cli import read_bundle
-    from mergekit_ext.tensors import factored_svd, low_rank_approximation
+    from conftest import low_rank_approximation
+
+    from mergekit_ext.methods.rmm.format import read_bundle
+    from mergekit_ext.tensors import factored_svd
 
     torch.manual_seed(3)
     left, right = torch.randn(30, 6, dtype=torch.float64), torch.randn(6, 20, dtype=torch.float64)
@@ -227,3 +236,23 @@ def test_factored_svd_and_revert_rank(family, tmp_path):
     for module, factors in basis.reconstruct("reverse").items():
         assert factors.rank == 8 and reverted.modules[module].rank == 2  # K · basis rank, then truncated
         torch.testing.assert_close(reverted.delta(module), low_rank_approximation(factors.delta(), 2, method="full"), atol=1e-5, rtol=1e-4)
+
+
+def test_bundle_written_by_0_1_0_still_reverts(family, tmp_path):
+    # 0.1.0 wrote "mergekit-ext/rmm-bundle" + "version": 1, base_model/base_hash and adapter_hash.
+    runner = CliRunner()
+    bundle = tmp_path / "bundle"
+    adapters = [str(family[name]) for name in TASKS]
+    assert runner.invoke(main, ["rmm", "build", "--base", str(family["base"]), *adapters, "-k", "3", str(bundle)]).exit_code == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    base = manifest.pop("base")
+    manifest.update({"format": "mergekit-ext/rmm-bundle", "version": 1, "base_model": base["path"], "base_hash": base["content_hash"]})
+    manifest["tasks"] = [{("adapter_hash" if k == "content_hash" else k): v for k, v in task.items()} for task in manifest["tasks"]]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "reverted"
+    result = runner.invoke(main, ["rmm", "revert", str(bundle), "reverse", str(out)])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(logits(family["base"], out), logits(family["base"], family["reverse"]), atol=1e-5, rtol=1e-5)
+    # another base is still refused through the old field
+    result = runner.invoke(main, ["rmm", "revert", str(bundle), "reverse", str(tmp_path / "x"), "--base", str(family["other_base"])]) if "other_base" in family else None
+    assert result is None or result.exit_code != 0

@@ -5,9 +5,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from mergekit_ext.cli import main
-from mergekit_ext.methods.consensus import tall_masks
+from mergekit_ext.methods.consensus.format import pack_mask, unpack_mask
+from mergekit_ext.methods.consensus.kernel import tall_masks
 from mergekit_ext.modeling import load_state_dict
-from mergekit_ext.tall import pack_mask, unpack_mask
 
 
 def test_pack_unpack_round_trip():
@@ -53,6 +53,26 @@ def test_single_model_bundle_recovers_exactly(tiny_family, tmp_path):
         torch.testing.assert_close(recovered[name], original[name], msg=name)
 
 
+def test_bundle_written_by_0_1_0_still_recovers(tiny_family, tmp_path):
+    # 0.1.0 named the content-hash fields "hash"; such bundles recover the same and still check the base.
+    import json
+
+    bundle = tmp_path / "bundle"
+    assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    for entry in [manifest["base"], *manifest["tasks"]]:
+        entry["hash"] = entry.pop("content_hash")
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    assert _invoke("tall", "recover", bundle, "ft1", tmp_path / "new").exit_code == 0
+    assert _invoke("tall", "recover", bundle, "ft1", tmp_path / "other", "--base", tiny_family["ft2"]).exit_code != 0
+    fresh = tmp_path / "fresh"
+    assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], fresh).exit_code == 0
+    assert _invoke("tall", "recover", fresh, "ft1", tmp_path / "reference").exit_code == 0
+    new, reference = load_state_dict(tmp_path / "new"), load_state_dict(tmp_path / "reference")
+    for name in reference:
+        assert torch.equal(new[name], reference[name]), name
+
+
 def test_recover_against_another_base_is_refused(tiny_family, tmp_path):
     bundle = tmp_path / "bundle"
     assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
@@ -80,7 +100,12 @@ def _write_yaml(path, config):
 
 
 def test_merge_command_preflight_refuses_shape_mismatch(tiny_family, tmp_path):
-    from mergekit_ext.modeling import char_tokenizer, llama_config, random_model, save_model
+    from mergekit_ext.modeling import (
+        char_tokenizer,
+        llama_config,
+        random_model,
+        save_model,
+    )
 
     tokenizer = char_tokenizer()
     wide = save_model(random_model(llama_config(len(tokenizer), hidden_size=48)), tmp_path / "wide", tokenizer)

@@ -8,26 +8,23 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import load_model
 
-from mergekit_ext import zoo as zoo_module
-from mergekit_ext.zoo import PRESETS, TASKS, ZooError, build_zoo, load_zoo, make_document, multiple_choice_accuracy
-
-
-@pytest.fixture(scope="session")
-def test_zoo(tmp_path_factory):
-    """The `test` preset, built once per session (test_evaluate.py reuses the same folder; a rebuild is a no-op)."""
-    return build_zoo(tmp_path_factory.getbasetemp() / "zoo-test-preset", preset="test", progress=False)
-
-
-def _load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+from mergekit_ext.zoo import (
+    PRESETS,
+    TASKS,
+    ZooError,
+    build_zoo,
+    load_zoo,
+    make_document,
+    multiple_choice_accuracy,
+)
+from mergekit_ext.zoo import format as zoo_format
 
 
 def test_zoo_layout_and_manifest(test_zoo):
     manifest = json.loads((test_zoo.root / "manifest.json").read_text())
-    assert manifest["format"] == zoo_module.ZOO_FORMAT
+    assert manifest["format"] == zoo_format.ZOO_FORMAT
     assert len(test_zoo.tasks) >= 4
     assert (test_zoo.base / "config.json").is_file()
     for task in test_zoo.tasks:
@@ -110,12 +107,12 @@ def test_experts_beat_base_on_their_own_task(test_zoo):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(test_zoo.base))
-    base = _load(test_zoo.base)
+    base = load_model(test_zoo.base)
     gains = {}
     for task in test_zoo.tasks:
         documents = test_zoo.documents(task, "test")
         base_accuracy = multiple_choice_accuracy(base, tokenizer, documents)
-        expert_accuracy = multiple_choice_accuracy(_load(test_zoo.expert(task)), tokenizer, documents)
+        expert_accuracy = multiple_choice_accuracy(load_model(test_zoo.expert(task)), tokenizer, documents)
         assert expert_accuracy == pytest.approx(test_zoo.manifest["metrics"]["experts"][task][task]["test"])
         assert base_accuracy == pytest.approx(test_zoo.manifest["metrics"]["base"][task]["test"])
         gains[task] = expert_accuracy - base_accuracy
@@ -133,7 +130,7 @@ def test_lora_adapters_load_with_peft_and_match_recorded_accuracy(test_zoo):
     assert config["base_model_name_or_path"] == str(test_zoo.base)
     lora_b = []
     for task in test_zoo.tasks[:2]:
-        model = PeftModel.from_pretrained(_load(test_zoo.base), str(test_zoo.adapter(task))).eval()
+        model = PeftModel.from_pretrained(load_model(test_zoo.base), str(test_zoo.adapter(task))).eval()
         accuracy = multiple_choice_accuracy(model, tokenizer, test_zoo.documents(task, "test"))
         assert accuracy == pytest.approx(test_zoo.manifest["metrics"]["adapters"][task]["test"])
         lora_b.append({k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k})
@@ -153,7 +150,7 @@ def test_task_arithmetic_at_recorded_lambda_is_reproducible(test_zoo):
     base_state = load_state_dict(test_zoo.base)
     experts = [load_state_dict(test_zoo.expert(task)) for task in test_zoo.tasks]
     merged = {name: tensor + scale * sum(e[name] - tensor for e in experts) for name, tensor in base_state.items()}
-    model = _load(test_zoo.base)
+    model = load_model(test_zoo.base)
     model.load_state_dict(merged)
     task = test_zoo.tasks[0]
     recorded = test_zoo.manifest["metrics"]["task_arithmetic"]["grid"][f"{scale:g}"][task]["test"]
@@ -186,3 +183,17 @@ def test_moved_zoo_rewrites_its_task_yamls(test_zoo, tmp_path):
     # The original zoo is untouched.
     original = yaml.safe_load((test_zoo.task_dir / f"zoo_{zoo.tasks[0]}.yaml").read_text())["dataset_kwargs"]["data_files"]
     assert all(path.startswith(str(test_zoo.root)) for path in original.values())
+
+
+def test_zoo_written_by_0_1_0_still_loads(test_zoo, tmp_path):
+    import shutil
+
+    old = tmp_path / "old-zoo"
+    shutil.copytree(test_zoo.root, old, ignore=shutil.ignore_patterns("evals"))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format"] = "mergekit-ext-zoo/1"  # 0.1.0's format string
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    zoo = load_zoo(old)
+    assert zoo.tasks == test_zoo.tasks and zoo.documents(zoo.tasks[0], "test") == test_zoo.documents(zoo.tasks[0], "test")
+    # and a rebuild with the same preset and seed recognises it as built
+    assert build_zoo(old, preset="test", progress=False).root == old

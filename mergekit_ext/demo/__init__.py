@@ -1,0 +1,1 @@
+"""The demo job: ``run.py`` (build the zoo, merge with every method, evaluate) and ``cli.py``."""

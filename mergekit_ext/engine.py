@@ -1,0 +1,54 @@
+"""Running mergekit's own engine: the one place that calls ``mergekit.merge.run_merge``.
+
+Every command that writes a merged model (``merge``, ``demo``, ``adarank learn
+--merge-out``, ``tune``, the benchmarks) goes through ``run_merge_atomic`` so
+that the result appears at its path only once the merge has finished.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from mergekit_ext import io
+
+
+def quiet_options(**overrides: Any):
+    """``MergeOptions`` for merges run by our commands: no model card, no progress, tokenizer copied."""
+    from mergekit.options import MergeOptions
+
+    settings = dict(write_model_card=False, quiet=True, copy_tokenizer=True, lazy_unpickle=False)
+    settings.update(overrides)
+    return MergeOptions(**settings)
+
+
+def validate_config(config: Union[Mapping, Any], *, source: str = "merge configuration"):
+    """A ``MergeConfiguration`` from a dict (or one already parsed); a clear error naming ``source``."""
+    from mergekit.config import MergeConfiguration
+
+    if isinstance(config, MergeConfiguration):
+        return config
+    try:
+        return MergeConfiguration.model_validate(dict(config))
+    except Exception as error:
+        raise ValueError(f"{source}: not a valid mergekit configuration: {error}") from error
+
+
+def run_merge_atomic(
+    config: Union[Mapping, Any],
+    out: Union[str, os.PathLike],
+    *,
+    options=None,
+    overwrite: bool = False,
+    config_source: Optional[str] = None,
+) -> Path:
+    """Merge ``config`` (a dict or ``MergeConfiguration``) with mergekit's engine into ``out``, atomically."""
+    from mergekit.merge import run_merge
+
+    import mergekit_ext  # noqa: F401  (registers our methods when the startup hook is absent)
+
+    validated = validate_config(config)
+    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+        run_merge(validated, str(staging), options=options if options is not None else quiet_options(), config_source=config_source)
+    return Path(out)

@@ -1,0 +1,70 @@
+"""``mergekit-ext eval``: validate models with the real lm-eval harness."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import click
+
+
+def _parse_labelled(texts: Sequence[str]) -> Dict:
+    """``LABEL=PATH`` / ``PATH`` / ``BASE+ADAPTER`` texts as labelled model specs."""
+    from mergekit_ext.evaluate.harness import EvaluationError, ModelSpec
+
+    specs: Dict = {}
+    for text in texts:
+        label, _, target = text.rpartition("=")
+        spec = ModelSpec.parse(target)
+        label = label or spec.path.name + (f"+{spec.adapter.name}" if spec.adapter else "")
+        if label in specs:
+            raise EvaluationError(f"two models are labelled {label!r}; write LABEL=PATH to tell them apart")
+        specs[label] = spec
+    return specs
+
+
+@click.command("eval")
+@click.argument("models", nargs=-1)
+@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, exists=True), help="compare against this zoo's base and experts")
+@click.option("--tasks", help="comma-separated lm-eval task names (without --zoo)")
+@click.option("--include-path", type=click.Path(file_okay=False, exists=True), help="folder of lm-eval task YAMLs (without --zoo)")
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
+@click.option("--experts", "expert_kind", type=click.Choice(["full", "lora"]), default="full", show_default=True, help="zoo experts: full fine-tunes or base+LoRA adapters")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="write report.json, report.md and report.png here")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--limit", type=int, help="at most this many documents per task (no cache; for smoke tests)")
+@click.option("--threads", type=int, help="torch CPU threads (1 is fastest for the zoo's tiny models)")
+def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_dir, batch_size, device, limit, threads):
+    """Validate MODELS with the real lm-eval harness.
+
+    Each MODEL is PATH, BASE+ADAPTER (a peft adapter on a base) or
+    LABEL=PATH. With --zoo, the report gives per task the zoo's base, the
+    expert on its own task, each model, and normalized accuracy
+    (model / expert). Otherwise pass --tasks and --include-path.
+    """
+    from mergekit_ext.evaluate.harness import (
+        EvaluationError,
+        compare_on_zoo,
+        report_on_models,
+    )
+    from mergekit_ext.evaluate.report import format_table, write_report
+
+    try:
+        specs = _parse_labelled(models)
+        if zoo_dir:
+            if limit is not None:
+                raise EvaluationError("--limit is for ad-hoc runs; a zoo comparison uses the whole split")
+            report = compare_on_zoo(zoo_dir, specs, split=split, experts=expert_kind, batch_size=batch_size, device=device, threads=threads)
+        else:
+            if not (tasks and include_path and specs):
+                raise click.UsageError("without --zoo, give MODELS, --tasks and --include-path")
+            report = report_on_models(specs, [t.strip() for t in tasks.split(",") if t.strip()], include_path, batch_size=batch_size, device=device, limit=limit, threads=threads)
+    except EvaluationError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(format_table(report))
+    if out_dir:
+        paths = write_report(report, out_dir)
+        click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+COMMANDS = (eval_command,)

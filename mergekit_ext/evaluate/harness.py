@@ -1,0 +1,279 @@
+"""Validation with the real lm-eval harness, and the base / expert / merged report.
+
+``lm_eval_results`` runs ``lm_eval.simple_evaluate`` (model "hf", local task
+YAMLs, offline) on a model folder or on a base plus a peft adapter, and keeps
+lm-eval's per-task result dicts as they come. ``compare_on_zoo`` evaluates
+merged models against a zoo's base and experts (each expert on its own task)
+and adds the normalized accuracy (merged / expert) beside lm-eval's numbers.
+``report.write_report`` writes that report as JSON, Markdown and a PNG bar chart.
+
+Results are cached per (model weights, adapter weights, task YAML) in the
+zoo's ``evals/`` folder, so the base and the experts are evaluated once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from mergekit_ext.adapters.peft_io import adapter_hash
+from mergekit_ext.io import content_hash, write_json
+
+METRIC = "acc,none"
+
+
+class EvaluationError(ValueError):
+    """A model, adapter or task that cannot be evaluated."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What lm-eval loads: a model folder, optionally with a peft adapter on top."""
+
+    path: Path
+    adapter: Optional[Path] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """``PATH`` or ``BASE+ADAPTER`` (mergekit's spelling for a model plus a LoRA)."""
+        if "+" in text and not Path(text).exists():
+            base, adapter = text.rsplit("+", 1)
+            return cls(Path(base).absolute(), Path(adapter).absolute())
+        return cls(Path(text).absolute())
+
+    def check(self) -> None:
+        if not (self.path / "config.json").is_file():
+            raise EvaluationError(f"not a model folder (no config.json): {self.path}")
+        if self.adapter is not None and not (self.adapter / "adapter_config.json").is_file():
+            raise EvaluationError(f"not a peft adapter folder (no adapter_config.json): {self.adapter}")
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(content_hash(self.path).encode())
+        if self.adapter is not None:
+            digest.update(adapter_hash(self.adapter).encode())
+        return digest.hexdigest()
+
+    def __str__(self) -> str:
+        return str(self.path) if self.adapter is None else f"{self.path}+{self.adapter}"
+
+
+def _task_yaml_hashes(include_path: Path) -> Dict[str, str]:
+    """Task name -> hash of its YAML and data files (a changed task invalidates the cache)."""
+    import yaml
+
+    hashes: Dict[str, str] = {}
+    for file in sorted(include_path.glob("*.yaml")):
+        text = file.read_text(encoding="utf-8")
+        config = yaml.safe_load(text) or {}
+        name = config.get("task")
+        if not name:
+            continue
+        digest = hashlib.sha256(text.encode())
+        data_files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+        for split_path in data_files.values():
+            if Path(split_path).is_file():
+                digest.update(content_hash(split_path).encode())
+        hashes[name] = digest.hexdigest()
+    return hashes
+
+
+def lm_eval_results(
+    model: Union[ModelSpec, str, os.PathLike],
+    tasks: Sequence[str],
+    include_path: Union[str, os.PathLike],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    limit: Optional[int] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
+) -> Dict[str, Dict]:
+    """lm-eval's result dict per task (``{"alias", "acc,none", "acc_stderr,none"}``), cached.
+
+    ``threads`` sets torch's CPU threads for the run (1 suits the zoo's tiny
+    models: more threads only spin, worst on a busy machine).
+    """
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
+    spec.check()
+    include_path = Path(include_path).absolute()
+    known = _task_yaml_hashes(include_path)
+    missing = [task for task in tasks if task not in known]
+    if missing:
+        raise EvaluationError(f"task(s) {missing} not found in {include_path} (found {sorted(known)})")
+
+    results: Dict[str, Dict] = {}
+    cache_files: Dict[str, Path] = {}
+    if cache_dir is not None and limit is None:
+        import lm_eval
+
+        fingerprint = spec.fingerprint()
+        for task in tasks:
+            key = hashlib.sha256(f"{fingerprint}|{known[task]}|{lm_eval.__version__}".encode()).hexdigest()[:24]
+            cache_files[task] = Path(cache_dir) / f"{task}-{key}.json"
+            if cache_files[task].is_file():
+                results[task] = json.loads(cache_files[task].read_text(encoding="utf-8"))["lm_eval"]
+    todo = [task for task in tasks if task not in results]
+    if todo:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            fresh = _simple_evaluate(spec, todo, include_path, batch_size=batch_size, device=device, limit=limit)
+        finally:
+            torch.set_num_threads(previous_threads)
+        for task in todo:
+            results[task] = fresh[task]
+            if task in cache_files:
+                cache_files[task].parent.mkdir(parents=True, exist_ok=True)
+                write_json(cache_files[task], {"model": str(spec), "task": task, "lm_eval": fresh[task]})
+    return {task: results[task] for task in tasks}
+
+
+def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, *, batch_size: int, device: str, limit: Optional[int]) -> Dict[str, Dict]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # datasets' per-split bars for a few hundred local JSON lines are only noise.
+    dataset_bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    model_args = f"pretrained={spec.path},dtype=float32"
+    if spec.adapter is not None:
+        model_args += f",peft={spec.adapter}"
+    try:
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=list(tasks),
+            task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=False,
+        )
+    finally:
+        if dataset_bars_were_on:
+            datasets.utils.enable_progress_bars()
+    results = output["results"]
+    for task in tasks:
+        if task not in results:
+            raise EvaluationError(f"lm-eval returned no result for task {task} on {spec}")
+        results[task] = dict(results[task])
+        samples = (output.get("n-samples") or {}).get(task)
+        if samples:
+            results[task]["n-samples"] = samples
+    return {task: results[task] for task in tasks}
+
+
+# --------------------------------------------------------------------------
+# The base / expert / merged comparison on a zoo.
+
+
+def compare_on_zoo(
+    zoo_dir: Union[str, os.PathLike],
+    merged: Mapping[str, Union[ModelSpec, str, os.PathLike]],
+    *,
+    split: str = "test",
+    experts: str = "full",
+    batch_size: int = 64,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: bool = True,
+) -> Dict:
+    """Evaluate merged models against the zoo's base and experts; the report dict.
+
+    ``experts`` is ``full`` (the fine-tuned folders) or ``lora`` (base + adapter).
+    """
+    from tqdm.auto import tqdm
+
+    from mergekit_ext.zoo import load_zoo
+
+    if split not in ("test", "validation"):
+        raise EvaluationError(f"split must be 'test' or 'validation', not {split!r}")
+    if experts not in ("full", "lora"):
+        raise EvaluationError(f"experts must be 'full' or 'lora', not {experts!r}")
+    zoo = load_zoo(zoo_dir)
+    task_of = {zoo.lm_eval_task(task, split): task for task in zoo.tasks}
+    lm_tasks = list(task_of)
+    common = dict(include_path=zoo.task_dir, batch_size=batch_size, device=device, cache_dir=zoo.eval_cache, threads=threads)
+    specs = {label: spec if isinstance(spec, ModelSpec) else ModelSpec.parse(str(spec)) for label, spec in merged.items()}
+    for label in specs:
+        if label in ("base", "expert"):
+            raise EvaluationError(f"'{label}' is reserved for the zoo's own models; name the merged model differently")
+
+    jobs: List[Tuple[str, ModelSpec, List[str]]] = [("base", ModelSpec(zoo.base), lm_tasks)]
+    for task in zoo.tasks:
+        expert = ModelSpec(zoo.expert(task)) if experts == "full" else ModelSpec(zoo.base, zoo.adapter(task))
+        jobs.append((f"expert:{task}", expert, [zoo.lm_eval_task(task, split)]))
+    jobs += [(label, spec, lm_tasks) for label, spec in specs.items()]
+
+    raw: Dict[str, Dict[str, Dict]] = {}
+    for label, spec, tasks in tqdm(jobs, desc="lm-eval", disable=not progress):
+        raw[label] = lm_eval_results(spec, tasks, **common)
+
+    expert_raw = {lm_task: raw[f"expert:{task_of[lm_task]}"][lm_task] for lm_task in lm_tasks}
+    expert_acc = {task_of[t]: float(expert_raw[t][METRIC]) for t in lm_tasks}
+
+    def entry(path, lm: Dict[str, Dict]) -> Dict:
+        accuracy = {task_of[t]: float(lm[t][METRIC]) for t in lm_tasks}
+        normalized = {task: (accuracy[task] / expert_acc[task] if expert_acc[task] > 0 else None) for task in accuracy}
+        return {
+            "model": path,
+            "lm_eval": lm,
+            "accuracy": accuracy,
+            "normalized_accuracy": normalized,
+            "mean_accuracy": _mean(accuracy.values()),
+            "mean_normalized_accuracy": _mean(v for v in normalized.values() if v is not None),
+        }
+
+    expert_paths = {label.split(":", 1)[1]: str(spec) for label, spec, _ in jobs if label.startswith("expert:")}
+    models = {"base": entry(str(zoo.base), raw["base"]), "expert": entry(expert_paths, expert_raw)}
+    for label, spec in specs.items():
+        models[label] = entry(str(spec), raw[label])
+    return {
+        "zoo": str(zoo.root),
+        "split": split,
+        "experts": experts,
+        "metric": METRIC,
+        "note": "lm_eval holds lm-eval's numbers as they come; accuracy/normalized_accuracy (merged / expert on its own task) are ours",
+        "tasks": zoo.tasks,
+        "lm_eval_tasks": {task_of[t]: t for t in lm_tasks},
+        "models": models,
+    }
+
+
+def report_on_models(
+    models: Mapping[str, Union[ModelSpec, str, os.PathLike]],
+    tasks: Sequence[str],
+    include_path: Union[str, os.PathLike],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    limit: Optional[int] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
+) -> Dict:
+    """lm-eval on arbitrary models and tasks (no base/expert normalization); the report dict."""
+    entries = {}
+    for label, spec in models.items():
+        lm = lm_eval_results(spec, tasks, include_path, batch_size=batch_size, device=device, limit=limit, cache_dir=cache_dir, threads=threads)
+        accuracy = {task: float(lm[task][METRIC]) for task in tasks if METRIC in lm[task]}
+        entries[label] = {"model": str(spec), "lm_eval": lm, "accuracy": accuracy, "mean_accuracy": _mean(accuracy.values())}
+    return {"metric": METRIC, "tasks": list(tasks), "lm_eval_tasks": {t: t for t in tasks}, "models": entries}
+
+
+def _mean(values) -> Optional[float]:
+    values = list(values)
+    return sum(values) / len(values) if values else None

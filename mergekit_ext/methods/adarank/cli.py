@@ -1,0 +1,140 @@
+"""``mergekit-ext adarank learn / show``: learn a mask/coefficient file, inspect one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import click
+
+from mergekit_ext.methods.adarank import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    DEFAULT_MAX_RANK_RATIO,
+    DEFAULT_STEPS,
+    DEFAULT_VARIANT,
+    VARIANTS,
+)
+
+
+def _resolve_inputs(models, base, zoo_dir, prompt_files):
+    """Models, base, task names and one prompt pool per model from the command's options."""
+    from mergekit_ext.methods.adarank import learn
+
+    models = [Path(model).absolute() for model in models]
+    names = [model.name for model in models]
+    pools: List[List[str]] = [[] for _ in models]
+    if zoo_dir is not None:
+        from mergekit_ext.zoo import load_zoo
+
+        zoo = load_zoo(zoo_dir)
+        experts = {zoo.expert(task).absolute(): task for task in zoo.tasks}
+        if not models:
+            models = list(experts)
+            names = list(experts.values())
+        else:
+            missing = [str(model) for model in models if model not in experts]
+            if missing:
+                raise ValueError(f"adarank: not experts of the zoo {zoo.root}: {', '.join(missing)}; give --prompts instead")
+            names = [experts[model] for model in models]
+        pools = [learn.zoo_prompts(zoo, name) for name in names]
+        base = base if base is not None else zoo.base
+    if not models:
+        raise ValueError("adarank: give the models to merge (or --zoo to use a zoo's experts)")
+    if prompt_files:
+        files = [learn.read_prompts(path) for path in prompt_files]
+        if len(files) == 1:
+            pools = [pool + files[0] for pool in pools]
+        elif len(files) == len(models):
+            pools = [pool + extra for pool, extra in zip(pools, files)]
+        else:
+            raise ValueError(
+                f"adarank: give one --prompts file for every model ({len(models)}) or one shared by all, got {len(files)}"
+            )
+    if not all(pools):
+        raise ValueError("adarank: no prompts; give --zoo or --prompts")
+    return models, base, names, pools
+
+
+@click.group("adarank")
+def adarank_group() -> None:
+    """AdaRank: learn which singular components of each task vector to keep.
+
+    `learn` trains binary masks and per-tensor coefficients on unlabeled
+    prompts (entropy of the answer's first token) and writes a small file;
+    `merge_method: adarank` with `parameters: {file: ...}` applies it in the
+    stock mergekit-yaml.
+    """
+
+
+@adarank_group.command("learn")
+@click.argument("models", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The learned file to write (.safetensors).")
+@click.option("--base", default=None, type=click.Path(exists=True, file_okay=False), help="θ0, the pretrained model (required for --variant ta; default with --zoo: the zoo's base).")
+@click.option("--zoo", "zoo_dir", default=None, type=click.Path(exists=True, file_okay=False), help="A built zoo: its experts (when no MODELS are given), its base, and each task's validation prompts.")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Prompts, one per line (.txt) or JSONL; once for all tasks, or once per model in order. Added to the zoo's.")
+@click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True, help="Origin: θ0 (ta, Task Arithmetic) or θavg (cart, CART).")
+@click.option("--prior", type=float, default=None, help="Initial coefficient, the base method's λ  [default: ta 0.4, cart 1.3]")
+@click.option("--init-rank-ratio", type=float, default=None, help="Components kept at step 0  [default: ta 1.0, cart 0.15]")
+@click.option("--max-rank-ratio", type=float, default=DEFAULT_MAX_RANK_RATIO, show_default=True, help="Candidate band per matrix; components below it are dropped (memory ~ 2·ratio·model per task).")
+@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True)
+@click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help="Adam learning rate for logits and coefficients.")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Prompts per task per step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--add-special-tokens", is_flag=True, help="Let the tokenizer add BOS/EOS to prompts (off, like lm-eval's log-likelihood requests).")
+@click.option("--device", default="cpu", show_default=True, help="Where to learn (e.g. cuda).")
+@click.option("--merge-out", default=None, type=click.Path(file_okay=False), help="Also write the merged model here (mergekit's engine, merge_method adarank).")
+@click.option("--dtype", default=None, help="Output dtype for --merge-out (default: the models').")
+@click.option("--overwrite", is_flag=True, help="Replace --out and --merge-out if they exist.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def learn_command(models, out, base, zoo_dir, prompt_files, variant, prior, init_rank_ratio, max_rank_ratio, steps, lr, batch_size, seed, add_special_tokens, device, merge_out, dtype, overwrite, quiet) -> None:
+    """Learn AdaRank masks and coefficients for MODELS and write them to --out."""
+    out_path = Path(out).absolute()
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"output already exists (pass --overwrite to replace it): {out_path}")
+    if merge_out is not None and Path(merge_out).exists() and not overwrite:
+        raise FileExistsError(f"output already exists (pass --overwrite to replace it): {Path(merge_out).absolute()}")
+    from mergekit_ext.methods.adarank import learn
+    from mergekit_ext.methods.adarank.format import write_learned_file
+
+    models, base, names, pools = _resolve_inputs(models, base, zoo_dir, prompt_files)
+    options = learn.LearnOptions(
+        variant=variant,
+        prior=prior,
+        init_rank_ratio=init_rank_ratio,
+        max_rank_ratio=max_rank_ratio,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        add_special_tokens=add_special_tokens,
+        device=device,
+    )
+    result = learn.learn(models, pools, base=base, options=options, task_names=names, progress=not quiet)
+    write_learned_file(out_path, result.masks, result.coefficients, result.info)
+    for line in learn.describe(result.info):
+        click.echo(line)
+    click.echo(f"wrote {out_path}")
+    if merge_out is not None:
+        learn.write_merged_model(out_path, models, merge_out, base=base, dtype=dtype, overwrite=overwrite)
+        click.echo(f"wrote {Path(merge_out).absolute()}")
+
+
+@adarank_group.command("show")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the file's metadata as JSON.")
+def show_command(file, as_json) -> None:
+    """Print a learned file's settings, kept ranks and entropy before/after."""
+    from mergekit_ext.methods.adarank.format import open_learned_file
+    from mergekit_ext.methods.adarank.learn import describe
+
+    info = open_learned_file(file).info
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for line in describe(info):
+        click.echo(line)
+
+
+COMMANDS = (adarank_group,)

@@ -1,0 +1,208 @@
+"""TALL-mask compression: keep θ0, τMTL and one bit-packed mask per task.
+
+Task t is recovered as ``θ̂t = θ0 + m_t ⊙ τMTL`` (Wang et al. 2024, §5 of
+METHODS.md). The bundle is a folder:
+
+    bundle.json              format, base reference + content hash, tasks, sizes
+    multitask/               τMTL as sharded safetensors (the base's dtype)
+    masks/<task>/            that task's masks, 8 weights per byte
+    configs/<task>/          that task's config and tokenizer files
+
+Compression and recovery stream one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mergekit_ext import io
+from mergekit_ext.methods.consensus import DEFAULT_TALL_LAMBDA
+from mergekit_ext.methods.consensus.kernel import tall_masks
+from mergekit_ext.tensors import task_vectors
+
+BUNDLE_FORMAT = "mergekit-ext/tall-bundle/1"
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor → uint8 vector holding 8 entries per byte (row-major, MSB first)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    padding = (-flat.numel()) % 8
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``pack_mask``."""
+    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS).ne(0).reshape(-1)
+    return bits[: math.prod(shape)].reshape(tuple(shape))
+
+
+@dataclass
+class CompressionReport:
+    bundle_bytes: int
+    base_bytes: int
+    models_bytes: int
+    relative_errors: Dict[str, float]  # ‖θ̂t − θt‖ / ‖τt‖ over the whole model
+
+    def lines(self) -> List[str]:
+        kept = self.base_bytes + self.bundle_bytes
+        total = self.base_bytes + self.models_bytes
+        out = [
+            f"inputs: base {self.base_bytes / 1e6:.2f} MB + {len(self.relative_errors)} models "
+            f"{self.models_bytes / 1e6:.2f} MB = {total / 1e6:.2f} MB",
+            f"kept:   base {self.base_bytes / 1e6:.2f} MB + bundle {self.bundle_bytes / 1e6:.2f} MB = "
+            f"{kept / 1e6:.2f} MB ({100 * kept / max(total, 1):.1f} % of the inputs)",
+            "recovery error per model (‖θ̂t − θt‖ / ‖θt − θ0‖):",
+        ]
+        out += [f"  {name:<24} {error:.4f}" for name, error in self.relative_errors.items()]
+        return out
+
+
+def compress(
+    base: str | os.PathLike,
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    names: Optional[Sequence[str]] = None,
+    tall_lambdas: Optional[Sequence[float]] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CompressionReport:
+    """Write a TALL-mask bundle for ``models`` fine-tuned from ``base``."""
+    from tqdm import tqdm
+
+    names = list(names or [Path(m).name for m in models])
+    if len(names) != len(models):
+        raise ValueError(f"got {len(names)} names for {len(models)} models")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}; pass --names")
+    if tall_lambdas is None:
+        tall_lambdas = [DEFAULT_TALL_LAMBDA] * len(models)
+    if len(tall_lambdas) == 1:
+        tall_lambdas = list(tall_lambdas) * len(models)
+    if len(tall_lambdas) != len(models):
+        raise ValueError(f"--tall-lambda: got {len(tall_lambdas)} values for {len(models)} models")
+
+    base_loader = io.open_model(base)
+    loaders = [io.open_model(model) for model in models]
+    for model, loader in zip(models, loaders):
+        io.check_same_tensors(base_loader, loader, reference_label=f"base {base}", other_label=f"model {model}")
+    error_squares = torch.zeros(len(models), dtype=torch.float64)
+    vector_squares = torch.zeros(len(models), dtype=torch.float64)
+
+    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+        multitask_writer = io.tensor_writer(staging / "multitask")
+        mask_writers = [io.tensor_writer(staging / "masks" / name) for name in names]
+        tensors_meta = {}
+        for tensor_name in tqdm(io.tensor_names(base_loader), desc="TALL compress", disable=not progress):
+            base_tensor = base_loader.get_tensor(tensor_name)
+            model_tensors = [loader.get_tensor(tensor_name) for loader in loaders]
+            for model, tensor in zip(models, model_tensors):
+                io.check_shape(tensor_name, tensor, base_tensor, label=str(model), reference_label=f"base {base}")
+            if not base_tensor.is_floating_point():
+                continue  # integer buffers are recovered from the base
+            vectors = task_vectors(base_tensor, model_tensors)
+            multitask = vectors.sum(dim=0).to(base_tensor.dtype)
+            # Masks against the τMTL actually stored, so recovery reproduces them.
+            masks = tall_masks(vectors, multitask.to(vectors.dtype), tall_lambdas)
+            recovered = masks * multitask.to(vectors.dtype)
+            error_squares += ((recovered - vectors) ** 2).flatten(1).sum(1).double()
+            vector_squares += (vectors**2).flatten(1).sum(1).double()
+            multitask_writer.save_tensor(tensor_name, multitask)
+            for writer, mask in zip(mask_writers, masks):
+                writer.save_tensor(tensor_name, pack_mask(mask))
+            tensors_meta[tensor_name] = list(base_tensor.shape)
+        multitask_writer.finalize()
+        for writer in mask_writers:
+            writer.finalize()
+        for name, model in zip(names, models):
+            io.copy_side_files(model, staging / "configs" / name)
+        relative = (error_squares / vector_squares.clamp_min(1e-30)).sqrt()
+        io.write_json(
+            staging / "bundle.json",
+            {
+                "format": BUNDLE_FORMAT,
+                "base": {"path": str(Path(base).absolute()), "content_hash": io.content_hash(base)},
+                "multitask": "sum of task vectors (task arithmetic, unscaled)",
+                "tasks": [
+                    {
+                        "name": name,
+                        "source": str(Path(model).absolute()),
+                        "content_hash": io.content_hash(model),
+                        "tall_lambda": float(lam),
+                        "relative_error": float(err),
+                    }
+                    for name, model, lam, err in zip(names, models, tall_lambdas, relative)
+                ],
+                "shapes": tensors_meta,
+            },
+        )
+        bundle_bytes = io.folder_bytes(staging)
+    return CompressionReport(
+        bundle_bytes=bundle_bytes,
+        base_bytes=io.weight_bytes(base),
+        models_bytes=sum(io.weight_bytes(m) for m in models),
+        relative_errors={name: float(err) for name, err in zip(names, relative)},
+    )
+
+
+def read_bundle(bundle: str | os.PathLike) -> dict:
+    """The bundle's manifest; bundles written by 0.1.0 (``hash`` fields) read the same."""
+    path = Path(bundle) / "bundle.json"
+    manifest = io.read_json_object(path, missing=f"not a TALL-mask bundle (no bundle.json): {bundle}")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+    for entry in [manifest.get("base", {}), *manifest.get("tasks", [])]:
+        if "hash" in entry:
+            entry.setdefault("content_hash", entry.pop("hash"))
+    return manifest
+
+
+def recover(
+    bundle: str | os.PathLike,
+    task: str,
+    out: str | os.PathLike,
+    *,
+    base: Optional[str | os.PathLike] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write task ``task`` of a bundle as a Hugging Face model folder."""
+    from mergekit.io import LazyTensorLoader
+    from tqdm import tqdm
+
+    bundle = Path(bundle)
+    manifest = read_bundle(bundle)
+    tasks = [entry["name"] for entry in manifest["tasks"]]
+    if task not in tasks:
+        raise KeyError(f"task {task!r} is not in bundle {bundle}; it holds {tasks}")
+    base = Path(base or manifest["base"]["path"])
+    base_loader = io.open_model(base)
+    if io.content_hash(base) != manifest["base"]["content_hash"]:
+        raise ValueError(
+            f"base {base} is not the model this bundle was compressed against "
+            f"(content hash differs from {manifest['base']['content_hash'][:12]}…); pass the original with --base"
+        )
+    multitask = LazyTensorLoader.from_disk(str(bundle / "multitask"), lazy_unpickle=False)
+    masks = LazyTensorLoader.from_disk(str(bundle / "masks" / task), lazy_unpickle=False)
+    shapes = manifest["shapes"]
+    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+        writer = io.tensor_writer(staging)
+        for tensor_name in tqdm(io.tensor_names(base_loader), desc=f"TALL recover {task}", disable=not progress):
+            base_tensor = base_loader.get_tensor(tensor_name)
+            if tensor_name in shapes:
+                mask = unpack_mask(masks.get_tensor(tensor_name), shapes[tensor_name])
+                vector = multitask.get_tensor(tensor_name)
+                base_tensor = (base_tensor.float() + mask * vector.float()).to(base_tensor.dtype)
+            writer.save_tensor(tensor_name, base_tensor)
+        writer.finalize()
+        io.copy_side_files(bundle / "configs" / task, staging)
+    return Path(out)

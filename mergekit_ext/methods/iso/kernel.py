@@ -1,0 +1,139 @@
+"""Iso-C and Iso-CTS over tensors (METHODS.md §7). Official code: github.com/danielm1405/iso-merging.
+
+Per matrix [m, n], r = min(m, n), T tasks, τt = wt·(θt − θ0), Δ_TA = Σt τt:
+
+    Iso-C:   Δ_TA = U diag(σ) Vᵀ,  σ̄ = mean(σ),  Δ = σ̄ · U Vᵀ
+    Iso-CTS: c0 = int(r·f), s = round((r − c0)/T), k = r − T·s
+             common part: top-k triplets of Δ_TA; task part: top-s triplets of
+             τ̃t = τt − Uk Ukᵀ τt; stack tasks 1…T then common into Û, ŝ, V̂ᵀ;
+             Δ = mean(ŝ) · polar(Û) polar(V̂ᵀ)
+    θ = θ0 + λ·Δ on matrices;  θ = θ0 + λ·mean_t τt on every non-matrix tensor
+
+``wt`` (default 1) multiplies τt before anything else: it is task t's
+coefficient in Δ_TA (and its share of the mean on non-matrices), so weights all
+equal to c are the same as λ·c (Iso-C is positively homogeneous). Weights must
+be finite and > 0. ``round`` is Python's (half to even), as in the official code.
+
+Conventions where the paper is silent:
+- Singular directions with a numerically zero σ (``singular_value_tolerance``)
+  are arbitrary, so they are left out everywhere: σ̄ is the mean over the
+  numerical rank of Δ_TA (= ‖Δ_TA‖* / r when Δ_TA has full rank, the paper's
+  case; the nuclear norm is preserved in every case), and Iso-CTS neither
+  projects out nor stacks such directions. All-zero task vectors give Δ = 0.
+- Iso-CTS keeps at least one common direction: s = min(s, (r − 1) // T). When
+  that leaves s = 0 (f = 1, or r ≤ T: 1×n matrices, 2×n with two or more
+  tasks) there is no task-specific room and the result is Iso-C.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from mergekit_ext.methods.iso import (
+    DEFAULT_COMMON_SPACE_FRACTION,
+    DEFAULT_LAMBDA,
+    SVD_METHOD,
+)
+from mergekit_ext.methods.tsv.kernel import (
+    check_matrix,
+    check_scale,
+    orthogonalized_stack,
+    weighted_task_vectors,
+)
+from mergekit_ext.tensors import (
+    compute_dtype,
+    polar_factor,
+    singular_value_tolerance,
+    truncated_svd,
+)
+
+
+def iso_c_update(vectors: torch.Tensor) -> torch.Tensor:
+    """Δ of Iso-C for task vectors stacked [T, m, n] (compute dtype)."""
+    total = vectors.sum(dim=0)
+    polar = polar_factor(total)
+    # polar = U₊V₊ᵀ: ‖polar‖F² is the numerical rank and ⟨polar, Δ_TA⟩ = Σσ,
+    # so σ̄ needs no second SVD.
+    rank = round(float(polar.square().sum()))
+    if rank == 0:
+        return polar  # zeros: Δ_TA is numerically zero
+    mean_sigma = (polar * total).sum() / rank
+    return polar.mul_(mean_sigma)
+
+
+def iso_cts_split(rank: int, count: int, common_space_fraction: float) -> tuple[int, int]:
+    """(k common directions, s directions per task); s = 0 means "no task-specific room: Iso-C"."""
+    common = int(rank * common_space_fraction)
+    specific = round((rank - common) / count)
+    specific = max(0, min(specific, (rank - 1) // count))  # T·s ≤ r − 1: k ≥ 1
+    return rank - count * specific, specific
+
+
+def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
+    """Δ of Iso-CTS for task vectors stacked [T, m, n] (compute dtype)."""
+    count, rows, cols = vectors.shape
+    keep_common, specific = iso_cts_split(min(rows, cols), count, common_space_fraction)
+    if specific == 0:
+        return iso_c_update(vectors)
+    u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=SVD_METHOD)
+    significant = int((s > singular_value_tolerance((rows, cols), float(s[0]), s.dtype)).sum())
+    u, s, vh = u[:, :significant], s[:significant], vh[:significant]
+    lefts, sigmas, rights = [], [], []
+    for vector in vectors:
+        residual = vector - u @ (u.mT @ vector)  # left projection only, as in the paper
+        ut, st, vht = truncated_svd(residual, specific, method=SVD_METHOD)
+        lefts.append(ut)
+        sigmas.append(st)
+        rights.append(vht)
+    left, sigma, right = orthogonalized_stack(
+        torch.cat([*lefts, u], dim=1), torch.cat([*sigmas, s]), torch.cat([*rights, vh], dim=0)
+    )
+    if sigma.numel() == 0:
+        return torch.zeros_like(vectors[0])
+    return (left * sigma.mean()) @ right
+
+
+def _merge(base, models, *, lam, weights, is_matrix, method, update) -> torch.Tensor:
+    check_scale(lam, method)
+    matrix = check_matrix(base, is_matrix, method)
+    vectors = weighted_task_vectors(base, models, weights, method)
+    delta = update(vectors) if matrix else vectors.mean(dim=0)
+    del vectors
+    return delta.mul_(lam).add_(base.to(compute_dtype(base))).to(base.dtype)
+
+
+def iso_c_merge(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    lam: float = DEFAULT_LAMBDA,
+    weights: Optional[Sequence[float]] = None,
+    is_matrix: Optional[bool] = None,
+) -> torch.Tensor:
+    """Iso-C for one tensor; returns the dtype of ``base``. ``is_matrix`` defaults to "2-D"."""
+    return _merge(base, models, lam=lam, weights=weights, is_matrix=is_matrix, method="iso_c", update=iso_c_update)
+
+
+def iso_cts_merge(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    *,
+    lam: float = DEFAULT_LAMBDA,
+    common_space_fraction: float = DEFAULT_COMMON_SPACE_FRACTION,
+    weights: Optional[Sequence[float]] = None,
+    is_matrix: Optional[bool] = None,
+) -> torch.Tensor:
+    """Iso-CTS for one tensor; returns the dtype of ``base``. ``is_matrix`` defaults to "2-D"."""
+    if not 0 < common_space_fraction <= 1:
+        raise ValueError(f"iso_cts: common_space_fraction must be in (0, 1], got {common_space_fraction!r}")
+    return _merge(
+        base,
+        models,
+        lam=lam,
+        weights=weights,
+        is_matrix=is_matrix,
+        method="iso_cts",
+        update=lambda vectors: iso_cts_update(vectors, common_space_fraction),
+    )

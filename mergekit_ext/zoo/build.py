@@ -1,0 +1,329 @@
+"""The demo zoo: a small, seeded model family that can tell merge methods apart.
+
+``build_zoo(DIR)`` makes, offline and deterministically:
+
+* a tiny Llama-architecture base with its own character tokenizer, pretrained on
+  a mixture of synthetic text tasks until it is competent but not expert (the
+  mixture is steered: a task the base already half-knows gets a small share);
+* per task, one full fine-tune (``experts/<task>``) and one peft LoRA adapter
+  (``adapters/<task>``, same LoRA init seed for every task), both trained
+  lightly (low learning rate, few steps) so that their task vectors are small;
+* per task, held-out validation and test JSONL and lm-eval task YAMLs
+  (``tasks/``): ``zoo_<task>`` scores the test split, ``zoo_<task>_val`` the
+  validation split;
+* ``manifest.json``, written last: the zoo is complete exactly when it exists.
+
+Every task is a 4-way multiple choice scored by log-likelihood (lm-eval's
+``multiple_choice`` output type, metric ``acc``): cheap on a CPU and with three
+hard distractors per item. Tasks use distinct prompt formats and alphabets
+(see DESIGN.md, "What makes a zoo that can judge merges"), because tasks that
+share one format conflict so strongly that every merge scores below the base.
+
+``train.multiple_choice_accuracy`` is a fast in-process scorer that computes exactly
+lm-eval's ``acc`` (same tokenization, same sum of continuation log-probs); the
+build uses it for its own numbers and the tests check that it agrees with
+lm-eval.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from mergekit_ext import io
+from mergekit_ext.modeling import load_state_dict
+from mergekit_ext.zoo.format import (
+    MANIFEST_NAME,
+    TASK_PREFIX,
+    ZOO_FORMAT,
+    ZOO_FORMATS,
+    Zoo,
+    ZooError,
+    load_zoo,
+    write_task_yamls,
+)
+from mergekit_ext.zoo.presets import PRESETS, Preset
+from mergekit_ext.zoo.tasks import TASKS, make_document
+from mergekit_ext.zoo.train import (
+    LORA_TARGETS,
+    load_causal_lm,
+    merge_in_memory,
+    multiple_choice_accuracy,
+    train,
+)
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
+
+
+def _is_complete(root: Path, preset: Preset, seed: int) -> bool:
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = io.read_json_object(manifest_path)
+    except ValueError:
+        return False
+    if manifest.get("format") not in ZOO_FORMATS or manifest.get("preset") != json.loads(json.dumps(asdict(preset))) or manifest.get("seed") != seed:
+        raise ZooError(
+            f"{root} already holds a different zoo (preset {manifest.get('preset', {}).get('name')!r}, "
+            f"seed {manifest.get('seed')}); choose another folder or delete it"
+        )
+    paths = [manifest["base"]] + [p for entry in manifest["tasks"].values() for p in (entry["expert"], entry["adapter"], entry["test"])]
+    return all((root / p).exists() for p in paths)
+
+
+def build_zoo(
+    directory: str | Path,
+    *,
+    preset: str = "demo",
+    seed: int = 0,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: bool = True,
+) -> Zoo:
+    """Build the zoo in ``directory`` (or return it unchanged when it is already built).
+
+    ``threads``: torch CPU threads while training; by default 1 for the small
+    presets, whose matrices are too small to profit from more (and extra threads
+    spin badly on a busy machine), unchanged for ``bench``.
+    """
+    if preset not in PRESETS:
+        raise ZooError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
+    settings = PRESETS[preset]
+    root = Path(directory).absolute()
+    if _is_complete(root, settings, seed):
+        _log(f"zoo already built: {root}", progress)
+        return load_zoo(root)
+    from transformers.utils import logging as hf_logging
+
+    previous_threads = torch.get_num_threads()
+    wanted = threads or (1 if preset in ("test", "demo") else previous_threads)
+    torch.set_num_threads(wanted)
+    # transformers' per-load/save bars would drown the build's own bars.
+    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build(root, settings, seed=seed, device=device, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if hf_bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bool) -> Zoo:
+    marker = root / ".zoo-building"
+    if root.exists() and any(root.iterdir()) and not marker.exists() and not (root / MANIFEST_NAME).exists():
+        raise ZooError(f"refusing to build a zoo in a non-empty folder that is not a zoo: {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a zoo build started here and has not finished\n")
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+
+    from tqdm.auto import tqdm
+
+    from mergekit_ext.modeling import (
+        char_tokenizer,
+        llama_config,
+        random_model,
+        save_model,
+    )
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    tasks = [TASKS[name] for name in settings.tasks]
+    tokenizer = char_tokenizer()
+
+    # Held-out data first, so training can skip every held-out query.
+    documents: Dict[str, Dict[str, List[Dict]]] = {}
+    entries: Dict[str, Dict] = {}
+    held_out: set = set()
+    for index, task in enumerate(tasks):
+        rng = random.Random(f"{seed}-{task.name}-heldout")
+        seen: set = set()
+        splits: Dict[str, List[Dict]] = {"validation": [], "test": []}
+        for split, count in (("validation", settings.validation_items), ("test", settings.test_items)):
+            while len(splits[split]) < count:
+                document = make_document(task, rng)
+                if document["query"] in seen:
+                    continue
+                seen.add(document["query"])
+                splits[split].append(document)
+        held_out |= seen
+        documents[task.name] = splits
+        data_dir = root / "data" / task.name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for split, items in splits.items():
+            (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in items), encoding="utf-8")
+        entries[task.name] = {
+            "description": task.description,
+            "lm_eval_task": f"{TASK_PREFIX}{task.name}",
+            "lm_eval_task_validation": f"{TASK_PREFIX}{task.name}_val",
+            "validation": f"data/{task.name}/validation.jsonl",
+            "test": f"data/{task.name}/test.jsonl",
+            "expert": f"experts/{task.name}",
+            "adapter": f"adapters/{task.name}",
+        }
+    write_task_yamls(root, entries)
+
+    def accuracy(model, task_name: str, split: str) -> float:
+        return multiple_choice_accuracy(model, tokenizer, documents[task_name][split], device=device)
+
+    def train_args(step_seed: int):
+        return dict(batch_size=settings.batch_size, seed=step_seed, held_out=held_out, device=device, progress=progress)
+
+    # 1. The base: pretrained on the whole mixture.
+    config = llama_config(
+        len(tokenizer),
+        hidden_size=settings.hidden_size,
+        layers=settings.layers,
+        heads=settings.heads,
+        intermediate_size=settings.intermediate_size,
+    )
+    base_model = random_model(config, seed=seed).to(device)
+    probe_documents = {}
+    for task in tasks:
+        rng = random.Random(f"{seed}-{task.name}-probe")
+        probe_documents[task.name] = []
+        while len(probe_documents[task.name]) < settings.probe_items:
+            document = make_document(task, rng)
+            if document["query"] not in held_out:
+                probe_documents[task.name].append(document)
+    pretrain_trace: List[Dict] = []
+
+    def steer_mixture(step: int) -> Optional[List[float]]:
+        scores = [multiple_choice_accuracy(base_model, tokenizer, probe_documents[t.name], device=device) for t in tasks]
+        pretrain_trace.append({"step": step, **{t.name: s for t, s in zip(tasks, scores)}})
+        if all(score >= settings.base_target for score in scores):
+            return None
+        return [settings.mixture_floor if score >= settings.base_target else 1.0 for score in scores]
+
+    train(
+        base_model,
+        tokenizer,
+        tasks,
+        steps=settings.pretrain_steps,
+        lr=settings.pretrain_lr,
+        description="pretrain base",
+        check=steer_mixture if settings.base_target else None,
+        check_every=settings.probe_every,
+        **train_args(seed),
+    )
+    with io.atomic_output_dir(root / "base", overwrite=True) as staging:
+        save_model(base_model.cpu(), staging, tokenizer)
+    base_model.to(device)
+    base_path = root / "base"
+    metrics: Dict = {"pretraining": pretrain_trace, "base": {}, "experts": {}, "adapters": {}}
+    for task in tasks:
+        metrics["base"][task.name] = {split: accuracy(base_model, task.name, split) for split in ("validation", "test")}
+
+    # 2. Full fine-tunes, one per task, light.
+    for index, task in enumerate(tqdm(tasks, desc="fine-tune experts", disable=not progress)):
+        expert = load_causal_lm(base_path, device)
+        train(expert, tokenizer, [task], steps=settings.finetune_steps, lr=settings.finetune_lr, description=f"expert {task.name}", **train_args(seed + 1000 + index))
+        metrics["experts"][task.name] = {task.name: {split: accuracy(expert, task.name, split) for split in ("validation", "test")}}
+        with io.atomic_output_dir(root / "experts" / task.name, overwrite=True) as staging:
+            save_model(expert.cpu(), staging, tokenizer)
+        del expert
+
+    # 3. LoRA adapters, one per task, all from the same LoRA initialisation.
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=2 * settings.lora_rank,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+        task_type="CAUSAL_LM",
+    )
+    for index, task in enumerate(tqdm(tasks, desc="train LoRA adapters", disable=not progress)):
+        torch.manual_seed(seed + 7)  # same LoRA init for every task
+        adapted = get_peft_model(load_causal_lm(base_path, device), lora_config)
+        train(adapted, tokenizer, [task], steps=settings.lora_steps, lr=settings.lora_lr, description=f"LoRA {task.name}", **train_args(seed + 2000 + index))
+        metrics["adapters"][task.name] = {split: accuracy(adapted, task.name, split) for split in ("validation", "test")}
+        adapted.peft_config["default"].base_model_name_or_path = str(base_path)
+        with io.atomic_output_dir(root / "adapters" / task.name, overwrite=True) as staging:
+            adapted.cpu().save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+        del adapted
+
+    # 4. Task arithmetic over all experts through mergekit's engine, lambda picked on validation.
+    base_state = load_state_dict(base_path)
+    expert_states = {task.name: load_state_dict(root / "experts" / task.name) for task in tasks}
+    grid: Dict[str, Dict[str, Dict[str, float]]] = {}
+    probe = load_causal_lm(base_path, device)
+    for scale in tqdm(settings.lambda_grid, desc="task arithmetic grid", disable=not progress):
+        merged = merge_in_memory(base_state, expert_states, "task_arithmetic", {"weight": 1.0, "lambda": scale})
+        probe.load_state_dict(merged, strict=True)
+        grid[f"{scale:g}"] = {task.name: {"validation": accuracy(probe, task.name, "validation")} for task in tasks}
+    best = max(grid, key=lambda key: sum(grid[key][t]["validation"] for t in settings.tasks))
+    probe.load_state_dict(merge_in_memory(base_state, expert_states, "task_arithmetic", {"weight": 1.0, "lambda": float(best)}))
+    for task in tasks:
+        grid[best][task.name]["test"] = accuracy(probe, task.name, "test")
+    metrics["task_arithmetic"] = {"lambda": float(best), "grid": grid}
+    del probe
+
+    elapsed = time.perf_counter() - started
+    manifest = {
+        "format": ZOO_FORMAT,
+        "preset": asdict(settings),
+        "seed": seed,
+        "root": str(root),
+        "build_seconds": round(elapsed, 1),
+        "device": device,
+        "parameters": sum(p.numel() for p in base_model.parameters()),
+        "base": "base",
+        "tokenizer": "char_tokenizer (saved with the base; AutoTokenizer reloads it identically)",
+        "task_yaml_dir": "tasks",
+        "metric": "acc (lm-eval multiple_choice, 4 choices, chance 0.25)",
+        "tasks": entries,
+        "lora": {"rank": settings.lora_rank, "alpha": 2 * settings.lora_rank, "target_modules": list(LORA_TARGETS), "init_seed": seed + 7},
+        "metrics": metrics,
+    }
+    io.write_json(root / MANIFEST_NAME, manifest)
+    marker.unlink(missing_ok=True)
+    zoo = load_zoo(root)
+    _log(format_build_report(zoo), progress)
+    return zoo
+
+
+def build_report_rows(zoo: Zoo, split: str = "test") -> List[Tuple[str, float, float, float, float]]:
+    """(task, base, expert on own task, LoRA on own task, task arithmetic at its best lambda)."""
+    metrics = zoo.manifest["metrics"]
+    ta = metrics["task_arithmetic"]
+    best = ta["grid"][f"{ta['lambda']:g}"]
+    return [
+        (
+            task,
+            metrics["base"][task][split],
+            metrics["experts"][task][task][split],
+            metrics["adapters"][task][split],
+            best[task][split],
+        )
+        for task in zoo.tasks
+    ]
+
+
+def format_build_report(zoo: Zoo, split: str = "test") -> str:
+    metrics = zoo.manifest["metrics"]
+    rows = build_report_rows(zoo, split)
+    lines = [
+        f"zoo {zoo.root} (preset {zoo.manifest['preset']['name']}, {zoo.manifest['parameters']:,} parameters, "
+        f"built in {zoo.manifest['build_seconds']:.0f} s)",
+        f"{split} accuracy (4-way multiple choice; task arithmetic at lambda {metrics['task_arithmetic']['lambda']:g}, picked on validation):",
+        f"  {'task':<10}{'base':>8}{'expert':>8}{'LoRA':>8}{'TA':>8}",
+    ]
+    for task, base, expert, lora, ta in rows:
+        lines.append(f"  {task:<10}{base:>8.3f}{expert:>8.3f}{lora:>8.3f}{ta:>8.3f}")
+    means = [sum(r[i] for r in rows) / len(rows) for i in range(1, 5)]
+    lines.append(f"  {'mean':<10}" + "".join(f"{m:>8.3f}" for m in means))
+    return "\n".join(lines)

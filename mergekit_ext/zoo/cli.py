@@ -1,0 +1,37 @@
+"""``mergekit-ext zoo DIR``: build the offline model family."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from mergekit_ext.zoo.presets import PRESETS
+
+
+@click.command("zoo")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="demo", show_default=True, help="size of the family")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device for training (e.g. cuda for the bench preset)")
+@click.option("--threads", type=int, help="torch CPU threads while training (default: 1 for test/demo)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def zoo_command(directory: str, preset: str, seed: int, device: str, threads: Optional[int], quiet: bool) -> None:
+    """Build the demo model family in DIRECTORY (cached: a built zoo is left as is).
+
+    A tiny Llama base pretrained on a mixture of synthetic tasks, one full
+    fine-tune and one LoRA adapter per task, lm-eval task YAMLs and held-out
+    validation/test data, and manifest.json. Prints base, experts and task
+    arithmetic accuracies.
+    """
+    from mergekit_ext.zoo.build import build_zoo, format_build_report
+    from mergekit_ext.zoo.format import ZooError
+
+    try:
+        zoo = build_zoo(directory, preset=preset, seed=seed, device=device, threads=threads, progress=not quiet)
+    except ZooError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(format_build_report(zoo))
+
+
+COMMANDS = (zoo_command,)

@@ -1,0 +1,105 @@
+"""A built zoo on disk: ``manifest.json`` (written last), task YAMLs and JSONL splits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+from mergekit_ext import io
+from mergekit_ext.zoo.tasks import TASKS
+
+ZOO_FORMAT = "mergekit-ext/zoo/1"
+ZOO_FORMATS = (ZOO_FORMAT, "mergekit-ext-zoo/1")  # the second was written by 0.1.0; read the same
+MANIFEST_NAME = "manifest.json"
+TASK_PREFIX = "zoo_"
+
+
+class ZooError(ValueError):
+    """A zoo folder that is missing, incomplete or not a zoo."""
+
+
+@dataclass
+class Zoo:
+    """A built zoo: absolute paths to everything, read from its manifest."""
+
+    root: Path
+    manifest: Dict = field(repr=False)
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self.manifest["tasks"])
+
+    @property
+    def base(self) -> Path:
+        return self.root / self.manifest["base"]
+
+    def expert(self, task: str) -> Path:
+        return self.root / self.manifest["tasks"][task]["expert"]
+
+    def adapter(self, task: str) -> Path:
+        return self.root / self.manifest["tasks"][task]["adapter"]
+
+    @property
+    def task_dir(self) -> Path:
+        return self.root / self.manifest["task_yaml_dir"]
+
+    def lm_eval_task(self, task: str, split: str = "test") -> str:
+        entry = self.manifest["tasks"][task]
+        return entry["lm_eval_task"] if split == "test" else entry["lm_eval_task_validation"]
+
+    def documents(self, task: str, split: str) -> List[Dict]:
+        return io.read_jsonl(self.root / self.manifest["tasks"][task][split])
+
+    @property
+    def eval_cache(self) -> Path:
+        return self.root / "evals"
+
+
+def load_zoo(directory: str | Path) -> Zoo:
+    """Open a built zoo; re-renders its task YAMLs if the folder was moved."""
+    root = Path(directory).absolute()
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ZooError(f"not a built zoo (no {MANIFEST_NAME}): {root} — build it with `mergekit-ext zoo {directory}`")
+    manifest = io.read_json_object(manifest_path, error=ZooError)
+    if manifest.get("format") not in ZOO_FORMATS:
+        raise ZooError(f"{manifest_path} is not a {ZOO_FORMAT} manifest")
+    zoo = Zoo(root, manifest)
+    if manifest.get("root") != str(root):
+        write_task_yamls(zoo.root, manifest["tasks"])
+        manifest["root"] = str(root)
+        io.write_json(manifest_path, manifest)
+    return zoo
+
+
+def write_task_yamls(root: Path, tasks: Dict[str, Dict]) -> None:
+    # lm-eval's json loader needs absolute data paths; both splits are listed so
+    # either YAML can be read on its own.
+    folder = root / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, entry in tasks.items():
+        data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
+        for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
+            lines = [
+                f"# {TASKS[name].description}",
+                f"task: {task_name}",
+                "dataset_path: json",
+                "dataset_kwargs:",
+                "  data_files:",
+                f"    validation: {json.dumps(data_files['validation'])}",
+                f"    test: {json.dumps(data_files['test'])}",
+                f"test_split: {split}",
+                "output_type: multiple_choice",
+                'doc_to_text: "{{query}}"',
+                "doc_to_choice: choices",
+                "doc_to_target: label",
+                "metric_list:",
+                "  - metric: acc",
+                "    aggregation: mean",
+                "    higher_is_better: true",
+                "metadata:",
+                "  version: 1.0",
+            ]
+            (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")

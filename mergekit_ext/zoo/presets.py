@@ -1,0 +1,105 @@
+"""Zoo presets: model size, training schedule and data sizes per named family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from mergekit_ext.zoo.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    tasks: Tuple[str, ...]
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate_size: int
+    pretrain_steps: int
+    pretrain_lr: float
+    finetune_steps: int
+    finetune_lr: float
+    lora_steps: int
+    lora_lr: float
+    lora_rank: int
+    batch_size: int
+    validation_items: int
+    test_items: int
+    lambda_grid: Tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    # Pretraining stops feeding a task (down to ``mixture_floor`` of its share, so
+    # it is not forgotten) once the base reaches ``base_target`` accuracy on it,
+    # measured every ``probe_every`` steps on probe items drawn like training
+    # data; it stops when every task is there or after ``pretrain_steps``. The
+    # tasks learn at very different speeds, and this makes the base about
+    # equally (half) competent on all of them: the regime where merges can win.
+    base_target: Optional[float] = None
+    mixture_floor: float = 0.1
+    probe_every: int = 20
+    probe_items: int = 48
+
+
+PRESETS: Dict[str, Preset] = {
+    "test": Preset(
+        name="test",
+        tasks=("reverse", "dup", "next", "count"),
+        hidden_size=32,
+        layers=2,
+        heads=2,
+        intermediate_size=64,
+        pretrain_steps=300,
+        pretrain_lr=3e-3,
+        finetune_steps=80,
+        finetune_lr=2e-3,
+        lora_steps=40,
+        lora_lr=3e-3,
+        lora_rank=2,
+        batch_size=32,
+        validation_items=40,
+        test_items=60,
+        lambda_grid=(0.5, 1.0),
+        base_target=0.6,
+    ),
+    "demo": Preset(
+        name="demo",
+        tasks=("reverse", "dup", "next", "count"),
+        hidden_size=64,
+        layers=3,
+        heads=4,
+        intermediate_size=128,
+        pretrain_steps=400,
+        pretrain_lr=3e-3,
+        finetune_steps=100,
+        finetune_lr=7e-4,
+        lora_steps=100,
+        lora_lr=3e-3,
+        lora_rank=4,
+        batch_size=64,
+        validation_items=100,
+        test_items=200,
+        base_target=0.5,
+        probe_every=10,
+    ),
+    "bench": Preset(
+        name="bench",
+        tasks=tuple(TASKS),
+        hidden_size=256,
+        layers=6,
+        heads=8,
+        intermediate_size=704,
+        pretrain_steps=3000,
+        pretrain_lr=1e-3,
+        finetune_steps=200,
+        finetune_lr=2e-4,
+        lora_steps=200,
+        lora_lr=1e-3,
+        lora_rank=8,
+        batch_size=64,
+        validation_items=200,
+        test_items=500,
+        lambda_grid=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+        base_target=0.6,
+        probe_every=50,
+        probe_items=64,
+    ),
+}

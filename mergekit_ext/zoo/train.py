@@ -1,0 +1,140 @@
+"""Training the zoo's models and scoring them in process (the same numbers as lm-eval's ``acc``)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Dict, Sequence
+
+import torch
+
+from mergekit_ext.modeling import pad_right
+from mergekit_ext.zoo.tasks import ZooTask
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _encode_pairs(tokenizer, contexts: Sequence[str], continuations: Sequence[str]):
+    """Token ids of context+continuation and where the continuation starts (lm-eval's split)."""
+    context_ids = tokenizer(list(contexts), add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer([c + d for c, d in zip(contexts, continuations)], add_special_tokens=False)["input_ids"]
+    return whole_ids, [len(ids) for ids in context_ids]
+
+
+def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, size: int, held_out: set, device, weights=None):
+    contexts, continuations = [], []
+    while len(contexts) < size:
+        task = rng.choices(tasks, weights=weights)[0] if weights else tasks[rng.randrange(len(tasks))]
+        query, answer, _ = task.make(rng)
+        if query in held_out:
+            continue
+        contexts.append(query)
+        continuations.append(" " + answer)
+    sequences, starts = _encode_pairs(tokenizer, contexts, continuations)
+    ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
+    labels = torch.full_like(ids, -100)
+    for row, (sequence, start) in enumerate(zip(sequences, starts)):
+        # Loss on the answer only: the inputs are random strings, not worth modelling.
+        labels[row, start : len(sequence)] = ids[row, start : len(sequence)]
+    return ids, mask, labels
+
+
+def train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True, weights=None, check=None, check_every=20):
+    """AdamW with warmup and cosine decay on answer-token loss.
+
+    ``check(step)``, called every ``check_every`` steps, returns new mixture
+    weights, or None to stop early.
+    """
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    warmup_steps = max(1, steps // 20) if warmup else 0
+
+    def learning_rate(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
+    model.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=description, disable=not progress, leave=False)
+    loss_value = float("nan")
+    for step in bar:
+        ids, mask, labels = _training_batch(tokenizer, tasks, rng, batch_size, held_out, device, weights)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_value = loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        if check is not None and (step + 1) % check_every == 0:
+            weights = check(step + 1)
+            model.train()
+            if weights is None:
+                break
+    model.eval()
+    return loss_value
+
+
+@torch.no_grad()
+def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, batch_size: int = 256, device="cpu") -> float:
+    """lm-eval's ``acc`` for the zoo's multiple-choice documents, computed in process.
+
+    Same requests as lm-eval: context = query, continuation = " " + choice,
+    score = sum of the continuation's token log-probs, prediction = argmax.
+    """
+    contexts, continuations, owners = [], [], []
+    for index, document in enumerate(documents):
+        for choice in document["choices"]:
+            contexts.append(document["query"])
+            continuations.append(" " + choice)
+            owners.append(index)
+    sequences, starts = _encode_pairs(tokenizer, contexts, continuations)
+    scores = torch.empty(len(sequences), dtype=torch.float64)
+    model.eval()
+    for first in range(0, len(sequences), batch_size):
+        chunk = sequences[first : first + batch_size]
+        ids, mask = pad_right(chunk, tokenizer.pad_token_id or 0, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for row, sequence in enumerate(chunk):
+            start = starts[first + row]
+            targets = ids[row, start : len(sequence)]
+            picked = log_probs[row, start - 1 : len(sequence) - 1].gather(-1, targets[:, None])
+            scores[first + row] = picked.sum().double()
+    correct = 0
+    offset = 0
+    for document in documents:
+        count = len(document["choices"])
+        prediction = int(torch.argmax(scores[offset : offset + count]))
+        correct += int(prediction == document["label"])
+        offset += count
+    return correct / max(1, len(documents))
+
+
+def load_causal_lm(path, device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+
+
+def merge_in_memory(
+    base: Dict[str, torch.Tensor],
+    experts: Dict[str, Dict[str, torch.Tensor]],
+    method: str,
+    parameters: Dict[str, object],
+) -> Dict[str, torch.Tensor]:
+    """A merge of all experts onto the base by mergekit's own engine, in memory (for grids)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    import mergekit_ext  # noqa: F401  (registers this package's methods too)
+
+    models = {"base": base, **{f"expert_{name}": state for name, state in experts.items()}}
+    return merge_state_dicts(models, method, base="base", parameters=dict(parameters), dtype=torch.float32)
