@@ -36,16 +36,11 @@ from mergekit_ext.methods.iso import (
     DEFAULT_LAMBDA,
     SVD_METHOD,
 )
-from mergekit_ext.methods.tsv.kernel import (
-    check_matrix,
-    check_scale,
-    orthogonalized_stack,
-    weighted_task_vectors,
-)
 from mergekit_ext.tensors import (
-    compute_dtype,
+    orthogonalized_stack,
     polar_factor,
     singular_value_tolerance,
+    subspace_merge,
     truncated_svd,
 )
 
@@ -95,15 +90,6 @@ def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch
     return (left * sigma.mean()) @ right
 
 
-def _merge(base, models, *, lam, weights, is_matrix, method, update) -> torch.Tensor:
-    check_scale(lam, method)
-    matrix = check_matrix(base, is_matrix, method)
-    vectors = weighted_task_vectors(base, models, weights, method)
-    delta = update(vectors) if matrix else vectors.mean(dim=0)
-    del vectors
-    return delta.mul_(lam).add_(base.to(compute_dtype(base))).to(base.dtype)
-
-
 def iso_c_merge(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -113,7 +99,7 @@ def iso_c_merge(
     is_matrix: Optional[bool] = None,
 ) -> torch.Tensor:
     """Iso-C for one tensor; returns the dtype of ``base``. ``is_matrix`` defaults to "2-D"."""
-    return _merge(base, models, lam=lam, weights=weights, is_matrix=is_matrix, method="iso_c", update=iso_c_update)
+    return subspace_merge(base, models, iso_c_update, lam=lam, weights=weights, is_matrix=is_matrix, method="iso_c")
 
 
 def iso_cts_merge(
@@ -128,12 +114,12 @@ def iso_cts_merge(
     """Iso-CTS for one tensor; returns the dtype of ``base``. ``is_matrix`` defaults to "2-D"."""
     if not 0 < common_space_fraction <= 1:
         raise ValueError(f"iso_cts: common_space_fraction must be in (0, 1], got {common_space_fraction!r}")
-    return _merge(
+    return subspace_merge(
         base,
         models,
+        lambda vectors: iso_cts_update(vectors, common_space_fraction),
         lam=lam,
         weights=weights,
         is_matrix=is_matrix,
         method="iso_cts",
-        update=lambda vectors: iso_cts_update(vectors, common_space_fraction),
     )

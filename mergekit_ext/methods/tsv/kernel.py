@@ -23,67 +23,12 @@ Conventions where the paper is silent:
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
 from mergekit_ext.methods.tsv import DEFAULT_LAMBDA, SVD_METHOD
-from mergekit_ext.tensors import (
-    compute_dtype,
-    polar_factor,
-    singular_value_tolerance,
-    task_vectors,
-    truncated_svd,
-)
-
-
-def weighted_task_vectors(
-    base: torch.Tensor, models: Sequence[torch.Tensor], weights: Optional[Sequence[float]], method: str
-) -> torch.Tensor:
-    """``wt·(θt − θ0)`` stacked [T, *base.shape] in the compute dtype; weights finite and > 0."""
-    if not models:
-        raise ValueError(f"{method} needs at least one model")
-    if weights is None:
-        weights = [1.0] * len(models)
-    weights = [float(weight) for weight in weights]
-    if len(weights) != len(models) or not all(math.isfinite(w) and w > 0 for w in weights):
-        raise ValueError(f"{method}: need one finite weight > 0 per model, got {weights}")
-    vectors = task_vectors(base, models)
-    if any(weight != 1.0 for weight in weights):
-        scale = torch.tensor(weights, dtype=vectors.dtype, device=vectors.device)
-        vectors.mul_(scale.reshape(-1, *([1] * base.dim())))
-    return vectors
-
-
-def check_scale(lam: float, method: str) -> None:
-    if not math.isfinite(lam):
-        raise ValueError(f"{method}: lambda must be finite, got {lam!r}")
-
-
-def check_matrix(base: torch.Tensor, is_matrix: Optional[bool], method: str) -> bool:
-    """Resolve ``is_matrix`` (default: any 2-D tensor) and refuse a non-2-D 'matrix'."""
-    if is_matrix is None:
-        return base.dim() == 2
-    if is_matrix and base.dim() != 2:
-        raise ValueError(f"{method}: is_matrix=True needs a 2-D tensor, got shape {tuple(base.shape)}")
-    return bool(is_matrix)
-
-
-def orthogonalized_stack(
-    left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``polar(Û), ŝ, polar(V̂ᵀ)`` of stacked triplets ([m, K], [K], [K, n]), numerically zero σ dropped.
-
-    Shared with Iso-CTS, which stacks the same way. Returns K = 0 factors when
-    every σ is zero.
-    """
-    largest = float(sigma.max()) if sigma.numel() else 0.0
-    kept = sigma > singular_value_tolerance((left.shape[0], right.shape[1]), largest, sigma.dtype)
-    left, sigma, right = left[:, kept], sigma[kept], right[kept]
-    if sigma.numel() == 0:
-        return left, sigma, right
-    return polar_factor(left), sigma, polar_factor(right)
+from mergekit_ext.tensors import orthogonalized_stack, subspace_merge, truncated_svd
 
 
 def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
@@ -120,9 +65,4 @@ def tsv_merge(
     ``is_matrix`` says whether to merge by task singular vectors (default: any
     2-D tensor); otherwise the result is ``θ0 + λ·mean_t wt τt``.
     """
-    check_scale(lam, "tsv_m")
-    matrix = check_matrix(base, is_matrix, "tsv_m")
-    vectors = weighted_task_vectors(base, models, weights, "tsv_m")
-    update = tsv_update(vectors) if matrix else vectors.mean(dim=0)
-    del vectors
-    return update.mul_(lam).add_(base.to(compute_dtype(base))).to(base.dtype)
+    return subspace_merge(base, models, tsv_update, lam=lam, weights=weights, is_matrix=is_matrix, method="tsv_m")
