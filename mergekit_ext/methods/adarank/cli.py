@@ -88,7 +88,7 @@ def adarank_group() -> None:
 @click.option("--dtype", default=None, help="Output dtype for --merge-out (default: the models').")
 @click.option("--overwrite", is_flag=True, help="Replace --out and --merge-out if they exist.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def learn_command(models, out, base, zoo_dir, prompt_files, variant, prior, init_rank_ratio, max_rank_ratio, steps, lr, batch_size, seed, add_special_tokens, device, merge_out, dtype, overwrite, quiet) -> None:
+def learn_command(models, out, base, zoo_dir, prompt_files, merge_out, dtype, overwrite, quiet, **learn_options) -> None:
     """Learn AdaRank masks and coefficients for MODELS and write them to --out."""
     out_path = Path(out).absolute()
     if out_path.exists() and not overwrite:
@@ -99,18 +99,7 @@ def learn_command(models, out, base, zoo_dir, prompt_files, variant, prior, init
     from mergekit_ext.methods.adarank.format import write_learned_file
 
     models, base, names, pools = _resolve_inputs(models, base, zoo_dir, prompt_files)
-    options = learn.LearnOptions(
-        variant=variant,
-        prior=prior,
-        init_rank_ratio=init_rank_ratio,
-        max_rank_ratio=max_rank_ratio,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        add_special_tokens=add_special_tokens,
-        device=device,
-    )
+    options = learn.LearnOptions(**learn_options)  # the remaining options are LearnOptions' fields, by name
     result = learn.learn(models, pools, base=base, options=options, task_names=names, progress=not quiet)
     write_learned_file(out_path, result.masks, result.coefficients, result.info)
     for line in learn.describe(result.info):

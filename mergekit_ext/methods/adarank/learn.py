@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -145,6 +145,8 @@ def zoo_prompts(zoo, task: str, split: str = "validation") -> List[str]:
 
 @dataclass
 class _Entry:
+    """One tensor of the merge: its origin and either its task vectors or their top-band SVD."""
+
     name: str
     column: int
     origin: torch.Tensor
@@ -158,16 +160,134 @@ def _encode(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> List
     return [ids for ids in encoded if ids]
 
 
-def _batch(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple:
-    ids, attention = pad_right(sequences, pad_id, device)
-    return ids, attention, attention.sum(dim=1)
-
-
 def answer_entropy(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the next-token distribution after each (right-padded) prompt: [batch]."""
     last = logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1].float()
     log_probs = torch.log_softmax(last, dim=-1)
     return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def _open_inputs(model_paths: Sequence[Path], base_path: Optional[Path]):
+    """Loaders for the models (and base), checked to hold the same tensors."""
+    reference_path = base_path or model_paths[0]
+    reference = io.open_model(reference_path)
+    loaders = [io.open_model(path) for path in model_paths]
+    for path, loader in zip(model_paths, loaders):
+        io.check_same_tensors(reference, loader, reference_label=str(reference_path), other_label=str(path))
+    return reference_path, reference, loaders
+
+
+def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptions", device, *, progress: bool) -> List[_Entry]:
+    """Origins and task vectors tensor by tensor; matrices keep only their top-band SVD and get mask logits."""
+    from tqdm.auto import tqdm
+
+    count = len(loaders)
+    entries: List[_Entry] = []
+    for name in tqdm(io.tensor_names(reference), desc="adarank: factorise task vectors", disable=not progress, leave=False):
+        first = reference.get_tensor(name)
+        if not first.is_floating_point():
+            continue
+        tensors = [loader.get_tensor(name) for loader in loaders]
+        for path, tensor in zip(model_paths, tensors):
+            io.check_shape(name, tensor, first, label=str(path), reference_label="the first input")
+        base_tensor = base_loader.get_tensor(name).to(device, torch.float32) if base_loader is not None else None
+        origin, vectors = origin_and_vectors(base_tensor, [t.to(device, torch.float32) for t in tensors], options.variant)
+        entry = _Entry(name=name, column=len(entries), origin=origin)
+        if is_block_matrix(name, first.shape):
+            band = band_rank(first.shape, options.max_rank_ratio)
+            entry.factors = factorize(vectors, band, svd=options.svd)
+            entry.logits = torch.nn.Parameter(initial_logits(count, first.shape, band, options.init_rank_ratio).to(device))
+        else:
+            entry.vectors = vectors
+        entries.append(entry)
+        del tensors, vectors
+    if not any(entry.logits is not None for entry in entries):
+        raise ValueError("adarank: no matrix tensors found (2-D weights inside transformer blocks)")
+    return entries
+
+
+class MergedModel:
+    """The merged weights as a differentiable function of masks and coefficients, run through one
+    float32 copy of the architecture (``torch.func.functional_call``)."""
+
+    def __init__(self, skeleton, entries: List[_Entry], coefficients: torch.nn.Parameter):
+        self.skeleton = skeleton
+        self.entries = entries
+        self.coefficients = coefficients
+        self._module_keys = set(skeleton.state_dict().keys())
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return [self.coefficients] + [entry.logits for entry in self.entries if entry.logits is not None]
+
+    def weights(self) -> Dict[str, torch.Tensor]:
+        weights = {}
+        for entry in self.entries:
+            if entry.name not in self._module_keys:
+                continue  # in the checkpoint but not in the module: keeps its prior coefficient
+            column = self.coefficients[:, entry.column]
+            if entry.factors is not None:
+                mask = straight_through_mask(entry.logits, MASK_TEMPERATURE)
+                weights[entry.name] = merge_matrix(entry.origin, *entry.factors, mask, column)
+            else:
+                weights[entry.name] = merge_other(entry.origin, entry.vectors, column)
+        return weights
+
+    def logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        output = torch.func.functional_call(self.skeleton, self.weights(), args=(), kwargs={"input_ids": ids, "attention_mask": attention})
+        return output.logits
+
+
+class EntropyObjective:
+    """Per task, the mean entropy of the next-token distribution right after each prompt (where a
+    causal LM starts its answer); the loss is the sum over tasks."""
+
+    name = "entropy"
+    description = "sum over tasks of the mean entropy (nats) of the next-token distribution after each prompt"
+
+    def __init__(self, pad_id: int, device):
+        self.pad_id, self.device = pad_id, device
+
+    def __call__(self, model: MergedModel, batches: Sequence[Sequence[Sequence[int]]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        sequences = [sequence for batch in batches for sequence in batch]
+        ids, attention = pad_right(sequences, self.pad_id, self.device)
+        entropy = answer_entropy(model.logits(ids, attention), attention.sum(dim=1))
+        per_task = torch.stack([chunk.mean() for chunk in entropy.split([len(batch) for batch in batches])])
+        return per_task.sum(), per_task
+
+
+def _train(model: MergedModel, objective, pools, options: "LearnOptions", *, progress: bool) -> List[float]:
+    """Adam on masks and coefficients, one batch of prompts per task per step; the loss per step."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(options.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+    history: List[float] = []
+    bar = tqdm(range(options.steps), desc=f"adarank ({options.variant})", disable=not progress)
+    for step in bar:
+        batches = [[pool[i] for i in rng.sample(range(len(pool)), min(options.batch_size, len(pool)))] for pool in pools]
+        loss, _ = objective(model, batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+        if step % 10 == 0 or step == options.steps - 1:
+            bar.set_postfix({objective.name: f"{history[-1]:.4f}"})
+    return history
+
+
+def _hard_masks(entries: List[_Entry], options: "LearnOptions") -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """The binary masks and how many components were kept at step 0 and now, of how many candidates."""
+    masks, kept = {}, {"before": 0, "after": 0, "band": 0}
+    for entry in entries:
+        if entry.logits is None:
+            continue
+        hard = torch.sigmoid(entry.logits.detach() / MASK_TEMPERATURE) > 0.5
+        masks[entry.name] = hard.cpu()
+        start = initial_logits(hard.shape[0], entry.origin.shape, hard.shape[1], options.init_rank_ratio) > 0
+        kept["before"] += int(start.sum())
+        kept["after"] += int(hard.sum())
+        kept["band"] += hard.numel()
+    return masks, kept
 
 
 def learn(
@@ -183,7 +303,6 @@ def learn(
 
     Deterministic for ``options.seed`` on one machine.
     """
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = options.resolved()
@@ -199,22 +318,13 @@ def learn(
     task_names = list(task_names) if task_names is not None else [path.name for path in model_paths]
     device = torch.device(options.device)
     torch.manual_seed(options.seed)
-    rng = random.Random(options.seed)
 
-    reference_path = base_path or model_paths[0]
-    reference = io.open_model(reference_path)
-    loaders = [io.open_model(path) for path in model_paths]
-    for path, loader in zip(model_paths, loaders):
-        io.check_same_tensors(reference, loader, reference_label=str(reference_path), other_label=str(path))
-    base_loader = reference if base_path is not None else None
-
+    reference_path, reference, loaders = _open_inputs(model_paths, base_path)
     skeleton = AutoModelForCausalLM.from_pretrained(str(reference_path), dtype=torch.float32).to(device).eval()
     for parameter in skeleton.parameters():
         parameter.requires_grad_(False)
-    module_keys = set(skeleton.state_dict().keys())
     tokenizer = AutoTokenizer.from_pretrained(str(reference_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     pools = []
     for name, pool in zip(task_names, prompts):
         encoded = _encode(tokenizer, pool, options.add_special_tokens)
@@ -222,94 +332,21 @@ def learn(
             raise ValueError(f"adarank: no non-empty prompts for {name}")
         pools.append(encoded)
 
-    # Origins, task vectors and their factorisations, tensor by tensor.
-    entries: List[_Entry] = []
-    names = [name for name in io.tensor_names(reference)]
-    for name in tqdm(names, desc="adarank: factorise task vectors", disable=not progress, leave=False):
-        first = reference.get_tensor(name)
-        if not first.is_floating_point():
-            continue
-        tensors = [loader.get_tensor(name) for loader in loaders]
-        for path, tensor in zip(model_paths, tensors):
-            if tensor.shape != first.shape:
-                raise ValueError(
-                    f"adarank: tensor {name} has shape {list(tensor.shape)} in {path} but {list(first.shape)} in {reference_path}"
-                )
-        base_tensor = base_loader.get_tensor(name).to(device, torch.float32) if base_loader is not None else None
-        origin, vectors = origin_and_vectors(base_tensor, [t.to(device, torch.float32) for t in tensors], options.variant)
-        entry = _Entry(name=name, column=len(entries), origin=origin)
-        if is_block_matrix(name, first.shape):
-            band = band_rank(first.shape, options.max_rank_ratio)
-            entry.factors = factorize(vectors, band, svd=options.svd)
-            entry.logits = torch.nn.Parameter(
-                initial_logits(count, first.shape, band, options.init_rank_ratio).to(device)
-            )
-        else:
-            entry.vectors = vectors
-        entries.append(entry)
-        del tensors, vectors
-    if not any(entry.logits is not None for entry in entries):
-        raise ValueError("adarank: no matrix tensors found (2-D weights inside transformer blocks)")
-
+    entries = factorise(reference, loaders, model_paths, reference if base_path is not None else None, options, device, progress=progress)
     coefficients = torch.nn.Parameter(torch.full((count, len(entries)), options.prior, device=device))
-    parameters = [coefficients] + [entry.logits for entry in entries if entry.logits is not None]
-    optimizer = torch.optim.Adam(parameters, lr=options.lr)
-
-    def merged_weights() -> Dict[str, torch.Tensor]:
-        weights = {}
-        for entry in entries:
-            if entry.name not in module_keys:
-                continue  # in the checkpoint but not in the module: keeps its prior coefficient
-            column = coefficients[:, entry.column]
-            if entry.factors is not None:
-                mask = straight_through_mask(entry.logits, MASK_TEMPERATURE)
-                weights[entry.name] = merge_matrix(entry.origin, *entry.factors, mask, column)
-            else:
-                weights[entry.name] = merge_other(entry.origin, entry.vectors, column)
-        return weights
-
-    def objective(batches) -> tuple:
-        """Summed over tasks of the mean answer entropy; also the per-task means."""
-        weights = merged_weights()
-        sequences = [sequence for batch in batches for sequence in batch]
-        ids, attention, lengths = _batch(sequences, pad_id, device)
-        output = torch.func.functional_call(skeleton, weights, args=(), kwargs={"input_ids": ids, "attention_mask": attention})
-        entropy = answer_entropy(output.logits, lengths)
-        per_task = torch.stack([chunk.mean() for chunk in entropy.split([len(batch) for batch in batches])])
-        return per_task.sum(), per_task
+    model = MergedModel(skeleton, entries, coefficients)
+    objective = EntropyObjective(pad_id, device)
 
     evaluation = [pool[: options.batch_size] for pool in pools]  # fixed: before/after on the same prompts
     with torch.no_grad():
-        before_total, before_tasks = objective(evaluation)
-
-    history: List[float] = []
-    bar = tqdm(range(options.steps), desc=f"adarank ({options.variant})", disable=not progress)
-    for step in bar:
-        batches = [[pool[i] for i in rng.sample(range(len(pool)), min(options.batch_size, len(pool)))] for pool in pools]
-        loss, _ = objective(batches)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
-        if step % 10 == 0 or step == options.steps - 1:
-            bar.set_postfix(entropy=f"{history[-1]:.4f}")
-
+        before_total, before_tasks = objective(model, evaluation)
+    history = _train(model, objective, pools, options, progress=progress)
     with torch.no_grad():
-        after_total, after_tasks = objective(evaluation)
+        after_total, after_tasks = objective(model, evaluation)
 
-    masks = {}
-    kept_before = kept_after = total_band = 0
-    for entry in entries:
-        if entry.logits is None:
-            continue
-        hard = torch.sigmoid(entry.logits.detach() / MASK_TEMPERATURE) > 0.5
-        masks[entry.name] = hard.cpu()
-        kept_after += int(hard.sum())
-        kept_before += int((initial_logits(count, entry.origin.shape, hard.shape[1], options.init_rank_ratio) > 0).sum())
-        total_band += hard.numel()
-    learned_coefficients = {entry.name: coefficients.detach()[:, entry.column].cpu() for entry in entries}
+    masks, kept = _hard_masks(entries, options)
     final = coefficients.detach()
-
+    learned_coefficients = {entry.name: final[:, entry.column].cpu() for entry in entries}
     info = {
         "variant": options.variant,
         "prior": options.prior,
@@ -323,7 +360,7 @@ def learn(
         "base": None if base_path is None else {"path": str(base_path), "content_hash": io.content_hash(base_path)},
         "tensors": len(entries),
         "matrices": len(masks),
-        "objective": "sum over tasks of the mean entropy (nats) of the next-token distribution after each prompt",
+        "objective": objective.description,
         "training": {
             "steps": options.steps,
             "lr": options.lr,
@@ -334,7 +371,7 @@ def learn(
         },
         "entropy_before": {"total": float(before_total), **dict(zip(task_names, map(float, before_tasks)))},
         "entropy_after": {"total": float(after_total), **dict(zip(task_names, map(float, after_tasks)))},
-        "kept_components": {"before": kept_before, "after": kept_after, "band": total_band},
+        "kept_components": kept,
         "coefficients": {"mean": float(final.mean()), "min": float(final.min()), "max": float(final.max())},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
