@@ -53,6 +53,48 @@ def load_model(path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+def merge_config(method, paths, names, *, parameters=None, weights=None, model_parameters=None, base=True, dtype="float32") -> dict:
+    """A mergekit config dict: ``paths[name]`` for each of ``names`` (in order), ``paths["base"]`` as base.
+
+    ``weights`` sets per-model ``weight`` (default 1.0 for every model when given,
+    absent otherwise); ``model_parameters`` gives other per-model parameters.
+    """
+    models = []
+    for name in names:
+        entry = {"model": str(paths[name])}
+        per_model = dict((model_parameters or {}).get(name, {}))
+        if weights is not None:
+            per_model["weight"] = weights.get(name, 1.0)
+        if per_model:
+            entry["parameters"] = per_model
+        models.append(entry)
+    config = {"merge_method": method, "dtype": dtype, "parameters": dict(parameters or {}), "models": models}
+    if base:
+        config["base_model"] = str(paths["base"])
+    return config
+
+
+def invoke(*args):
+    """Run a ``mergekit-ext`` command in process (click's runner); returns the click result."""
+    from click.testing import CliRunner
+
+    from mergekit_ext.cli import main
+
+    return CliRunner().invoke(main, [str(argument) for argument in args])
+
+
+def model_logits(model_path, adapter=None) -> torch.Tensor:
+    """Logits of a model folder (optionally with a peft adapter on top) on fixed tokens."""
+    from peft import PeftModel
+
+    model = load_model(model_path)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    tokens = torch.arange(4, 28).reshape(2, 12)
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
 def mergekit_env() -> dict:
     """Environment for subprocesses: this checkout first on the path, offline."""
     env = dict(os.environ)

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import run_merge_in_process, run_mergekit_yaml
+from conftest import merge_config, run_merge_in_process, run_mergekit_yaml
 
 from mergekit_ext.methods.adarank import MASK_TEMPERATURE
 from mergekit_ext.methods.adarank.format import open_learned_file, write_learned_file
@@ -58,15 +58,7 @@ def _write(result, path):
 
 
 def _config(family, file, order=MODELS, base=True, **parameters):
-    config = {
-        "merge_method": "adarank",
-        "dtype": "float32",
-        "models": [{"model": str(family[name])} for name in order],
-        "parameters": {"file": str(file), **parameters},
-    }
-    if base:
-        config["base_model"] = str(family["base"])
-    return config
+    return merge_config("adarank", family, order, parameters={"file": str(file), **parameters}, base=base)
 
 
 # ---------------------------------------------------------------- kernels

@@ -10,7 +10,12 @@ import re
 
 import pytest
 import torch
-from conftest import low_rank_approximation, run_merge_in_process, run_mergekit_yaml
+from conftest import (
+    low_rank_approximation,
+    merge_config,
+    run_merge_in_process,
+    run_mergekit_yaml,
+)
 from mergekit.merge_methods import merge_tensors
 
 from mergekit_ext.methods.cart.kernel import cart_merge
@@ -146,17 +151,7 @@ def test_default_svd_matches_full_svd_on_realistic_spectrum():
 
 
 def _config(paths, names, *, parameters=None, weights=None, base=True, dtype="float32"):
-    config = {
-        "merge_method": "cart",
-        "dtype": dtype,
-        "parameters": parameters or {},
-        "models": [
-            {"model": str(paths[name]), "parameters": {"weight": (weights or {}).get(name, 1.0)}} for name in names
-        ],
-    }
-    if base:
-        config["base_model"] = str(paths["base"])
-    return config
+    return merge_config("cart", paths, names, parameters=parameters, weights=weights or {}, base=base, dtype=dtype)
 
 
 def _check_against_reference(out_dir, paths, names, matrices, *, rank_ratio, scale, weights=None):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_merge_in_process, run_mergekit_yaml
+from conftest import merge_config, run_merge_in_process, run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
 
 from mergekit_ext.methods.consensus.kernel import consensus_merge, tall_masks
@@ -47,16 +47,7 @@ def test_bf16_in_bf16_out():
 
 
 def _config(paths, method, parameters=None, model_parameters=None):
-    return {
-        "merge_method": method,
-        "base_model": str(paths["base"]),
-        "dtype": "float32",
-        "parameters": parameters or {},
-        "models": [
-            {"model": str(paths[name]), "parameters": (model_parameters or {}).get(name, {})}
-            for name in ("ft0", "ft1", "ft2")
-        ],
-    }
+    return merge_config(method, paths, ("ft0", "ft1", "ft2"), parameters=parameters, model_parameters=model_parameters)
 
 
 def test_k0_equals_task_arithmetic_through_stock_mergekit_yaml(tiny_family, tmp_path):

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import mergekit_env
+from conftest import invoke, mergekit_env
 from test_opcm import (
     paper_projection,  # the paper's formula, written once for both test files
 )
 
 from mergekit_ext import io
-from mergekit_ext.cli import main
 from mergekit_ext.methods.opcm import format as continual
 from mergekit_ext.methods.opcm.kernel import ContinualOptions
 from mergekit_ext.modeling import load_state_dict
@@ -29,7 +27,7 @@ MODELS = ("ft0", "ft1", "ft2")
 
 
 def _invoke(*args):
-    return CliRunner().invoke(main, ["continual", *map(str, args)])
+    return invoke("continual", *args)
 
 
 def _copy_family(tiny_family, root: Path) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_adapter
+from conftest import model_logits, random_adapter
 
 from mergekit_ext.adapters import peft_io as lora
 from mergekit_ext.adapters.merge import merge_factors
@@ -40,14 +40,7 @@ def lora_family(tmp_path_factory):
 
 
 def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    tokens = torch.arange(4, 24).reshape(2, 10)
-    with torch.no_grad():
-        return model(input_ids=tokens).logits
+    return model_logits(base, adapter)
 
 
 def peft_deltas(base: Path, adapter: Path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import merge_config
 
 from mergekit_ext.methods.opcm.kernel import opcm_merge, project_task_vector, split_rank
 from mergekit_ext.methods.opcm.method import opcm
@@ -124,13 +125,7 @@ def _expected_merge(paths, order, **options):
 
 
 def _config(paths, order, **parameters):
-    return {
-        "merge_method": "opcm",
-        "base_model": str(paths["base"]),
-        "models": [{"model": str(paths[name])} for name in order],
-        "parameters": parameters,
-        "dtype": "float32",
-    }
+    return merge_config("opcm", paths, order, parameters=parameters)
 
 
 def test_mergekit_yaml_opcm_matches_kernel_in_config_order(tiny_family, tmp_path):

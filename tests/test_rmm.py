@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_adapter
+from conftest import model_logits, random_adapter
 
 from mergekit_ext.adapters import peft_io as lora
 from mergekit_ext.cli import main
@@ -39,15 +39,7 @@ def family(tmp_path_factory):
 
 
 def logits(base, adapter=None, *, model_path=None):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_path or base), dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    tokens = torch.arange(4, 28).reshape(2, 12)
-    with torch.no_grad():
-        return model.eval()(input_ids=tokens).logits
+    return model_logits(model_path or base, adapter)
 
 
 def test_task_basis_is_the_best_rank_k_fit():
@@ -122,7 +114,7 @@ def test_build_and_revert_give_the_original_logits_in_peft(family, tmp_path):
     assert [task["name"] for task in manifest["tasks"]] == list(TASKS)
     assert manifest["tasks"][0]["content_hash"] == lora.adapter_hash(family["reverse"])
     assert max(manifest["reconstruction_error"].values()) < 1e-5
-    assert sorted(p.name for p in bundle.iterdir()) == ["basis_00", "basis_01", "basis_02", "coefficients.safetensors", "manifest.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == [".mergekit-ext", "basis_00", "basis_01", "basis_02", "coefficients.safetensors", "manifest.json"]
 
     for task in ("reverse", "shift"):
         out = tmp_path / f"reverted-{task}"

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_merge_in_process, run_mergekit_yaml
+from conftest import merge_config, run_merge_in_process, run_mergekit_yaml
 
 from mergekit_ext.methods.iso.kernel import iso_c_merge, iso_cts_merge
 from mergekit_ext.methods.tsv.kernel import tsv_merge
@@ -207,15 +207,7 @@ def test_kernels_refuse_bad_arguments(call):
 
 
 def _config(method, paths, names, *, parameters=None, weights=None, base=True):
-    config = {
-        "merge_method": method,
-        "dtype": "float32",
-        "parameters": parameters or {},
-        "models": [{"model": str(paths[n]), "parameters": {"weight": (weights or {}).get(n, 1.0)}} for n in names],
-    }
-    if base:
-        config["base_model"] = str(paths["base"])
-    return config
+    return merge_config(method, paths, names, parameters=parameters, weights=weights or {}, base=base)
 
 
 def _qwen2_config(vocab):

@@ -1,10 +1,9 @@
 """TALL-mask compression bundles and `mergekit-ext merge` preflight."""
 
 import torch
-from click.testing import CliRunner
+from conftest import invoke
 from transformers import AutoModelForCausalLM
 
-from mergekit_ext.cli import main
 from mergekit_ext.methods.consensus.format import pack_mask, unpack_mask
 from mergekit_ext.methods.consensus.kernel import tall_masks
 from mergekit_ext.modeling import load_state_dict
@@ -19,18 +18,13 @@ def test_pack_unpack_round_trip():
         assert torch.equal(unpack_mask(packed, shape), mask)
 
 
-def _invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
 def test_compress_recover_round_trip(tiny_family, tmp_path):
     bundle = tmp_path / "bundle"
-    result = _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], tiny_family["ft2"], bundle)
+    result = invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], tiny_family["ft2"], bundle)
     assert result.exit_code == 0, result.output
     assert "% of the inputs" in result.output and "ft1" in result.output
 
-    result = _invoke("tall", "recover", bundle, "ft1", tmp_path / "ft1")
+    result = invoke("tall", "recover", bundle, "ft1", tmp_path / "ft1")
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ft1", dtype=torch.float32)
     assert model is not None
@@ -46,8 +40,8 @@ def test_compress_recover_round_trip(tiny_family, tmp_path):
 
 def test_single_model_bundle_recovers_exactly(tiny_family, tmp_path):
     bundle = tmp_path / "one"
-    assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft2"], bundle).exit_code == 0
-    assert _invoke("tall", "recover", bundle, "ft2", tmp_path / "out").exit_code == 0
+    assert invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft2"], bundle).exit_code == 0
+    assert invoke("tall", "recover", bundle, "ft2", tmp_path / "out").exit_code == 0
     recovered, original = load_state_dict(tmp_path / "out"), load_state_dict(tiny_family["ft2"])
     for name in original:
         torch.testing.assert_close(recovered[name], original[name], msg=name)
@@ -58,16 +52,16 @@ def test_bundle_written_by_0_1_0_still_recovers(tiny_family, tmp_path):
     import json
 
     bundle = tmp_path / "bundle"
-    assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
+    assert invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
     manifest = json.loads((bundle / "bundle.json").read_text())
     for entry in [manifest["base"], *manifest["tasks"]]:
         entry["hash"] = entry.pop("content_hash")
     (bundle / "bundle.json").write_text(json.dumps(manifest))
-    assert _invoke("tall", "recover", bundle, "ft1", tmp_path / "new").exit_code == 0
-    assert _invoke("tall", "recover", bundle, "ft1", tmp_path / "other", "--base", tiny_family["ft2"]).exit_code != 0
+    assert invoke("tall", "recover", bundle, "ft1", tmp_path / "new").exit_code == 0
+    assert invoke("tall", "recover", bundle, "ft1", tmp_path / "other", "--base", tiny_family["ft2"]).exit_code != 0
     fresh = tmp_path / "fresh"
-    assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], fresh).exit_code == 0
-    assert _invoke("tall", "recover", fresh, "ft1", tmp_path / "reference").exit_code == 0
+    assert invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], fresh).exit_code == 0
+    assert invoke("tall", "recover", fresh, "ft1", tmp_path / "reference").exit_code == 0
     new, reference = load_state_dict(tmp_path / "new"), load_state_dict(tmp_path / "reference")
     for name in reference:
         assert torch.equal(new[name], reference[name]), name
@@ -75,17 +69,17 @@ def test_bundle_written_by_0_1_0_still_recovers(tiny_family, tmp_path):
 
 def test_recover_against_another_base_is_refused(tiny_family, tmp_path):
     bundle = tmp_path / "bundle"
-    assert _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
-    result = _invoke("tall", "recover", bundle, "ft0", tmp_path / "out", "--base", tiny_family["ft2"])
+    assert invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
+    result = invoke("tall", "recover", bundle, "ft0", tmp_path / "out", "--base", tiny_family["ft2"])
     assert result.exit_code != 0
     assert "not the model this bundle was compressed against" in result.output
     assert not (tmp_path / "out").exists()
-    result = _invoke("tall", "recover", bundle, "nope", tmp_path / "out")
+    result = invoke("tall", "recover", bundle, "nope", tmp_path / "out")
     assert result.exit_code != 0 and "not in bundle" in result.output
 
 
 def test_compress_refuses_missing_path_and_leaves_nothing(tiny_family, tmp_path):
-    result = _invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tmp_path / "missing", tmp_path / "b")
+    result = invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tmp_path / "missing", tmp_path / "b")
     assert result.exit_code != 0
     assert "does not exist" in result.output
     assert not (tmp_path / "b").exists()
@@ -114,7 +108,7 @@ def test_merge_command_preflight_refuses_shape_mismatch(tiny_family, tmp_path):
         {"merge_method": "consensus_ta", "base_model": str(tiny_family["base"]),
          "models": [{"model": str(tiny_family["ft0"])}, {"model": str(wide)}]},
     )
-    result = _invoke("merge", config, tmp_path / "out", "--no-write-model-card", "--quiet")
+    result = invoke("merge", config, tmp_path / "out", "--no-write-model-card", "--quiet")
     assert result.exit_code != 0
     assert "do not share an architecture" in result.output and "wide" in result.output
     assert not (tmp_path / "out").exists()
@@ -126,8 +120,8 @@ def test_merge_command_writes_atomically(tiny_family, tmp_path):
         {"merge_method": "consensus_ta", "base_model": str(tiny_family["base"]), "dtype": "float32",
          "models": [{"model": str(tiny_family[n])} for n in ("ft0", "ft1", "ft2")]},
     )
-    result = _invoke("merge", config, tmp_path / "out", "--no-write-model-card", "--quiet")
+    result = invoke("merge", config, tmp_path / "out", "--no-write-model-card", "--quiet")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "config.json").is_file()
-    result = _invoke("merge", config, tmp_path / "out", "--no-write-model-card", "--quiet")
+    result = invoke("merge", config, tmp_path / "out", "--no-write-model-card", "--quiet")
     assert result.exit_code != 0 and "already exists" in result.output

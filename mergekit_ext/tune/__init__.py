@@ -1,0 +1,108 @@
+"""``mergekit-ext tune``: choose a merge method and its parameters on validation tasks, report on test.
+
+Parts: ``space.py`` (the SPACE file: parsing, validation, ``DEFAULT_SPACES``),
+``study.py`` (the Optuna search; ``score_config``, the trial runner a
+benchmark can call on its own), ``report.py`` (``best.yml``, Markdown, JSON,
+PNGs), ``cli.py`` (``tune_command``, the click command named ``tune``).
+
+The SPACE file
+--------------
+
+An ordinary mergekit YAML plus a ``tune:`` block::
+
+    base_model: /models/base          # mergekit's fields as usual (relative paths: from the
+    models:                           # working directory, else from this file's folder)
+      - model: /models/a
+      - model: /models/b
+    dtype: float32
+    parameters: {normalize: true}     # optional; fixed for every method, tuned values win
+    tune:
+      methods:                        # method -> {parameter: domain}
+        task_arithmetic: {lambda: [0.3, 0.5, 1.0]}             # list: the values to try
+        cart: {rank_ratio: [0.05, 0.15], lambda: {low: 0.5, high: 2.0}}   # range (log: true, step: S)
+        ties: {density: 0.5, lambda: [0.6, 1.0]}               # scalar: fixed, not searched
+        opcm: {}                                               # the method's own defaults
+      tasks:
+        validation: [zoo_a_val, zoo_b_val]   # settings are chosen on these only
+        test: [zoo_a, zoo_b]                 # reported; pairs with validation in order
+      include_path: ./tasks                  # folder of lm-eval task YAMLs
+      reference: {zoo_a: /models/a, zoo_b: /models/b}   # optional; or one model for every task
+      metric: acc                            # optional; default: each task's first lm-eval metric
+      limit: 100                             # optional: documents per task
+      trials: 8                              # optional: default the whole grid, or 30 with ranges
+      seed: 0
+      prune: true
+
+``tune.methods`` may also be a list of names (each with its default space) or
+be left out: then every method of this package (but those needing a learned
+file) plus mergekit's ``task_arithmetic`` and ``ties`` are tried, with the
+small spaces of ``space.DEFAULT_SPACES``; a top-level ``merge_method:`` alone
+tunes that method. Parameters are checked before anything is merged: unknown
+methods or parameters, values the method's ``ParameterSpec`` refuses, empty
+task lists or no models fail with one line naming the file and the culprit.
+Per-model parameters (``weight``, ``density``) go in the top-level
+``parameters:`` block, which mergekit reads as every model's default;
+mergekit's required ``weight`` is 1.0 unless given. Higher scores are better.
+
+Protocol: a grid (GridSampler) when every domain is a list, else seeded TPE;
+after each validation task the running mean is reported as an intermediate
+value, and ``study.HopelessPruner`` stops a trial whose running mean falls
+more than 2 standard errors (lm-eval's) below the best finished trial's at
+the same step (a method's first trial is never pruned). Each method's
+validation-best setting is scored once on the test tasks, beside the base,
+the reference and plain task arithmetic (weight 1, lambda 1), with lm-eval's
+standard errors. The study (``OUT_DIR/study.db`` or ``--storage``) makes runs
+resumable and shareable between workers.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+# Public names, loaded on first use so that importing the command stays cheap.
+_EXPORTS = {
+    "DEFAULT_SPACES": "space",
+    "SpaceError": "space",
+    "TuneSpace": "space",
+    "MethodSpace": "space",
+    "Choice": "space",
+    "Range": "space",
+    "Fixed": "space",
+    "load_space": "space",
+    "parse_space": "space",
+    "default_method_names": "space",
+    "TaskScore": "study",
+    "EvalSettings": "study",
+    "RunOptions": "study",
+    "TuneError": "study",
+    "HopelessPruner": "study",
+    "read_metric": "study",
+    "score_model": "study",
+    "score_config": "study",
+    "open_study": "study",
+    "run_search": "study",
+    "finalize": "study",
+    "run_tune": "study",
+    "write_best_yaml": "report",
+    "write_reports": "report",
+    "format_markdown": "report",
+    "format_summary": "report",
+    "tune_command": "cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

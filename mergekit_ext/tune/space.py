@@ -1,0 +1,643 @@
+"""The SPACE file of ``mergekit-ext tune``: parsing, validation and the default spaces.
+
+A SPACE file is an ordinary mergekit YAML (``models``, ``base_model``,
+``dtype``, optional top-level ``parameters``...) plus a ``tune:`` block; the
+format is documented in ``mergekit_ext.tune``'s docstring. ``load_space``
+reads and checks everything that can be checked without merging (methods,
+parameter names and values, tasks, paths) and raises ``SpaceError`` with one
+line naming the file and the culprit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+# --------------------------------------------------------------------------
+# Default spaces: what `tune` tries when the SPACE names no methods.
+#
+# One small grid per method (a few settings each), around the values that won
+# on the demo zoo (see `mergekit_ext.demo`). These are starting points, not
+# tuned constants: the hard-zoo benchmark will refine them. Every method of
+# this package is tried (those that need a learned file, such as adarank, are
+# skipped); a method of this package missing from the table is tried once with
+# its own defaults. task_arithmetic and ties are mergekit's.
+DEFAULT_SPACES: Dict[str, Dict[str, Any]] = {
+    "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
+    "ties": {"density": [0.2, 0.5], "lambda": [0.6, 1.0]},
+    "consensus_ta": {"k": [1, 2], "lambda": [0.4, 0.8]},
+    "consensus_ties": {"k": [1, 2], "density": [0.2, 0.5], "lambda": 0.8},
+    "cart": {"rank_ratio": [0.05, 0.15], "lambda": [1.0, 1.5]},
+    "opcm": {"alpha": [0.5, 0.8]},
+    "rmm": {"k": [1, 2], "weight": [0.6, 1.0]},
+    "tsv_m": {"lambda": [0.5, 1.0]},
+    "iso_c": {"lambda": [1.0, 1.5]},
+    "iso_cts": {"lambda": [1.0, 1.5]},
+}
+# mergekit's methods tried by default beside every method of this package.
+DEFAULT_MERGEKIT_METHODS = ("task_arithmetic", "ties")
+
+# Trials when the SPACE and the command line give no number and the space is
+# not a finite grid (a finite grid is tried in full by default).
+DEFAULT_TRIALS = 30
+
+# Bounds mergekit's own ParameterSpecs do not state (they only say `float`).
+MERGEKIT_BOUNDS: Dict[str, Tuple[float, float]] = {"density": (0.0, 1.0), "gamma": (0.0, 1.0), "epsilon": (0.0, 1.0)}
+
+TUNE_KEYS = ("methods", "tasks", "include_path", "reference", "metric", "limit", "trials", "seed", "prune")
+
+
+class SpaceError(ValueError):
+    """A SPACE file that cannot be tuned; the message is one line naming the file and the culprit."""
+
+
+# --------------------------------------------------------------------------
+# Parameter domains.
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A finite list of values to try."""
+
+    values: Tuple[Any, ...]
+
+    def describe(self) -> str:
+        return "[" + ", ".join(format_value(v) for v in self.values) + "]"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous (or integer) interval sampled by TPE; ``step`` discretizes it."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: Optional[float] = None
+    integer: bool = False
+
+    def describe(self) -> str:
+        extra = (", log" if self.log else "") + (f", step {format_value(self.step)}" if self.step else "")
+        return f"{format_value(self.low)}..{format_value(self.high)}{extra}"
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """One value, not searched."""
+
+    value: Any
+
+    def describe(self) -> str:
+        return format_value(self.value)
+
+
+Domain = Union[Choice, Range, Fixed]
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name}={format_value(value)}" for name, value in params.items())
+
+
+def setting_label(method: str, params: Mapping[str, Any]) -> str:
+    """``ties(density=0.5, lambda=1)``: how a setting is named in reports and in the grid."""
+    return f"{method}({format_params(params)})"
+
+
+@dataclass
+class MethodSpace:
+    """One method's search space: a domain per parameter (searched or fixed)."""
+
+    name: str
+    parameters: Dict[str, Domain] = field(default_factory=dict)
+    filled: Dict[str, Any] = field(default_factory=dict)  # required values the SPACE left out (weight: 1.0)
+
+    @property
+    def finite(self) -> bool:
+        return not any(isinstance(d, Range) for d in self.parameters.values())
+
+    def grid(self) -> List[Dict[str, Any]]:
+        """Every setting of a finite space (fixed values included), in file order."""
+        names = list(self.parameters)
+        axes = [d.values if isinstance(d, Choice) else (d.value,) for d in (self.parameters[n] for n in names)]  # type: ignore[union-attr]
+        return [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+
+    def searched(self) -> List[str]:
+        return [n for n, d in self.parameters.items() if not isinstance(d, Fixed)]
+
+    def describe(self) -> str:
+        if not self.parameters:
+            return "defaults"
+        return ", ".join(f"{n}: {d.describe()}" for n, d in self.parameters.items())
+
+
+@dataclass
+class TuneSpace:
+    """A validated SPACE: the mergekit config to vary, the methods to try, the evaluation."""
+
+    source: Path
+    base_config: Dict[str, Any]  # the mergekit YAML without `tune:` and `merge_method:`, absolute paths
+    methods: Dict[str, MethodSpace]
+    validation_tasks: List[str]
+    test_tasks: List[str]
+    include_path: Path
+    reference: Optional[Dict[str, str]] = None  # test task -> model (normalized accuracy = merged / reference)
+    metric: Optional[str] = None
+    limit: Optional[int] = None
+    trials: Optional[int] = None
+    seed: int = 0
+    prune: bool = True
+    defaults_used: bool = False
+
+    @property
+    def finite(self) -> bool:
+        return all(space.finite for space in self.methods.values())
+
+    def settings(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """The finite grid over every method: (method, parameters) pairs."""
+        if not self.finite:
+            raise SpaceError(f"{self.source}: the space has ranges; it is not a finite grid")
+        return [(name, params) for name, space in self.methods.items() for params in space.grid()]
+
+    @property
+    def target_trials(self) -> int:
+        if self.trials is not None:
+            return min(self.trials, len(self.settings())) if self.finite else self.trials
+        return len(self.settings()) if self.finite else DEFAULT_TRIALS
+
+    def config(self, method: str, params: Mapping[str, Any]) -> Dict[str, Any]:
+        """The mergekit config of one setting: the SPACE's config with ``merge_method`` and ``parameters``."""
+        config = copy.deepcopy(self.base_config)
+        parameters = dict(config.get("parameters") or {})
+        parameters.update(self.methods[method].filled)
+        parameters.update(params)
+        ordered: Dict[str, Any] = {"merge_method": method}
+        for key, value in config.items():
+            if key != "parameters":
+                ordered[key] = value
+        if parameters:
+            ordered["parameters"] = parameters
+        return ordered
+
+    def reference_for(self, test_task: str) -> Optional[str]:
+        return None if self.reference is None else self.reference.get(test_task)
+
+    def fingerprint(self) -> str:
+        """What makes two runs comparable (space, tasks, evaluation); not the trial budget."""
+        description = {
+            "config": self.base_config,
+            "methods": {n: {p: _domain_json(d) for p, d in s.parameters.items()} for n, s in self.methods.items()},
+            "validation": self.validation_tasks,
+            "test": self.test_tasks,
+            "include_path": str(self.include_path),
+            "metric": self.metric,
+            "limit": self.limit,
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        lines = [f"space {self.source}" + (" (default methods)" if self.defaults_used else "")]
+        for name, space in self.methods.items():
+            lines.append(f"  {name}: {space.describe()}")
+        lines.append(f"  validation: {', '.join(self.validation_tasks)}")
+        lines.append(f"  test: {', '.join(self.test_tasks)}")
+        return "\n".join(lines)
+
+
+def _domain_json(domain: Domain) -> Any:
+    if isinstance(domain, Choice):
+        return {"choice": list(domain.values)}
+    if isinstance(domain, Range):
+        return {"low": domain.low, "high": domain.high, "log": domain.log, "step": domain.step, "int": domain.integer}
+    return {"fixed": domain.value}
+
+
+# --------------------------------------------------------------------------
+# Loading and validation.
+
+
+def load_space(path: Union[str, os.PathLike], **overrides: Any) -> TuneSpace:
+    """Read and validate a SPACE file; ``overrides`` (trials, include_path, limit, seed, metric, prune) win.
+
+    Raises ``SpaceError`` (one line: the file and the culprit) before anything is merged.
+    """
+    import yaml
+
+    source = Path(path).absolute()
+    if not source.is_file():
+        raise SpaceError(f"{source}: no such SPACE file")
+    try:
+        document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise SpaceError(f"{source}: not valid YAML: {' '.join(str(error).split())}") from None
+    return parse_space(document, source, **overrides)
+
+
+def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **overrides: Any) -> TuneSpace:
+    """Validate a SPACE already read as a dict (``source`` names it in errors)."""
+    source = Path(source)
+    where = str(source)
+
+    def fail(message: str) -> SpaceError:
+        return SpaceError(f"{where}: {message}")
+
+    if not isinstance(document, dict):
+        raise fail("a SPACE file is a YAML mapping (a mergekit config plus a `tune:` block)")
+    document = dict(document)
+    tune = document.pop("tune", None) or {}
+    if not isinstance(tune, dict):
+        raise fail("`tune:` must be a mapping")
+    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    if unknown:
+        raise fail(f"unknown key(s) under tune: {', '.join(unknown)} (known: {', '.join(TUNE_KEYS)})")
+    for key, value in overrides.items():
+        if key not in TUNE_KEYS:
+            raise TypeError(f"unknown override {key!r}")
+        if value is not None:
+            tune[key] = value
+    top_method = document.pop("merge_method", None)
+
+    for key in ("slices", "modules"):
+        if document.get(key):
+            raise fail(f"`{key}:` configs are not supported by tune; list whole models under `models:`")
+    base_dir = source.parent if source.name != "<space>" else Path.cwd()
+    models = document.get("models")
+    if not models:
+        raise fail("no models: list the models to merge under `models:`")
+    if not isinstance(models, list):
+        raise fail("`models:` must be a list of {model: PATH} entries")
+    resolved_models = []
+    for index, entry in enumerate(models):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not entry.get("model"):
+            raise fail(f"models[{index}] has no `model:` (write `- model: PATH`)")
+        entry = dict(entry)
+        entry["model"] = _resolve_model(entry["model"], base_dir, fail, f"models[{index}]")
+        resolved_models.append(entry)
+    document["models"] = resolved_models
+    if document.get("base_model"):
+        document["base_model"] = _resolve_model(document["base_model"], base_dir, fail, "base_model")
+    parameters = document.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise fail("top-level `parameters:` must be a mapping")
+
+    methods = _parse_methods(tune.get("methods"), top_method, document, fail)
+    defaults_used = tune.get("methods") is None and top_method is None
+
+    validation, test = _parse_tasks(tune.get("tasks"), fail)
+    include_path = tune.get("include_path")
+    if not include_path:
+        raise fail("no include_path: give `tune.include_path` (or --include-path), the folder of the lm-eval task YAMLs")
+    include_path = _resolve_path(str(include_path), base_dir)
+    if not include_path.is_dir():
+        raise fail(f"include_path {include_path} is not a folder")
+    known_tasks = local_task_names(include_path)
+    missing = [t for t in validation + test if t not in known_tasks]
+    if missing:
+        raise fail(f"task(s) {', '.join(missing)} not found in {include_path} (found: {', '.join(sorted(known_tasks)) or 'none'})")
+
+    reference = _parse_reference(tune.get("reference"), validation, test, base_dir, fail)
+    metric = tune.get("metric")
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise fail("tune.metric must be a metric name such as acc or exact_match")
+    limit = _positive_int(tune.get("limit"), "limit", fail)
+    trials = _positive_int(tune.get("trials"), "trials", fail)
+    seed = tune.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise fail(f"tune.seed must be an integer, not {seed!r}")
+    prune = tune.get("prune", True)
+    if not isinstance(prune, bool):
+        raise fail(f"tune.prune must be true or false, not {prune!r}")
+
+    space = TuneSpace(
+        source=source,
+        base_config=document,
+        methods=methods,
+        validation_tasks=validation,
+        test_tasks=test,
+        include_path=include_path,
+        reference=reference,
+        metric=metric,
+        limit=limit,
+        trials=trials,
+        seed=seed,
+        prune=prune,
+        defaults_used=defaults_used,
+    )
+    _check_configs(space, fail)
+    return space
+
+
+def _positive_int(value: Any, name: str, fail) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise fail(f"tune.{name} must be a positive integer, not {value!r}")
+    return value
+
+
+def _resolve_path(text: str, base_dir: Path) -> Path:
+    """A relative path is taken from the working directory, else from the SPACE file's folder."""
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return path
+    if path.exists() or not (base_dir / path).exists():
+        return path.absolute()
+    return (base_dir / path).absolute()
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or os.sep + os.sep in text
+
+
+def _resolve_model(reference: Any, base_dir: Path, fail, where: str) -> str:
+    """An absolute path for a local model (``PATH`` or ``PATH+LORA``); hub ids pass unchanged."""
+    if not isinstance(reference, str):
+        raise fail(f"{where}: a model is a path string, not {reference!r}")
+    parts = [reference]
+    if "+" in reference and not _resolve_path(reference, base_dir).exists():
+        parts = reference.split("+", 1)
+    resolved = []
+    for part in parts:
+        path = _resolve_path(part, base_dir)
+        if path.exists():
+            resolved.append(str(path))
+        elif _looks_local(part):
+            raise fail(f"{where}: model {part} not found")
+        else:
+            resolved.append(part)  # a hub id; mergekit resolves it (offline runs need it cached)
+    return "+".join(resolved)
+
+
+def local_task_names(include_path: Path) -> set:
+    """Task names declared by the YAMLs of an lm-eval include folder (``task:`` keys, groups too)."""
+    import yaml
+
+    names = set()
+    for file in sorted(include_path.rglob("*.yaml")):
+        try:
+            config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            # lm-eval YAMLs may use its own !function tags; read the name without them.
+            config = {}
+            for line in file.read_text(encoding="utf-8").splitlines():
+                if line.startswith(("task:", "group:")):
+                    config[line.split(":", 1)[0]] = line.split(":", 1)[1].strip().strip("'\"")
+        if not isinstance(config, dict):
+            continue
+        for key in ("task", "group"):
+            value = config.get(key)
+            if isinstance(value, str):
+                names.add(value)
+            elif isinstance(value, list):
+                names.update(v for v in value if isinstance(v, str))
+    return names
+
+
+def _parse_tasks(tasks: Any, fail) -> Tuple[List[str], List[str]]:
+    if tasks is None:
+        raise fail("empty task list: give tune.tasks.validation (to choose on) and tune.tasks.test (to report)")
+    if not isinstance(tasks, dict):
+        raise fail("tune.tasks must be a mapping {validation: [TASK...], test: [TASK...]}")
+    unknown = sorted(set(tasks) - {"validation", "test"})
+    if unknown:
+        raise fail(f"unknown key(s) under tune.tasks: {', '.join(unknown)} (use validation and test)")
+    lists = {}
+    for split in ("validation", "test"):
+        value = tasks.get(split)
+        if isinstance(value, str):
+            value = [value]
+        if not value:
+            raise fail(f"empty task list: tune.tasks.{split} names no task")
+        if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+            raise fail(f"tune.tasks.{split} must be a list of lm-eval task names")
+        if len(set(value)) != len(value):
+            raise fail(f"tune.tasks.{split} lists a task twice")
+        lists[split] = list(value)
+    if len(lists["validation"]) != len(lists["test"]):
+        raise fail(
+            f"tune.tasks.validation has {len(lists['validation'])} task(s) and tune.tasks.test {len(lists['test'])}; "
+            "they pair up in order (each validation task is the held-out split of the test task beside it)"
+        )
+    overlap = sorted(set(lists["validation"]) & set(lists["test"]))
+    if overlap:
+        raise fail(f"task(s) {', '.join(overlap)} are both validation and test; choosing on the test split would not be honest")
+    return lists["validation"], lists["test"]
+
+
+def _parse_reference(reference: Any, validation: List[str], test: List[str], base_dir: Path, fail) -> Optional[Dict[str, str]]:
+    if reference is None:
+        return None
+    if isinstance(reference, str):
+        model = _resolve_model(reference, base_dir, fail, "tune.reference")
+        return {task: model for task in test}
+    if not isinstance(reference, dict):
+        raise fail("tune.reference is a model (one reference for every task) or a mapping {test task: expert model}")
+    pair = dict(zip(validation, test))
+    resolved: Dict[str, str] = {}
+    for task, model in reference.items():
+        if task in pair:
+            task = pair[task]
+        if task not in test:
+            raise fail(f"tune.reference: {task!r} is not one of the tasks ({', '.join(test)})")
+        resolved[task] = _resolve_model(model, base_dir, fail, f"tune.reference.{task}")
+    return resolved
+
+
+# --------------------------------------------------------------------------
+# Methods and their parameters.
+
+
+def registered_method(name: str):
+    """mergekit's registered method called ``name`` (ours registered first), or None."""
+    from mergekit.merge_methods import registry
+
+    import mergekit_ext  # noqa: F401  (registers this package's methods)
+
+    for method in registry.registered_methods():
+        if method.spec.name == name:
+            return method
+    return None
+
+
+def default_method_names() -> List[str]:
+    """Every method of this package (but those needing a learned file), then task_arithmetic and ties."""
+    from mergekit_ext import registry
+
+    names = [m.spec.name for m in registry.our_methods() if not registry.needs_learned_file(m.spec.name)]
+    return names + [n for n in DEFAULT_MERGEKIT_METHODS if n not in names]
+
+
+def default_space(name: str) -> Dict[str, Any]:
+    return copy.deepcopy(DEFAULT_SPACES.get(name, {}))
+
+
+def _parse_methods(methods: Any, top_method: Any, document: Dict[str, Any], fail) -> Dict[str, MethodSpace]:
+    if methods is None:
+        if top_method is not None:
+            methods = {top_method: None}
+        else:
+            methods = {name: None for name in default_method_names()}
+    elif isinstance(methods, (list, tuple)):
+        if not all(isinstance(m, str) for m in methods):
+            raise fail("tune.methods as a list holds method names; write a mapping to give parameters")
+        methods = {name: None for name in methods}
+    elif isinstance(methods, str):
+        methods = {methods: None}
+    if not isinstance(methods, dict):
+        raise fail("tune.methods must map method names to their parameter spaces")
+    if not methods:
+        raise fail("tune.methods is empty: name at least one merge method (or leave it out for the defaults)")
+    parsed: Dict[str, MethodSpace] = {}
+    for name, params in methods.items():
+        method = registered_method(str(name))
+        if method is None:
+            from mergekit.merge_methods import registry
+
+            known = sorted(m.spec.name for m in registry.registered_methods())
+            raise fail(f"unknown merge method {name!r} (known: {', '.join(known)})")
+        if params is None:
+            params = default_space(name)
+        if not isinstance(params, dict):
+            raise fail(f"tune.methods.{name} must map parameter names to values, lists or {{low, high}} ranges")
+        parsed[name] = _parse_method_space(method, params, document, fail)
+    return parsed
+
+
+def _parse_method_space(method, params: Mapping[str, Any], document: Dict[str, Any], fail) -> MethodSpace:
+    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+
+    spec = method.spec
+    name = spec.name
+    by_name = {p.name: p for p in spec.parameters}
+    if spec.contract.base == BasePolicy.REQUIRED and not document.get("base_model"):
+        raise fail(f"merge method {name!r} needs a base_model")
+    space = MethodSpace(name)
+    for param_name, raw in params.items():
+        parameter = by_name.get(param_name)
+        if parameter is None:
+            known = ", ".join(by_name) or "none"
+            raise fail(f"merge method {name!r} has no parameter {param_name!r} (its parameters: {known})")
+        where = f"tune.methods.{name}.{param_name}"
+        if parameter.scope != ParameterScope.SHARED:
+            for index, entry in enumerate(document["models"]):
+                if param_name in (entry.get("parameters") or {}):
+                    raise fail(f"{where} is tuned, but models[{index}] sets {param_name!r} itself; remove it there to tune it")
+        space.parameters[param_name] = _parse_domain(parameter, raw, where, fail)
+    shared = document.get("parameters") or {}
+    for parameter in spec.parameters:
+        if not parameter.required or parameter.name in space.parameters or parameter.name in shared:
+            continue
+        per_model = parameter.scope != ParameterScope.SHARED and all(
+            parameter.name in (entry.get("parameters") or {}) for entry in document["models"]
+        )
+        if per_model:
+            continue
+        if parameter.name == "weight":
+            space.filled["weight"] = 1.0  # mergekit's task-arithmetic family requires it; 1.0 is the plain sum
+            continue
+        raise fail(f"merge method {name!r} requires parameter {parameter.name!r}: give it under tune.methods.{name} or `parameters:`")
+    return space
+
+
+def _check_value(parameter, value: Any, where: str, fail) -> Any:
+    """The method's own ``ParameterSpec.validate`` (ours name method and parameter), then known bounds."""
+    try:
+        checked = parameter.validate(value)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError too
+        errors = getattr(error, "errors", None)
+        if callable(errors):
+            reason = "; ".join(item.get("msg", "") for item in errors())
+            raise fail(f"{where}: invalid value {value!r}: {reason}") from None
+        raise fail(f"{where}: {' '.join(str(error).split())}") from None
+    bounds = MERGEKIT_BOUNDS.get(parameter.name)
+    if bounds is not None and isinstance(checked, (int, float)) and not isinstance(checked, bool):
+        low, high = bounds
+        if not low <= checked <= high:
+            raise fail(f"{where}: invalid value {value!r}: {parameter.name} must lie in [{low:g}, {high:g}]")
+    return checked
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _parse_domain(parameter, raw: Any, where: str, fail) -> Domain:
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - {"low", "high", "log", "step"})
+        if unknown or "low" not in raw or "high" not in raw:
+            raise fail(f"{where}: a range is {{low: X, high: Y}} (optionally log: true, step: S); got {raw}")
+        low = _check_value(parameter, raw["low"], f"{where}.low", fail)
+        high = _check_value(parameter, raw["high"], f"{where}.high", fail)
+        if isinstance(low, bool) or not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+            raise fail(f"{where}: a range needs numeric bounds")
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise fail(f"{where}: a range needs low < high (got {low:g} and {high:g})")
+        log = raw.get("log", False)
+        step = raw.get("step")
+        if not isinstance(log, bool):
+            raise fail(f"{where}.log must be true or false")
+        if log and low <= 0:
+            raise fail(f"{where}: a log range needs low > 0")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+            raise fail(f"{where}.step must be a positive number")
+        if log and step is not None:
+            raise fail(f"{where}: a range is either log or stepped, not both")
+        integer = isinstance(low, int) and isinstance(high, int) and _rejects_fraction(parameter)
+        return Range(low=low, high=high, log=log, step=step, integer=integer)
+    if isinstance(raw, list):
+        if not raw:
+            raise fail(f"{where}: an empty list of values")
+        if not all(_is_scalar(v) for v in raw):
+            raise fail(f"{where}: list values must be numbers, strings or booleans")
+        if len(set(map(repr, raw))) != len(raw):
+            raise fail(f"{where}: a value is listed twice")
+        for value in raw:
+            _check_value(parameter, value, where, fail)
+        return Choice(tuple(raw))
+    if not _is_scalar(raw):
+        raise fail(f"{where}: give a value, a list of values or a {{low, high}} range")
+    _check_value(parameter, raw, where, fail)
+    return Fixed(raw)
+
+
+def _rejects_fraction(parameter) -> bool:
+    try:
+        parameter.validate(0.5)
+    except Exception:
+        return True
+    return False
+
+
+def _check_configs(space: TuneSpace, fail) -> None:
+    """One sample config per method through mergekit's own config validation."""
+    from mergekit_ext.engine import validate_config
+
+    for name, method_space in space.methods.items():
+        sample = {}
+        for param, domain in method_space.parameters.items():
+            if isinstance(domain, Choice):
+                sample[param] = domain.values[0]
+            elif isinstance(domain, Range):
+                sample[param] = domain.low
+            else:
+                sample[param] = domain.value
+        try:
+            validate_config(space.config(name, sample), source=f"the {name} config")
+        except ValueError as error:
+            raise fail(" ".join(str(error).split())) from None
+

@@ -1,0 +1,913 @@
+"""The search: an Optuna study whose trials merge with mergekit's engine and score with lm-eval.
+
+``score_config`` is the trial runner on its own (merge a config into a
+temporary folder, score it with lm-eval, remove the folder); benchmarks can
+call it directly. ``run_tune`` runs the whole protocol:
+
+1. search on the validation tasks only (GridSampler for a finite space, seeded
+   TPE otherwise), the running mean reported as an intermediate value after
+   each validation task so that ``HopelessPruner`` can stop a hopeless trial
+   early;
+2. per method, the validation-best setting is scored once on the test tasks,
+   beside the base, the reference experts and plain task arithmetic;
+3. ``best.yml`` (the overall validation-best setting as a runnable mergekit
+   YAML) and the reports (``report.json``, ``report.md``, PNGs).
+
+The study lives in an Optuna storage (by default ``OUT_DIR/study.db``, SQLite),
+so a run that is stopped resumes where it stopped: finished trials are kept,
+and a trial left RUNNING by a dead process is failed and re-queued with
+Optuna's ``RetryHeartbeatStaleTrialCallback`` (by the heartbeat for workers
+elsewhere, at once for a dead process on this machine). Test scores of the
+final phase are cached in the study as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import optuna
+from optuna.trial import TrialState
+
+from mergekit_ext.tune.space import TuneSpace, setting_label
+
+STUDY_NAME = "tune"
+HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
+GRACE_PERIOD = 60  # a trial silent this long is stale (its worker died)
+MAX_RETRY = 2  # times a trial whose worker died is re-queued
+WORKING_DIR = "trials"  # trial merges live here (removed after scoring unless keep)
+
+
+class TuneError(ValueError):
+    """A tuning run that cannot go on (every trial failed, a study of another space...)."""
+
+
+# --------------------------------------------------------------------------
+# Scoring: one model, one config.
+
+
+@dataclass
+class TaskScore:
+    """One task's score as lm-eval reports it: the metric, its value and standard error."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: Optional[float] = None
+    samples: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TaskScore":
+        return cls(**{k: data.get(k) for k in ("task", "metric", "value", "stderr", "samples")})
+
+
+def read_metric(task: str, result: Mapping[str, Any], metric: Optional[str] = None) -> TaskScore:
+    """The score in one lm-eval task result: ``metric`` (a name, or ``name,filter``), else the first metric.
+
+    lm-eval keys its numbers ``<metric>,<filter>`` (``acc,none``,
+    ``exact_match,strict-match``) with standard errors beside them
+    (``acc_stderr,none``).
+    """
+    keys = [k for k in result if "," in k and "_stderr," not in k and isinstance(result[k], (int, float)) and not isinstance(result[k], bool)]
+    if metric is not None:
+        wanted = [k for k in keys if k == metric or k.split(",", 1)[0] == metric]
+        if not wanted:
+            raise TuneError(f"task {task} reports no metric {metric!r} (it reports: {', '.join(keys) or 'nothing'})")
+        keys = wanted
+    if not keys:
+        raise TuneError(f"task {task}: lm-eval reported no numeric metric ({sorted(result)})")
+    key = keys[0]
+    name, _, filter_name = key.partition(",")
+    stderr = result.get(f"{name}_stderr,{filter_name}")
+    stderr = float(stderr) if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr) else None
+    samples = result.get("n-samples")
+    if isinstance(samples, dict):
+        samples = samples.get("effective")
+    return TaskScore(task=task, metric=key, value=float(result[key]), stderr=stderr, samples=samples if isinstance(samples, int) else None)
+
+
+@dataclass
+class EvalSettings:
+    """How lm-eval runs: the task folder, ``limit``, the metric, and where."""
+
+    include_path: Path
+    limit: Optional[int] = None
+    metric: Optional[str] = None
+    batch_size: int = 64
+    device: str = "cpu"
+    threads: Optional[int] = None
+    cache_dir: Optional[Path] = None
+
+    def key(self) -> Dict[str, Any]:
+        return {"include_path": str(self.include_path), "limit": self.limit, "metric": self.metric}
+
+
+# lm-eval builds its model through accelerate's process-wide state, which is not
+# thread safe: with --n-jobs > 1, trials merge in parallel but score one at a time.
+_LM_EVAL_LOCK = threading.Lock()
+
+
+def score_model(
+    model: Union[str, os.PathLike],
+    tasks: Sequence[str],
+    evaluation: EvalSettings,
+    *,
+    on_task: Optional[Callable[[int, TaskScore], None]] = None,
+) -> Dict[str, TaskScore]:
+    """lm-eval scores of a model folder; with ``on_task``, one task at a time (each reported as it ends)."""
+    from mergekit_ext.evaluate import lm_eval_results
+
+    common = dict(
+        batch_size=evaluation.batch_size,
+        device=evaluation.device,
+        limit=evaluation.limit,
+        cache_dir=evaluation.cache_dir,
+        threads=evaluation.threads,
+    )
+    scores: Dict[str, TaskScore] = {}
+    if on_task is None:
+        with _LM_EVAL_LOCK:
+            results = lm_eval_results(model, list(tasks), evaluation.include_path, **common)
+        return {task: read_metric(task, results[task], evaluation.metric) for task in tasks}
+    for index, task in enumerate(tasks):
+        with _LM_EVAL_LOCK:
+            result = lm_eval_results(model, [task], evaluation.include_path, **common)[task]
+        scores[task] = read_metric(task, result, evaluation.metric)
+        on_task(index, scores[task])
+    return scores
+
+
+def score_config(
+    config: Mapping[str, Any],
+    tasks: Sequence[str],
+    include_path: Union[str, os.PathLike],
+    *,
+    limit: Optional[int] = None,
+    metric: Optional[str] = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    out: Optional[Union[str, os.PathLike]] = None,
+    keep: bool = False,
+    merge_options=None,
+    on_task: Optional[Callable[[int, TaskScore], None]] = None,
+) -> Dict[str, TaskScore]:
+    """Merge ``config`` with mergekit's engine, score it with lm-eval on ``tasks``; per task a ``TaskScore``.
+
+    The merge goes to ``out`` (default: a temporary folder), removed after
+    scoring (also on error or when ``on_task`` raises, e.g. to prune) unless
+    ``keep`` (with ``out``). ``on_task(index, score)`` is called after each
+    task (then lm-eval runs one task at a time). ``metric``: see
+    ``read_metric``; ``cache_dir``: lm-eval results cached by model content
+    (not with ``limit``).
+    """
+    from mergekit_ext.engine import quiet_options, run_merge_atomic
+
+    evaluation = EvalSettings(
+        Path(include_path).absolute(),
+        limit=limit,
+        metric=metric,
+        batch_size=batch_size,
+        device=device,
+        threads=threads,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+    )
+    temporary = None
+    if out is None:
+        temporary = tempfile.mkdtemp(prefix="mergekit-ext-tune-")
+        out = Path(temporary) / "model"
+    out = Path(out)
+    try:
+        options = merge_options if merge_options is not None else quiet_options(device=device if device != "cpu" else None)
+        run_merge_atomic(dict(config), out, options=options, overwrite=True)
+        return score_model(out, tasks, evaluation, on_task=on_task)
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+
+
+def mean(values: Sequence[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def mean_stderr(scores: Sequence[TaskScore]) -> Optional[float]:
+    """Standard error of the mean over tasks (tasks independent): sqrt(sum se^2) / n."""
+    if not scores or any(s.stderr is None for s in scores):
+        return None
+    return math.sqrt(sum(s.stderr**2 for s in scores)) / len(scores)
+
+
+# --------------------------------------------------------------------------
+# The study.
+
+
+def default_storage(out_dir: Union[str, os.PathLike]) -> str:
+    return f"sqlite:///{Path(out_dir).absolute() / 'study.db'}"
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def make_storage(url: str):
+    """An Optuna RDB storage with heartbeats: a trial whose worker dies is failed and re-queued."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    _quiet_optuna()
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=GRACE_PERIOD,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+    )
+
+
+def make_sampler(space: TuneSpace, *, shared: bool = False):
+    """GridSampler over the settings of a finite space, else seeded TPE.
+
+    ``shared``: workers share the study, so each TPE worker offsets the seed by
+    its process id (the same seed everywhere would draw the same points); grid
+    points are handed out by trial number, so the grid needs no offset.
+    """
+
+    if space.finite:
+        labels = [setting_label(method, params) for method, params in space.settings()]
+        return optuna.samplers.GridSampler({"setting": labels}, seed=space.seed)
+    return optuna.samplers.TPESampler(seed=space.seed + (os.getpid() if shared else 0))
+
+
+def _partial_stderr(trial, tasks: int) -> Optional[float]:
+    """Standard error of a trial's mean over its first ``tasks`` validation tasks (None if one is missing)."""
+    scores = list((trial.user_attrs.get("validation") or {}).values())[:tasks]
+    if len(scores) < tasks or any(s.get("stderr") is None for s in scores):
+        return None
+    return math.sqrt(sum(s["stderr"] ** 2 for s in scores)) / tasks
+
+
+class HopelessPruner(optuna.pruners.BasePruner):
+    """Stop a trial whose running validation mean is significantly below the best finished trial's.
+
+    After each validation task the objective reports the running mean; trials
+    are compared at the same step (the same tasks, in order). A trial is
+    hopeless when the best finished trial's running mean at that step exceeds
+    its own by more than ``z`` standard errors of the difference (from
+    lm-eval's per-task standard errors). A method's first trial is never
+    pruned, so every method gets one full validation score (and a test score).
+    Optuna's median/percentile pruners compare with finished trials only, so
+    on coarse scores the bar ratchets up as survivors accumulate: on the
+    default space they pruned most trials, whole methods included.
+    """
+
+    def __init__(self, z: float = 2.0):
+        self.z = z
+
+    def prune(self, study, trial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        own_stderr = _partial_stderr(trial, step + 1)
+        if own_stderr is None:
+            return False
+        method = trial.user_attrs.get("method")
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not any(t.user_attrs.get("method") == method for t in complete):
+            return False
+        rivals = [t for t in complete if step in t.intermediate_values]
+        if not rivals:
+            return False
+        best = max(rivals, key=lambda t: t.intermediate_values[step])
+        best_stderr = _partial_stderr(best, step + 1)
+        if best_stderr is None:
+            return False
+        gap = best.intermediate_values[step] - value
+        return gap > self.z * math.sqrt(own_stderr**2 + best_stderr**2)
+
+
+def make_pruner(space: TuneSpace):
+    """``HopelessPruner`` (an Optuna pruner) unless pruning is off or there is a single validation task."""
+    if not space.prune or len(space.validation_tasks) < 2:
+        return optuna.pruners.NopPruner()
+    return HopelessPruner()
+
+
+def open_study(space: TuneSpace, storage: Union[str, Any], study_name: str = STUDY_NAME, *, shared: bool = False):
+    """Create or load the study; refuse one that was made for another space."""
+    _quiet_optuna()
+    if isinstance(storage, str):
+        storage = make_storage(storage)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        sampler=make_sampler(space, shared=shared),
+        pruner=make_pruner(space),
+        load_if_exists=True,
+    )
+    fingerprint = space.fingerprint()
+    existing = study.user_attrs.get("space_fingerprint")
+    if existing is None:
+        study.set_user_attr("space_fingerprint", fingerprint)
+        study.set_user_attr("space_source", str(space.source))
+        study.set_user_attr("validation_tasks", space.validation_tasks)
+        study.set_user_attr("test_tasks", space.test_tasks)
+    elif existing != fingerprint:
+        raise TuneError(
+            f"study {study_name!r} in {_storage_label(storage)} was made for another space "
+            f"({study.user_attrs.get('space_source')}: its methods, models, tasks or --limit differ); "
+            "use another OUT_DIR or --study-name"
+        )
+    return study
+
+
+def _storage_label(storage) -> str:
+    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None) or type(storage).__name__
+    if "@" in url:  # hide credentials of a database URL
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://…@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _worker() -> Dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is dead too
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _retried_numbers(trials) -> set:
+    retried = set()
+    for trial in trials:
+        retried.update(trial.system_attrs.get("retry_history", []))
+    return retried
+
+
+def recover_interrupted(study) -> List[int]:
+    """Fail trials left RUNNING by a dead process of this machine, and re-queue every interrupted trial.
+
+    Optuna's heartbeat catches dead workers anywhere, but only after its grace
+    period; a worker of this machine whose process is gone is known dead now.
+    Trials stopped by Ctrl-C (failed, no error recorded) are re-queued too. The
+    re-queueing is Optuna's ``RetryHeartbeatStaleTrialCallback`` (same
+    parameters, same grid point). Returns the numbers of the re-queued trials.
+    """
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    storage = study._storage
+    retry = None
+    if hasattr(storage, "get_heartbeat_stale_trial_callback"):
+        retry = storage.get_heartbeat_stale_trial_callback()
+    retry = retry or RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    host = socket.gethostname()
+    requeued = []
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        worker = trial.user_attrs.get("worker") or {}
+        if trial.state != TrialState.RUNNING or worker.get("host") != host or not isinstance(worker.get("pid"), int):
+            continue
+        if worker["pid"] == os.getpid() or _process_alive(worker["pid"]):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                retry(study, storage.get_trial(trial._trial_id))
+                requeued.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in retried:
+            retry(study, trial)
+            requeued.append(trial.number)
+    return requeued
+
+
+def finished_count(trials) -> int:
+    """Trials that count against the budget: complete, pruned, or failed with an error of their own."""
+    return sum(
+        1
+        for t in trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+    )
+
+
+def _trial_dir(out_dir: Path, number: int) -> Path:
+    return out_dir / WORKING_DIR / f"trial-{number:04d}"
+
+
+def clean_working_dirs(study, out_dir: Path, keep: bool) -> None:
+    """Remove merges left by dead or finished trials (kept ones stay with ``keep``); live trials' stay."""
+    folder = out_dir / WORKING_DIR
+    if not folder.is_dir():
+        return
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    for entry in folder.iterdir():
+        name = entry.name.lstrip(".")
+        if name.startswith("final-"):  # a test-split merge of the final phase: final-<pid>-<hash>
+            pid = name.split("-")[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        if not name.startswith("trial-"):
+            continue
+        try:
+            number = int(name[len("trial-") :].split(".", 1)[0])
+        except ValueError:
+            continue
+        state = states.get(number)
+        if state == TrialState.RUNNING:
+            continue
+        partial = entry.name.startswith(".")
+        if partial or state != TrialState.COMPLETE or not keep:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _choose(trial, space: TuneSpace) -> Tuple[str, Dict[str, Any]]:
+    """The trial's method and parameters (a grid point, or TPE's suggestion)."""
+    from mergekit_ext.tune.space import Choice, Fixed, Range
+
+    if space.finite:
+        settings = space.settings()
+        labels = [setting_label(method, params) for method, params in settings]
+        label = trial.suggest_categorical("setting", labels)
+        return settings[labels.index(label)]
+    method = trial.suggest_categorical("method", list(space.methods))
+    params: Dict[str, Any] = {}
+    for name, domain in space.methods[method].parameters.items():
+        key = f"{method}.{name}"
+        if isinstance(domain, Fixed):
+            params[name] = domain.value
+        elif isinstance(domain, Choice):
+            params[name] = trial.suggest_categorical(key, list(domain.values))
+        elif isinstance(domain, Range) and domain.integer:
+            params[name] = trial.suggest_int(key, int(domain.low), int(domain.high), step=int(domain.step or 1), log=domain.log)
+        else:
+            params[name] = trial.suggest_float(key, float(domain.low), float(domain.high), step=domain.step, log=domain.log)
+    return method, params
+
+
+@dataclass
+class RunOptions:
+    """How a tuning run works beside the space: storage, workers, output, evaluation."""
+
+    storage: Optional[str] = None
+    study_name: str = STUDY_NAME
+    n_jobs: int = 1
+    keep: bool = False
+    progress: bool = True
+    batch_size: int = 64
+    device: str = "cpu"
+    threads: Optional[int] = None
+    echo: Callable[[str], None] = field(default=print, repr=False)
+
+
+def _evaluation(space: TuneSpace, options: RunOptions, out_dir: Path) -> EvalSettings:
+    return EvalSettings(
+        include_path=space.include_path,
+        limit=space.limit,
+        metric=space.metric,
+        batch_size=options.batch_size,
+        device=options.device,
+        threads=options.threads,
+        cache_dir=out_dir / "evals",
+    )
+
+
+def _merge_options(options: RunOptions):
+    from mergekit_ext.engine import quiet_options
+
+    return quiet_options(device=options.device) if options.device != "cpu" else quiet_options()
+
+
+def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Callable:
+    """The Optuna objective: merge the trial's setting, score it task by task on validation, report."""
+    evaluation = _evaluation(space, options, out_dir)
+    tasks = space.validation_tasks
+
+    def objective(trial) -> float:
+        trial.set_user_attr("worker", _worker())  # first: a dead worker's trial is re-queued at once
+        method, params = _choose(trial, space)
+        trial.set_user_attr("method", method)
+        trial.set_user_attr("params", params)
+        model_dir = _trial_dir(out_dir, trial.number)
+        scores: List[TaskScore] = []
+
+        def on_task(index: int, score: TaskScore) -> None:
+            scores.append(score)
+            trial.set_user_attr("validation", {s.task: s.to_dict() for s in scores})
+            partial = mean([s.value for s in scores])
+            trial.report(partial, step=index)
+            if index < len(tasks) - 1 and trial.should_prune():
+                trial.set_user_attr("pruned_after", index + 1)
+                raise optuna.TrialPruned(f"mean {partial:.4f} after {index + 1} task(s)")
+
+        started = time.perf_counter()
+        complete = False
+        try:
+            score_config(
+                space.config(method, params),
+                tasks,
+                evaluation.include_path,
+                limit=evaluation.limit,
+                metric=evaluation.metric,
+                batch_size=evaluation.batch_size,
+                device=evaluation.device,
+                threads=evaluation.threads,
+                cache_dir=evaluation.cache_dir,
+                out=model_dir,
+                keep=True,  # removed below unless --keep and the trial completes
+                merge_options=_merge_options(options),
+                on_task=on_task,
+            )
+            complete = True
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as error:
+            trial.set_user_attr("error", f"{type(error).__name__}: {' '.join(str(error).split())}"[:2000])
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+            if not (options.keep and complete):
+                shutil.rmtree(model_dir, ignore_errors=True)
+        return mean([s.value for s in scores])
+
+    return objective
+
+
+class _Progress:
+    """A tqdm bar over the trial budget showing the best validation score so far; thread safe."""
+
+    def __init__(self, total: int, done: int, enabled: bool, best: Optional[Tuple[float, str]]):
+        from tqdm.auto import tqdm
+
+        self._lock = threading.Lock()
+        self._bar = tqdm(total=total, initial=min(done, total), desc="tune", unit="trial", disable=not enabled, dynamic_ncols=True)
+        self._best = best
+        self._show()
+
+    def _show(self) -> None:
+        if self._best is not None:
+            self._bar.set_postfix_str(f"best {self._best[0]:.4f} {self._best[1]}", refresh=True)
+
+    def update(self, finished: int, best: Optional[Tuple[float, str]]) -> None:
+        with self._lock:
+            self._bar.n = min(finished, self._bar.total)
+            self._best = best or self._best
+            self._show()
+            self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _best_so_far(trials) -> Optional[Tuple[float, str]]:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        return None
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    return best.value, f"#{best.number} {setting_label(best.user_attrs.get('method', '?'), best.user_attrs.get('params', {}))}"
+
+
+def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Optional[RunOptions] = None):
+    """Run (or resume) the search until the study holds ``space.target_trials`` finished trials; the study."""
+    options = options or RunOptions()
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = open_study(space, options.storage or default_storage(out_dir), options.study_name, shared=bool(options.storage))
+    requeued = recover_interrupted(study)
+    if requeued and options.progress:
+        options.echo(f"re-queued trial(s) {', '.join(map(str, requeued))} left unfinished by a stopped run")
+    clean_working_dirs(study, out_dir, options.keep)
+    target = space.target_trials
+    trials = study.get_trials(deepcopy=False)
+    if finished_count(trials) >= target:
+        return study
+    progress = _Progress(target, finished_count(trials), options.progress, _best_so_far(trials))
+
+    def after_trial(study, frozen) -> None:
+        trials = study.get_trials(deepcopy=False)
+        progress.update(finished_count(trials), _best_so_far(trials))
+        if finished_count(trials) >= target:
+            study.stop()
+
+    objective = make_objective(space, out_dir, options)
+    try:
+        with _quiet_libraries(options.progress):
+            # n_trials makes one process stop exactly at the budget; the callback stops
+            # workers sharing the study. A trial failed by the heartbeat (its worker
+            # died) does not count, so a few more rounds make up for re-queued ones.
+            for _ in range(3):
+                remaining = target - finished_count(study.get_trials(deepcopy=False))
+                sampler = study.sampler
+                if remaining <= 0 or (isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)):
+                    break
+                study.optimize(
+                    objective,
+                    n_trials=remaining,
+                    n_jobs=options.n_jobs,
+                    catch=(Exception,),
+                    callbacks=[after_trial],
+                    gc_after_trial=True,
+                    show_progress_bar=False,
+                )
+    finally:
+        progress.close()
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs]
+        raise TuneError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
+    return study
+
+
+@contextlib.contextmanager
+def _quiet_libraries(progress: bool):
+    """Keep transformers'/datasets' per-load chatter out of the way of the progress bar."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------
+# After the search: test scores of each method's choice, baselines, best.yml.
+
+
+def _cache_key(kind: str, what: Any, tasks: Sequence[str], evaluation: EvalSettings) -> str:
+    text = json.dumps({"kind": kind, "what": what, "tasks": list(tasks), **evaluation.key()}, sort_keys=True, default=str)
+    return "eval:" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _cached_scores(study, key: str, compute: Callable[[], Dict[str, TaskScore]]) -> Dict[str, TaskScore]:
+    """Scores stored in the study's user attrs (so a resumed run or another worker does not re-score)."""
+    stored = study.user_attrs.get(key)
+    if stored is not None:
+        return {task: TaskScore.from_dict(score) for task, score in stored.items()}
+    scores = compute()
+    study.set_user_attr(key, {task: score.to_dict() for task, score in scores.items()})
+    return scores
+
+
+def plain_task_arithmetic(space: TuneSpace) -> Optional[Dict[str, Any]]:
+    """Task arithmetic with mergekit's defaults (weight 1, lambda 1) on the SPACE's models; None without a base."""
+    if not space.base_config.get("base_model"):
+        return None
+    config = {k: v for k, v in space.base_config.items() if k not in ("parameters", "models")}
+    config["models"] = [{"model": entry["model"]} for entry in space.base_config["models"]]
+    config["parameters"] = {"weight": 1.0, "lambda": 1.0}
+    return {"merge_method": "task_arithmetic", **config}
+
+
+def trial_record(trial) -> Dict[str, Any]:
+    """One trial as the report keeps it."""
+    validation = trial.user_attrs.get("validation", {})
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "method": trial.user_attrs.get("method"),
+        "params": trial.user_attrs.get("params"),
+        "value": trial.value,
+        "partial_mean": mean([s["value"] for s in validation.values()]) if validation else None,
+        "validation": validation,
+        "pruned_after_tasks": trial.user_attrs.get("pruned_after"),
+        "error": trial.user_attrs.get("error"),
+        "retry_of": trial.system_attrs.get("failed_trial"),
+        "seconds": trial.user_attrs.get("seconds"),
+        "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
+        "finished": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
+    }
+
+
+def _scores_entry(scores: Dict[str, TaskScore], tasks: Sequence[str], reference: Optional[Dict[str, TaskScore]]) -> Dict[str, Any]:
+    ordered = [scores[t] for t in tasks if t in scores]
+    entry: Dict[str, Any] = {
+        "scores": {t: scores[t].to_dict() for t in tasks if t in scores},
+        "mean": mean([s.value for s in ordered]),
+        "mean_stderr": mean_stderr(ordered),
+    }
+    if reference:
+        normalized = {t: (scores[t].value / reference[t].value if t in reference and reference[t].value > 0 else None) for t in tasks if t in scores}
+        entry["normalized"] = normalized
+        entry["mean_normalized"] = mean(list(normalized.values()))
+    return entry
+
+
+def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options: Optional[RunOptions] = None) -> Dict[str, Any]:
+    """Score each method's validation-best setting on test (once), the baselines; write best.yml and reports."""
+
+    from mergekit_ext.tune.report import write_best_yaml, write_reports
+
+    options = options or RunOptions()
+    out_dir = Path(out_dir).absolute()
+    evaluation = _evaluation(space, options, out_dir)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        raise TuneError("the study has no finished trial to choose from")
+    tests = space.test_tasks
+    jobs: List[Tuple[str, Callable[[], Dict[str, TaskScore]]]] = []
+
+    # Per method: its validation-best trial (ties: the earlier trial).
+    chosen: Dict[str, Any] = {}
+    for method in space.methods:
+        candidates = [t for t in complete if t.user_attrs.get("method") == method]
+        if candidates:
+            chosen[method] = max(candidates, key=lambda t: (t.value, -t.number))
+    best = max(chosen.values(), key=lambda t: (t.value, -t.number))
+
+    def config_scorer(config: Dict[str, Any], kept: Optional[Path]) -> Callable[[], Dict[str, TaskScore]]:
+        def compute() -> Dict[str, TaskScore]:
+            if kept is not None and kept.is_dir():
+                return score_model(kept, tests, evaluation)
+            digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            target = out_dir / WORKING_DIR / f"final-{os.getpid()}-{digest}"
+            return score_config(
+                config,
+                tests,
+                evaluation.include_path,
+                limit=evaluation.limit,
+                metric=evaluation.metric,
+                batch_size=evaluation.batch_size,
+                device=evaluation.device,
+                threads=evaluation.threads,
+                out=target,
+                merge_options=_merge_options(options),
+            )
+
+        return compute
+
+    def model_scorer(model: str, tasks: Sequence[str]) -> Callable[[], Dict[str, TaskScore]]:
+        return lambda: score_model(model, tasks, evaluation)
+
+    keys: Dict[str, str] = {}
+    for method, trial in chosen.items():
+        config = space.config(method, trial.user_attrs["params"])
+        keys[f"method:{method}"] = _cache_key("config", config, tests, evaluation)
+        kept = _trial_dir(out_dir, trial.number) if options.keep else None
+        jobs.append((f"method:{method}", config_scorer(config, kept)))
+    base = space.base_config.get("base_model")
+    if base:
+        keys["base"] = _cache_key("model", base, tests, evaluation)
+        jobs.append(("base", model_scorer(base, tests)))
+    references: Dict[str, List[str]] = {}
+    for task in tests:
+        model = space.reference_for(task)
+        if model is not None:
+            references.setdefault(model, []).append(task)
+    for model, tasks in references.items():
+        keys[f"reference:{model}"] = _cache_key("model", model, tasks, evaluation)
+        jobs.append((f"reference:{model}", model_scorer(model, tasks)))
+    plain = plain_task_arithmetic(space)
+    if plain is not None:
+        keys["task_arithmetic_plain"] = _cache_key("config", plain, tests, evaluation)
+        jobs.append(("task_arithmetic_plain", config_scorer(plain, None)))
+
+    from tqdm.auto import tqdm
+
+    results: Dict[str, Dict[str, TaskScore]] = {}
+    with _quiet_libraries(options.progress):
+        for label, compute in tqdm(jobs, desc="test split", unit="model", disable=not options.progress, dynamic_ncols=True):
+            results[label] = _cached_scores(study, keys[label], compute)
+
+    reference_scores: Optional[Dict[str, TaskScore]] = None
+    if references:
+        reference_scores = {}
+        for model, tasks in references.items():
+            for task in tasks:
+                reference_scores[task] = results[f"reference:{model}"][task]
+
+    methods_report: Dict[str, Any] = {}
+    for method in space.methods:
+        trial = chosen.get(method)
+        counts = {
+            state: sum(1 for t in trials if t.user_attrs.get("method") == method and t.state.name == state)
+            for state in ("COMPLETE", "PRUNED", "FAIL")
+        }
+        if trial is None:
+            methods_report[method] = {"trials": counts, "chosen": None}
+            continue
+        validation = {t: TaskScore.from_dict(s) for t, s in trial.user_attrs.get("validation", {}).items()}
+        methods_report[method] = {
+            "trials": counts,
+            "chosen": {"trial": trial.number, "params": trial.user_attrs["params"], "label": setting_label(method, trial.user_attrs["params"])},
+            "validation": _scores_entry(validation, space.validation_tasks, None),
+            "test": _scores_entry(results[f"method:{method}"], tests, reference_scores),
+        }
+    baselines: Dict[str, Any] = {}
+    if base:
+        baselines["base"] = {"model": base, "test": _scores_entry(results["base"], tests, reference_scores)}
+    if reference_scores:
+        baselines["reference"] = {
+            "model": {task: space.reference_for(task) for task in tests if space.reference_for(task)},
+            "test": _scores_entry(reference_scores, tests, reference_scores),
+        }
+    if plain is not None:
+        baselines["task_arithmetic_plain"] = {"config": plain, "test": _scores_entry(results["task_arithmetic_plain"], tests, reference_scores)}
+
+    metrics_seen = sorted({s["metric"] for t in complete for s in t.user_attrs.get("validation", {}).values()})
+    best_config = space.config(best.user_attrs["method"], best.user_attrs["params"])
+    report = {
+        "space": str(space.source),
+        "study": {"name": study.study_name, "storage": _storage_label(study._storage), "fingerprint": space.fingerprint()},
+        "protocol": (
+            "settings chosen on the validation tasks only (mean score); each method's chosen setting scored once on the "
+            "test tasks; ± are lm-eval standard errors (of the mean: sqrt(sum se^2)/n)"
+        ),
+        "sampler": "grid" if space.finite else "tpe",
+        "seed": space.seed,
+        "limit": space.limit,
+        "metric": ", ".join(metrics_seen) or space.metric or "first metric lm-eval reports per task",
+        "tasks": {"validation": space.validation_tasks, "test": tests},
+        "include_path": str(space.include_path),
+        "normalized_by": "reference (expert per task)" if reference_scores else None,
+        "target_trials": space.target_trials,
+        "best": {
+            "trial": best.number,
+            "method": best.user_attrs["method"],
+            "params": best.user_attrs["params"],
+            "label": setting_label(best.user_attrs["method"], best.user_attrs["params"]),
+            "validation_mean": best.value,
+            "test": methods_report[best.user_attrs["method"]]["test"],
+            "config": best_config,
+        },
+        "methods": methods_report,
+        "baselines": baselines,
+        "trials": [trial_record(t) for t in trials],
+    }
+    report["files"] = {"best": str(write_best_yaml(best_config, out_dir / "best.yml", report))}
+    report["files"].update({k: str(v) for k, v in write_reports(report, out_dir).items()})
+    return report
+
+
+def run_tune(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Optional[RunOptions] = None) -> Dict[str, Any]:
+    """Search (or resume), then score each method's choice on test and write best.yml and the reports."""
+    options = options or RunOptions()
+    study = run_search(space, out_dir, options)
+    return finalize(study, space, out_dir, options)
+
+
+__all__ = [
+    "TaskScore",
+    "EvalSettings",
+    "RunOptions",
+    "TuneError",
+    "HopelessPruner",
+    "read_metric",
+    "score_model",
+    "score_config",
+    "open_study",
+    "make_storage",
+    "make_sampler",
+    "make_pruner",
+    "make_objective",
+    "recover_interrupted",
+    "run_search",
+    "finalize",
+    "run_tune",
+]
