@@ -80,7 +80,7 @@ def run(args) -> Dict[str, Any]:
             for step, task in zip(steps, order):
                 lm_task = zoo.lm_eval_task(task, "test")
                 result = lm_eval_results(step, [lm_task], zoo.task_dir, batch_size=args.batch_size, device=args.device, cache_dir=zoo.eval_cache)
-                just_added[task] = float(result[lm_task]["acc,none"])
+                just_added[task] = float(result[lm_task][zoo.metric])
             key = f"{label} | order {order_index}"
             finals[key] = steps[-1]
             runs.append({"variant": label, "order_index": order_index, "order": order, "accuracy_when_added": just_added, "final_state": str(steps[-1])})
@@ -113,6 +113,8 @@ def run(args) -> Dict[str, Any]:
     models = final_report["models"]
     return {
         **runner.zoo_context(zoo),
+        "seed": zoo.manifest.get("seed"),
+        "metric": zoo.metric,
         "variants": variants,
         "orders": orders,
         "base_accuracy": models["base"]["accuracy"],
@@ -138,11 +140,11 @@ def render_markdown(result: Dict[str, Any]) -> str:
         )
     settings = "; ".join(f"{label}: " + ", ".join(f"{k}={v}" for k, v in fields.items()) for label, fields in result["variants"].items())
     lines = [
-        f"# Continual merging on the `{result['preset']}` zoo",
+        f"# Continual merging on the `{result['preset']}` zoo" + (f" (seed {result['seed']})" if result.get("seed") is not None else ""),
         "",
         f"Zoo: {result['zoo']}. Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM; "
         f"{machine['date_utc']} UTC. States built with `mergekit_ext.methods.opcm.format` (init + add, the paper's global scaling "
-        "for OPCM); accuracy is lm-eval `acc` on the test split. ACC: mean over all tasks after the last step. "
+        f"for OPCM); score: lm-eval `{result.get('metric', 'acc,none').split(',')[0]}` on the test split. ACC: mean over all tasks after the last step. "
         "BWT: mean over tasks added before the last of (final accuracy − accuracy right after it was added). "
         f"Mean ± std over {len(result['orders'])} random task orders: "
         + "; ".join(" → ".join(order) for order in result["orders"])

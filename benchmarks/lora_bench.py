@@ -112,7 +112,7 @@ def run(args) -> Dict[str, Any]:
                 lora.write_adapter(folder, reverted_factors(basis, task), base_model=str(zoo.base), dtype=torch.float32, template=template)
                 lm_task = zoo.lm_eval_task(task, "test")
                 result = lm_eval_results(ModelSpec(zoo.base, folder), [lm_task], zoo.task_dir, batch_size=args.batch_size, device=args.device, cache_dir=zoo.eval_cache)
-                accuracy[task] = float(result[lm_task]["acc,none"])
+                accuracy[task] = float(result[lm_task][zoo.metric])
             rows.append(
                 {
                     "label": f"RMM {variant}, K={k}",

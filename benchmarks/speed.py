@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ BASE_STD = 0.02
 FINETUNE_STD = 0.002  # a fine-tune moves weights by ~10 % of their scale
 BASELINES = ("task_arithmetic", "ties")
 REFERENCE = "ties"
+FLOOR = "task_arithmetic"  # close to the I/O floor: read T + 1 models, write one
 
 # Settings per method. Our methods run with their defaults; a required
 # parameter without a default is filled from here.
@@ -207,11 +209,77 @@ def run_grid(args) -> Dict[str, Any]:
     return report
 
 
-def _reference(rows: Sequence[Dict[str, Any]], size: str, count: int) -> Optional[Dict[str, Any]]:
+def _reference(rows: Sequence[Dict[str, Any]], size: str, count: int, label: str = REFERENCE) -> Optional[Dict[str, Any]]:
     for row in rows:
-        if row["size"] == size and row["T"] == count and row["label"] == REFERENCE and row["ok"]:
+        if row["size"] == size and row["T"] == count and row["label"] == label and row["ok"]:
             return row
     return None
+
+
+def _fit_exponent(points: Sequence[tuple]) -> Optional[float]:
+    """Least-squares slope of log(y) on log(x) over (x, y) points; None with fewer than two distinct x."""
+    points = [(math.log(x), math.log(y)) for x, y in points if x and y and x > 0 and y > 0]
+    if len({x for x, _ in points}) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+
+
+def growth_exponents(report: Dict[str, Any], field: str = "cpu_s") -> Dict[str, Dict[str, Optional[float]]]:
+    """Per method: exponent in model size (parameters, pooled over T after dividing out T's fit) and in T."""
+    rows = [row for row in report["rows"] if row["ok"] and row.get(field)]
+    result: Dict[str, Dict[str, Optional[float]]] = {}
+    for label in dict.fromkeys(row["label"] for row in rows):
+        mine = [row for row in rows if row["label"] == label]
+        # T exponent: fitted within each size, averaged over sizes with two or more T.
+        t_fits = []
+        for size in dict.fromkeys(row["size"] for row in mine):
+            fit = _fit_exponent([(row["T"], row[field]) for row in mine if row["size"] == size])
+            if fit is not None:
+                t_fits.append(fit)
+        t_exponent = sum(t_fits) / len(t_fits) if t_fits else None
+        size_fits = []
+        for count in dict.fromkeys(row["T"] for row in mine):
+            fit = _fit_exponent([(report["sizes"][row["size"]]["parameters"], row[field]) for row in mine if row["T"] == count])
+            if fit is not None:
+                size_fits.append(fit)
+        size_exponent = sum(size_fits) / len(size_fits) if size_fits else None
+        result[label] = {"size": size_exponent, "T": t_exponent}
+    return result
+
+
+# Llama-3-8B: hidden 4096, 32 layers, MLP 14336, 8 KV heads, vocabulary 128256.
+TARGET = {"name": "8B", "parameters": 8.03e9, "T": 4}
+
+
+def projections(report: Dict[str, Any]) -> List[list]:
+    """CPU s and peak RSS at TARGET, from the largest measured size (nearest T) and the fitted exponents."""
+    cpu = growth_exponents(report, "cpu_s")
+    rss = growth_exponents(report, "peak_rss_mib")
+    table = []
+    for label, exponents in cpu.items():
+        if exponents["size"] is None:
+            continue  # one size measured: no basis for a projection
+        mine = [row for row in report["rows"] if row["ok"] and row["label"] == label]
+        largest = max(mine, key=lambda row: (report["sizes"][row["size"]]["parameters"], -abs(row["T"] - TARGET["T"])))
+        parameters = report["sizes"][largest["size"]]["parameters"]
+        size_exponent = exponents["size"]
+        t_exponent = exponents["T"] if exponents["T"] is not None else 1.0
+        scale = (TARGET["parameters"] / parameters) ** size_exponent * (TARGET["T"] / largest["T"]) ** t_exponent
+        rss_exponent = rss.get(label, {}).get("size")
+        rss_scale = (TARGET["parameters"] / parameters) ** rss_exponent if rss_exponent is not None else float("nan")
+        table.append(
+            [
+                label,
+                f"{largest['size']} T={largest['T']}",
+                "–" if exponents["size"] is None else f"{exponents['size']:.2f}",
+                "–" if exponents["T"] is None else f"{exponents['T']:.2f}",
+                f"{largest['cpu_s'] * scale / 3600:.2f}",
+                f"{largest['peak_rss_mib'] * rss_scale / 1024:.1f}",
+            ]
+        )
+    return table
 
 
 def render_markdown(report: Dict[str, Any]) -> str:
@@ -252,10 +320,15 @@ def render_markdown(report: Dict[str, Any]) -> str:
             def ratio(field: str) -> str:
                 return f"{row[field] / reference[field]:.2f}" if reference and reference.get(field) else "–"
 
+            floor = _reference(rows, size, count, FLOOR)
+
+            def to_floor(field: str) -> str:
+                return f"{row[field] / floor[field]:.2f}" if floor and floor.get(field) else "–"
+
             table.append(
-                [row["label"], round(row["wall_s"], 1), ratio("wall_s"), round(row.get("cpu_s", 0.0), 1), ratio("cpu_s"), round(row["peak_rss_mib"]), ratio("peak_rss_mib")]
+                [row["label"], round(row["wall_s"], 1), ratio("wall_s"), round(row.get("cpu_s", 0.0), 1), ratio("cpu_s"), to_floor("cpu_s"), round(row["peak_rss_mib"]), ratio("peak_rss_mib")]
             )
-        header = ["method", "wall s", "wall / ties", "CPU s", "CPU / ties", "peak RSS MiB", "RSS / ties"]
+        header = ["method", "wall s", "wall / ties", "CPU s", "CPU / ties", "CPU / task_arithmetic", "peak RSS MiB", "RSS / ties"]
         lines += [f"## {size}, T = {count}", "", runner.markdown_table(header, table), ""]
     labels = list(dict.fromkeys(row["label"] for row in rows))
     sizes = [size for size in SIZES if any(row["size"] == size for row in rows)]
@@ -293,12 +366,96 @@ def render_markdown(report: Dict[str, Any]) -> str:
                 text = [f"{row['wall_s']:.1f} / {row.get('cpu_s', 0):.0f}" if row else "–" for row in cells]
                 table.append([label] + text + [growth(cells[0] and cells[0].get("cpu_s"), cells[-1] and cells[-1].get("cpu_s"))])
             lines += [f"T = {count}:", "", runner.markdown_table(["method"] + present + ["CPU growth"], table), ""]
+    table = projections(report)
+    if table:
+        lines += [
+            f"## Growth exponents and a projection to {TARGET['name']} × T = {TARGET['T']} (CPU, one thread)",
+            "",
+            "Exponents are least-squares slopes of log CPU s on log parameters (per T, averaged) and on log T (per size, "
+            "averaged), from the rows above; a missing T exponent is taken as 1; methods measured at one size only are left out. "
+            "The projection scales the largest measured size's row; the size exponent from small models "
+            "understates SVD methods (their per-matrix cost is m·n², so it grows with the hidden size faster than "
+            "the parameter count once the SVDs dominate the I/O).",
+            "",
+            runner.markdown_table(["method", "from", "size exp.", "T exp.", f"{TARGET['name']} T={TARGET['T']} CPU h", "peak RSS GiB"], table),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write_results(report: Dict[str, Any], out_dir: Path) -> None:
     # Called after every merge, so an interrupted grid keeps what it measured.
     runner.save_results(out_dir, "speed", report, render_markdown(report), echo=False)
+
+
+def kernel_times(size: str, counts: Sequence[int], *, layers: int = 1) -> Dict[str, Any]:
+    """CPU seconds of each SVD kernel on ``layers`` transformer block(s) of ``size``, fast path and LAPACK path.
+
+    No files, no mergekit: the kernels alone on random float32 task vectors of
+    the block's seven matrix shapes, so the factorization's share of a merge is
+    visible (mergekit's I/O and ``ties`` are the full benchmark's business).
+    The LAPACK path swaps ``torch.linalg.svd`` in for ``tensors.all_singular_triplets``
+    (OPCM: ``svd="full"``), which is what the kernels ran before issue 15.
+    AdaRank is its apply step (every triplet of every task vector, random mask).
+    """
+    import time
+
+    import mergekit_ext.tensors as tensors
+    from mergekit_ext.methods.adarank import kernel as adarank_kernel
+    from mergekit_ext.methods.cart.kernel import cart_merge
+    from mergekit_ext.methods.iso import kernel as iso_kernel
+    from mergekit_ext.methods.opcm import kernel as opcm_kernel
+    from mergekit_ext.methods.tsv import kernel as tsv_kernel
+
+    shape = SIZES[size]
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    matrices = [(hidden, hidden)] * 4 + [(inner, hidden), (inner, hidden), (hidden, inner)]
+
+    def lapack_triplets(matrix):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u, s, vh
+
+    def run(name: str, base, models):
+        if name == "opcm":
+            return opcm_kernel.opcm_merge(base, models, project=True)
+        if name == "cart":
+            return cart_merge(models)
+        vectors = torch.stack([model - base for model in models])
+        if name == "tsv_m":
+            return tsv_kernel.tsv_update(vectors)
+        if name == "iso_c":
+            return iso_kernel.iso_c_update(vectors)
+        if name == "iso_cts":
+            return iso_kernel.iso_cts_update(vectors, 0.8)
+        mask = (torch.rand(len(models), min(base.shape), generator=torch.Generator().manual_seed(0)) > 0.3).float()
+        return adarank_kernel.apply_masks(base, models, variant="ta", coefficients=torch.full((len(models),), 0.4), mask=mask)
+
+    rows = []
+    for count in counts:
+        for name in ("opcm", "cart", "tsv_m", "iso_c", "iso_cts", "adarank apply"):
+            times = {}
+            for path in ("fast", "lapack"):
+                patched = []
+                if path == "lapack":
+                    for module in (tensors, adarank_kernel, tsv_kernel, opcm_kernel):
+                        patched.append((module, module.all_singular_triplets))
+                        module.all_singular_triplets = lapack_triplets
+                try:
+                    total = 0.0
+                    for position, (rows_, cols) in enumerate(matrices * layers):
+                        generator = torch.Generator().manual_seed(position)
+                        base = torch.randn(rows_, cols, generator=generator) * BASE_STD
+                        models = [base + torch.randn(rows_, cols, generator=generator) * FINETUNE_STD for _ in range(count)]
+                        start = time.process_time()
+                        run(name, base, models)
+                        total += time.process_time() - start
+                finally:
+                    for module, original in patched:
+                        module.all_singular_triplets = original
+                times[path] = total
+            rows.append({"size": size, "T": count, "kernel": name, "layers": layers, "fast_cpu_s": round(times["fast"], 2), "lapack_cpu_s": round(times["lapack"], 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"machine": runner.machine_description(), "threads": torch.get_num_threads(), "rows": rows}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -316,7 +473,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--resume", action="store_true", help="reuse successful rows already in speed.json")
     parser.add_argument("--note", help="a line for the report saying what was run and why")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only combine earlier speed.json files (same machine) into one report")
+    parser.add_argument("--kernels", action="store_true", help="only time the SVD kernels on one block per size (fast vs LAPACK path) → speed-kernels.{md,json}")
     args = parser.parse_args(argv)
+    if args.kernels:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        report = {"rows": []}
+        for size in args.sizes:
+            part = kernel_times(size, args.T)
+            report = {**part, "rows": report["rows"] + part["rows"]}
+        table = [[row["size"], row["T"], row["kernel"], row["fast_cpu_s"], row["lapack_cpu_s"], f"{row['lapack_cpu_s'] / max(row['fast_cpu_s'], 1e-9):.2f}"] for row in report["rows"]]
+        markdown = "# SVD kernels alone: CPU s for one transformer block (7 matrices), fast path vs LAPACK path\n\n" + (
+            f"{report['machine']['cpu']}, {report['threads']} thread(s); {report['machine']['date_utc']} UTC. " + (args.note or "") + "\n\n"
+        ) + runner.markdown_table(["size", "T", "kernel", "fast CPU s", "LAPACK CPU s", "speed-up"], table) + "\n"
+        runner.save_results(Path(args.out_dir), "speed-kernels", report, markdown)
+        return
     if args.render:
         reports = [json.loads(Path(path).read_text()) for path in args.render]
         latest = {(row["size"], row["T"], row["label"]): row for item in reports for row in item["rows"]}  # later files win

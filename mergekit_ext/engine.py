@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from mergekit_ext import io
 
@@ -42,6 +42,7 @@ def run_merge_atomic(
     options=None,
     overwrite: bool = False,
     config_source: Optional[str] = None,
+    extra_inputs: Sequence[Union[str, os.PathLike]] = (),
 ) -> Path:
     """Merge ``config`` (a dict or ``MergeConfiguration``) with mergekit's engine into ``out``, atomically."""
     from mergekit.merge import run_merge
@@ -49,6 +50,26 @@ def run_merge_atomic(
     import mergekit_ext  # noqa: F401  (registers our methods when the startup hook is absent)
 
     validated = validate_config(config)
-    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+    inputs = [*config_inputs(validated), *extra_inputs]
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=inputs, kind="merged-model") as staging:
         run_merge(validated, str(staging), options=options if options is not None else quiet_options(), config_source=config_source)
+        card = staging / "README.md"
+        if card.is_file():  # mergekit names the model after the folder it wrote: the staging folder
+            card.write_text(card.read_text(encoding="utf-8").replace(staging.name, Path(out).name), encoding="utf-8")
     return Path(out)
+
+
+def config_inputs(config) -> list:
+    """The local folders and files a parsed configuration reads: models, LoRA adapters and
+    string parameters naming an existing file (e.g. adarank's ``file``); never to be written."""
+    inputs = []
+    for reference in config.referenced_models():
+        for part in (reference.model, reference.lora):
+            path = getattr(part, "path", None)
+            if path and os.path.exists(os.path.expanduser(path)):
+                inputs.append(os.path.expanduser(path))
+    parameters = dict(config.parameters or {})
+    for value in parameters.values():
+        if isinstance(value, str) and os.path.isfile(os.path.expanduser(value)):
+            inputs.append(os.path.expanduser(value))
+    return inputs

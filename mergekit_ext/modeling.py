@@ -63,6 +63,24 @@ def gpt2_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, head
     return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads, n_positions=128, bos_token_id=1, eos_token_id=2, **overrides)
 
 
+def qwen2_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate_size: int = 64, **overrides):
+    """A tiny Qwen2: Llama-like with q/k/v biases and grouped KV heads (mergekit 0.1.5's
+    llama architecture lists no bias weights, so a Llama with biases cannot stand in)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+
+
 def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A causal LM with seeded random weights."""
     from transformers import AutoModelForCausalLM

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import List, Optional, Tuple
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 PARTS = (
     "merge",
@@ -60,14 +62,38 @@ def needs_learned_file(name: str) -> bool:
     return name in LEARNED_FILE_METHODS
 
 
+class PartiallyImported(RuntimeError):
+    """One of our method modules is still being imported (it is what imported mergekit)."""
+
+
 def register_all() -> None:
-    """Register our methods with mergekit; names already registered are left alone."""
+    """Register our methods with mergekit; names already registered are left alone.
+
+    Raises ``PartiallyImported`` (after registering every other method) when
+    one of our ``method.py`` modules is itself mid-import, which happens when
+    it is the first thing to import mergekit; the startup hook then registers
+    again when mergekit's registry is first used.
+    """
+    import sys
+
     from mergekit.merge_methods import registry as mergekit_registry
 
     known = {method.spec.name for method in mergekit_registry.registered_methods()}
-    for method in our_methods():
-        if method.spec.name not in known:
-            mergekit_registry.register(method)
+    pending = []
+    for part in PARTS:
+        name = f"mergekit_ext.{part}.method"
+        module = sys.modules.get(name)
+        if module is not None and not hasattr(module, "METHODS"):
+            pending.append(name)  # mid-import: its METHODS do not exist yet
+            continue
+        if importlib.util.find_spec(f"mergekit_ext.{part}") is None or importlib.util.find_spec(name) is None:
+            continue
+        for method in importlib.import_module(name).METHODS:
+            if method.spec.name not in known:
+                mergekit_registry.register(method)
+                known.add(method.spec.name)
+    if pending:
+        raise PartiallyImported(", ".join(pending))
 
 
 def describe_default(parameter) -> Optional[str]:
@@ -75,3 +101,54 @@ def describe_default(parameter) -> Optional[str]:
     from mergekit.merge_methods.base import MISSING
 
     return None if parameter.default is MISSING else repr(parameter.default)
+
+
+# ``mergekit-ext methods`` prints this file instead of importing the methods
+# (their declarations import torch and mergekit: ~10 s and ~400 MB). It is
+# generated from the live declarations by ``python -m mergekit_ext.registry``;
+# tests/test_newcomer.py fails with that command when it is out of date.
+CATALOG_PATH = Path(__file__).with_name("registry_catalog.json")
+
+
+def live_catalog() -> List[Dict]:
+    """Name, paper, base policy and parameters of every method, from the declarations (imports mergekit)."""
+    entries = []
+    for method in our_methods():
+        spec = method.spec
+        entries.append(
+            {
+                "name": spec.name,
+                "pretty_name": spec.pretty_name,
+                "reference_url": spec.reference_url,
+                "base": spec.contract.base.value,
+                "parameters": [
+                    {
+                        "name": parameter.name,
+                        "scope": "global" if parameter.scope.value == "shared" else "per model",
+                        "default": describe_default(parameter),
+                        "description": parameter.description or "",
+                    }
+                    for parameter in spec.parameters
+                ],
+            }
+        )
+    return entries
+
+
+def catalog() -> List[Dict]:
+    """The stored catalog (cheap: no torch), or the live one when the file is missing."""
+    try:
+        return json.loads(CATALOG_PATH.read_text(encoding="utf-8"))["methods"]
+    except (OSError, ValueError, KeyError):
+        return live_catalog()
+
+
+def write_catalog() -> Path:
+    """Regenerate ``registry_catalog.json`` from the declarations."""
+    text = json.dumps({"generated_by": "python -m mergekit_ext.registry", "methods": live_catalog()}, indent=1, ensure_ascii=False)
+    CATALOG_PATH.write_text(text + "\n", encoding="utf-8")
+    return CATALOG_PATH
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_catalog()}")

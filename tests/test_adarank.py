@@ -44,6 +44,7 @@ def _pools():
 
 
 def _learn(family, *, steps, variant="ta", seed=0, **options):
+    options.setdefault("max_new_tokens", 4)  # the random fine-tunes never stop on their own
     return learn(
         [family[name] for name in MODELS],
         _pools(),
@@ -54,7 +55,7 @@ def _learn(family, *, steps, variant="ta", seed=0, **options):
 
 
 def _write(result, path):
-    return write_learned_file(path, result.masks, result.coefficients, result.info)
+    return write_learned_file(path, result.masks, result.coefficients, result.info, result.fingerprints)
 
 
 def _config(family, file, order=MODELS, base=True, **parameters):
@@ -215,7 +216,7 @@ def _entropy_by_hand(folder, pools, count):
 
 
 def test_learner_lowers_entropy_is_deterministic_and_file_reproduces_it(tiny_family, tmp_path):
-    result = _learn(tiny_family, steps=25, lr=0.02, seed=3)
+    result = _learn(tiny_family, steps=25, lr=0.02, seed=3, objective="entropy")
     info = result.info
     assert info["entropy_after"]["total"] < info["entropy_before"]["total"] - 1e-3
     assert sum(result.history[-5:]) / 5 < sum(result.history[:5]) / 5
@@ -223,7 +224,7 @@ def test_learner_lowers_entropy_is_deterministic_and_file_reproduces_it(tiny_fam
     assert kept["after"] != kept["before"]  # some masks flipped
     coefficients = torch.stack(list(result.coefficients.values()))
     assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.4))
-    again = _learn(tiny_family, steps=25, lr=0.02, seed=3)
+    again = _learn(tiny_family, steps=25, lr=0.02, seed=3, objective="entropy")
     assert again.history == result.history
     for name in result.masks:
         assert torch.equal(again.masks[name], result.masks[name])
@@ -328,7 +329,7 @@ def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
     ]  # fmt: skip
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
-    assert "answer entropy" in result.output and "kept singular components" in result.output
+    assert "on held-out prompts" in result.output and "kept singular components" in result.output
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     info = open_learned_file(file).info
     assert info["variant"] == "cart" and info["prior"] == 1.3 and info["init_rank_ratio"] == 0.15
@@ -356,3 +357,126 @@ def test_matrix_classification_matches_the_engine(tiny_family):
     expected = {name for name, tensor in state.items() if is_block_matrix(name, tensor.shape)}
     assert set(result.masks) == expected and "lm_head.weight" not in expected
     assert set(result.coefficients) == set(state)
+
+
+# ---------------------------------------------------------------- objectives (issue 16)
+
+
+@pytest.mark.parametrize("objective", ["entropy", "entropy-answer", "distill"])
+@pytest.mark.parametrize("coefficients_only", [False, True])
+def test_zero_steps_is_the_base_method_for_every_objective(tiny_family, objective, coefficients_only):
+    """Step 0 leaves every mask at its initial value and every coefficient at the prior, so the
+    file is the base method's (through the engine: test_identity_through_stock_mergekit)."""
+    result = _learn(tiny_family, steps=0, variant="cart", objective=objective, coefficients_only=coefficients_only, max_new_tokens=3)
+    state = load_state_dict(tiny_family["base"])
+    for name, mask in result.masks.items():
+        expected = initial_logits(3, state[name].shape, mask.shape[1], 0.15) > 0
+        assert mask.dtype == torch.bool and torch.equal(mask, expected), name
+    assert all(torch.equal(row, torch.full((3,), 1.3)) for row in result.coefficients.values())
+    held = result.info["held_out_objective"]
+    assert held["name"] == objective and held["before"] == held["after"]
+    assert result.info["training"]["held_out_per_task"] == [8, 8, 8]  # min(batch 8, 24 // 2)
+
+
+def test_distillation_kl_is_the_coarsened_kl():
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(5, 11, generator=generator) * 2, torch.randn(5, 11, generator=generator)
+    from mergekit_ext.methods.adarank.learn import distillation_kl
+
+    log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    full = (log_p.exp() * (log_p - log_q)).sum(-1)
+    for k in (11, 10):  # every token, or all but one (the rest bucket is that token): the exact KL
+        top = log_p.topk(k, dim=-1)
+        torch.testing.assert_close(distillation_kl(student, top.values, top.indices), full, atol=1e-5, rtol=1e-5)
+    top = log_p.topk(3, dim=-1)  # top 3 + the rest: KL of the coarsened distributions
+    p3, q3 = top.values.exp(), log_q.gather(-1, top.indices).exp()
+    coarse_p = torch.cat([p3, 1 - p3.sum(-1, keepdim=True)], -1)
+    coarse_q = torch.cat([q3, 1 - q3.sum(-1, keepdim=True)], -1)
+    expected = (coarse_p * (coarse_p.log() - coarse_q.log())).sum(-1)
+    torch.testing.assert_close(distillation_kl(student, top.values, top.indices), expected, atol=1e-5, rtol=1e-5)
+    assert bool((expected <= full + 1e-6).all())  # a lower bound of the full KL
+    assert torch.allclose(distillation_kl(teacher, *log_p.topk(4, dim=-1)), torch.zeros(5), atol=1e-6)
+
+
+def test_teacher_cache_matches_the_expert(tiny_family):
+    """Greedy answers equal unbatched greedy decoding; the cached log-probs are the expert's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ext.methods.adarank.learn import stop_token_ids, teacher_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_family["ft1"]))
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in _prompts(1, 6)]
+    options = LearnOptions(top_k=5, max_new_tokens=4).resolved()
+    items = teacher_cache(tiny_family["ft1"], prompts, stop_ids=stop_token_ids(tokenizer, "\n"), options=options, pad_id=0, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_family["ft1"]), dtype=torch.float32).eval()
+    for prompt, item in zip(prompts, items):
+        ids = list(prompt)
+        with torch.no_grad():
+            for j in range(item.sequence.length):
+                log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+                torch.testing.assert_close(item.log_probs[j], log_probs.topk(5).values, atol=1e-5, rtol=1e-5)
+                assert int(log_probs.argmax()) == item.sequence.answer[j] == int(item.indices[j, 0])
+                ids.append(item.sequence.answer[j])
+        assert item.sequence.ids == prompt + item.sequence.answer[:-1] and item.sequence.start == len(prompt)
+
+
+def test_distill_lowers_its_loss_on_the_test_zoo_and_masks_stay_binary(test_zoo):
+    from mergekit_ext.methods.adarank.learn import zoo_prompts
+
+    tasks = test_zoo.tasks
+    result = learn(
+        [test_zoo.expert(task) for task in tasks],
+        [zoo_prompts(test_zoo, task) for task in tasks],
+        base=test_zoo.base,
+        options=LearnOptions(variant="ta", prior=0.4, objective="distill", steps=30, lr=0.01, batch_size=8, max_new_tokens=3),
+        task_names=tasks,
+        progress=False,
+    )
+    held = result.info["held_out_objective"]
+    assert held["name"] == "distill" and held["after"]["total"] < held["before"]["total"] - 1e-3
+    assert sum(result.history[-5:]) / 5 < sum(result.history[:5]) / 5
+    kept = result.info["kept_components"]
+    assert kept["after"] != kept["before"] and set(kept["by_task"]) == set(tasks)
+    assert sum(counts["band"] for counts in kept["by_type"].values()) == kept["band"]
+    assert all(mask.dtype == torch.bool for mask in result.masks.values())
+    assert set(result.fingerprints) == set(result.masks)
+
+
+def test_coefficients_only_keeps_the_masks(tiny_family):
+    result = _learn(tiny_family, steps=10, lr=0.05, objective="distill", coefficients_only=True, max_new_tokens=3)
+    assert all(bool(mask.all()) for mask in result.masks.values())  # TA: all on at step 0, still
+    coefficients = torch.stack(list(result.coefficients.values()))
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.4))
+
+
+def test_a_file_applied_to_other_weights_is_refused(tiny_family, tmp_path):
+    """The merge recomputes each matrix's SVD: other weights (here one model retrained, at
+    another path with check_models false) are refused, naming the tensor."""
+    import shutil
+
+    from mergekit_ext.methods.adarank.method import check_fingerprint
+    from mergekit_ext.modeling import save_model
+
+    result = _learn(tiny_family, steps=0)
+    file = _write(result, tmp_path / "learned.safetensors")
+    assert open_learned_file(file).fingerprint(next(iter(result.masks))).shape == (3, 4)
+    same = shutil.copytree(tiny_family["ft2"], tmp_path / "same_weights")
+    config = _config(tiny_family, file, order=("ft0", "ft1"))
+    config["models"].append({"model": str(same)})
+    config["parameters"]["check_models"] = False
+    run_merge_in_process(config, tmp_path / "same")  # the same weights elsewhere: accepted
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = AutoModelForCausalLM.from_pretrained(str(tiny_family["ft2"]), dtype=torch.float32)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.add_(0.01)
+    save_model(other, tmp_path / "other_weights", AutoTokenizer.from_pretrained(str(tiny_family["ft2"])))
+    config["models"][-1] = {"model": str(tmp_path / "other_weights")}
+    with pytest.raises(Exception, match=r"tensor model\.layers\.1\.mlp\.down_proj\.weight: the factorisation of these weights does not match"):
+        run_merge_in_process(config, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    # The tolerance: float32 SVDs of the same weights on other hardware agree to ~1e-6.
+    recorded = torch.tensor([[4.0, 2.0, 1.0, 0.5], [3.0, 1.0, 0.2, 0.1]])
+    check_fingerprint("w", recorded, recorded * (1 + 1e-5), 1e-3, "f")
+    with pytest.raises(Exception, match=r"tensor w: .*task 1.*relative difference 1\.0[0-9]e-02"):
+        check_fingerprint("w", recorded, recorded + torch.tensor([[0.0] * 4, [0.0, 0.03, 0.0, 0.0]]), 1e-3, "f")

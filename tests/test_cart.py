@@ -24,6 +24,7 @@ from mergekit_ext.modeling import (
     gpt2_config,
     load_state_dict,
     perturbed,
+    qwen2_config,
     random_model,
     save_model,
 )
@@ -173,6 +174,7 @@ def _check_against_reference(out_dir, paths, names, matrices, *, rank_ratio, sca
     return low_ranked
 
 
+@pytest.mark.slow
 def test_stock_mergekit_yaml_matches_independent_cart(tiny_family, tmp_path):
     # A base model is configured, and must NOT enter the average.
     names = ("ft0", "ft1", "ft2")
@@ -181,6 +183,7 @@ def test_stock_mergekit_yaml_matches_independent_cart(tiny_family, tmp_path):
     assert _check_against_reference(out, tiny_family, names, LLAMA_MATRICES, rank_ratio=0.25, scale=1.5) == 14
 
 
+@pytest.mark.slow
 def test_full_rank_through_engine_is_weighted_average(tiny_family, tmp_path):
     names = ("ft0", "ft1", "ft2")
     weights = {"ft0": 1.0, "ft1": 2.0, "ft2": 3.0}
@@ -196,6 +199,7 @@ def test_full_rank_through_engine_is_weighted_average(tiny_family, tmp_path):
         torch.testing.assert_close(tensor.double(), average, atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.slow
 def test_one_model_through_engine_gives_itself(tiny_family, tmp_path):
     out = tmp_path / "one"
     run_merge_in_process(_config(tiny_family, ("ft1",), parameters={"rank_ratio": 0.1, "lambda": 2.0}), out)
@@ -215,23 +219,7 @@ def _family(root, config, count=3):
     return paths
 
 
-def _qwen2_config(vocab):
-    # Llama-like with q/k/v biases and grouped KV heads. (mergekit 0.1.5's llama
-    # architecture lists no bias weights, so a Llama with biases cannot be used.)
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["qwen2", "gpt2"])
 def test_architectures_through_engine(architecture, tmp_path):
     vocab = len(char_tokenizer())
@@ -239,7 +227,7 @@ def test_architectures_through_engine(architecture, tmp_path):
         # Conv1D c_attn fused and stored [in, out]; wpe has no vocabulary axis.
         config, matrices, expected_low_ranked = gpt2_config(vocab), GPT2_MATRICES, 8
     else:
-        config, matrices, expected_low_ranked = _qwen2_config(vocab), LLAMA_MATRICES, 14
+        config, matrices, expected_low_ranked = qwen2_config(vocab), LLAMA_MATRICES, 14
     paths = _family(tmp_path / "models", config)
     names = ("m0", "m1", "m2")
     weights = {"m0": 1.0, "m1": 1.0, "m2": 2.0}
@@ -256,6 +244,7 @@ def test_architectures_through_engine(architecture, tmp_path):
         assert any(key.endswith("wpe.weight") for key in merged)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, "abc"])
 def test_bad_rank_ratio_refused_before_any_output(tiny_family, tmp_path, bad):
     out = tmp_path / "refused"

@@ -50,6 +50,7 @@ def _config(paths, method, parameters=None, model_parameters=None):
     return merge_config(method, paths, ("ft0", "ft1", "ft2"), parameters=parameters, model_parameters=model_parameters)
 
 
+@pytest.mark.slow
 def test_k0_equals_task_arithmetic_through_stock_mergekit_yaml(tiny_family, tmp_path):
     weights = {"ft0": {"weight": 0.5}, "ft1": {"weight": 1.0}, "ft2": {"weight": 0.8}}
     run_mergekit_yaml(_config(tiny_family, "consensus_ta", {"k": 0, "lambda": 0.6}, weights), tmp_path / "ours")
@@ -60,6 +61,7 @@ def test_k0_equals_task_arithmetic_through_stock_mergekit_yaml(tiny_family, tmp_
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_consensus_ties_k0_equals_ties_disjoint_sum(tiny_family, tmp_path):
     run_merge_in_process(_config(tiny_family, "consensus_ties", {"k": 0, "lambda": 0.9}), tmp_path / "ours")
     ties = _config(tiny_family, "ties", {"lambda": 0.9, "normalize": False})
@@ -71,6 +73,7 @@ def test_consensus_ties_k0_equals_ties_disjoint_sum(tiny_family, tmp_path):
         torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_k_above_model_count_gives_base(tiny_family, tmp_path):
     run_merge_in_process(_config(tiny_family, "consensus_ta", {"k": 4}), tmp_path / "out")
     merged, base = load_state_dict(tmp_path / "out"), load_state_dict(tiny_family["base"])
@@ -78,6 +81,7 @@ def test_k_above_model_count_gives_base(tiny_family, tmp_path):
         torch.testing.assert_close(merged[name], base[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_default_merge_equals_independent_computation(tiny_family, tmp_path):
     lambdas = {"ft0": 0.3, "ft1": 0.4, "ft2": 0.6}
     per_model = {name: {"tall_lambda": value} for name, value in lambdas.items()}
@@ -90,6 +94,7 @@ def test_default_merge_equals_independent_computation(tiny_family, tmp_path):
         torch.testing.assert_close(merged[name], expected, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "parameters, model_parameters, message",
     [
@@ -108,11 +113,13 @@ def test_bad_parameters_fail_before_writing(tiny_family, tmp_path, parameters, m
     assert not list(out.glob("*.safetensors")) if out.exists() else True
 
 
+@pytest.mark.slow
 def test_bad_density_names_the_parameter(tiny_family, tmp_path):
     with pytest.raises(Exception, match="consensus_ties: invalid value 0 for parameter 'density'"):
         run_merge_in_process(_config(tiny_family, "consensus_ties", {}, {"ft0": {"density": 0}}), tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_missing_base_is_refused(tiny_family, tmp_path):
     config = _config(tiny_family, "consensus_ta")
     del config["base_model"]

@@ -73,6 +73,7 @@ def _files_digest(folder: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_opcm_state_after_three_adds_equals_paper_algorithm(tiny_family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,6 +148,7 @@ def _ties_by_hand(merged_delta, task_delta, density):
     return (trimmed * (torch.sign(trimmed) == elected)).sum(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ta", "average", "ties"])
 def test_baselines_match_their_formulas(tiny_family, tmp_path, method):
     state = tmp_path / "state"
@@ -187,6 +189,7 @@ class _FailingWriter:
         self.inner.finalize()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["accumulate", "write model", "swap"])
 def test_failed_add_leaves_previous_state_intact(tiny_family, tmp_path, monkeypatch, failure):
     from transformers import AutoModelForCausalLM
@@ -208,7 +211,7 @@ def test_failed_add_leaves_previous_state_intact(tiny_family, tmp_path, monkeypa
     monkeypatch.setattr(io, "tensor_writer", failing_writer)
     if failure == "swap":
         # No atomic exchange, and the second rename fails: the first must be undone.
-        monkeypatch.setattr(continual, "_exchange", lambda first, second: False)
+        monkeypatch.setattr(io, "exchange", lambda first, second: False)
         real_replace = continual.os.replace
 
         def replace(source, destination):
@@ -260,6 +263,7 @@ _KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_add_leaves_previous_state_loadable(tiny_family, tmp_path):
     state = tmp_path / "state"
     continual.init_state(state, tiny_family["base"], tiny_family["ft0"], progress=False)
@@ -278,6 +282,7 @@ def test_killed_add_leaves_previous_state_loadable(tiny_family, tmp_path):
     assert not any(".staging-" in p.name for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_refused(tiny_family, tmp_path):
     from mergekit_ext.modeling import (
         char_tokenizer,
@@ -345,6 +350,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_add_peak_memory_does_not_grow_with_models_merged(tmp_path):
     from mergekit_ext.modeling import (
         char_tokenizer,

@@ -24,6 +24,7 @@ def _tokenizer(zoo):
     return AutoTokenizer.from_pretrained(str(zoo.base))
 
 
+@pytest.mark.slow
 def test_lm_eval_agrees_with_in_process_scorer(test_zoo):
     """lm-eval's acc on a model folder equals the zoo's scorer (same requests, same argmax)."""
     tasks = [test_zoo.lm_eval_task(t) for t in test_zoo.tasks[:2]]
@@ -35,6 +36,7 @@ def test_lm_eval_agrees_with_in_process_scorer(test_zoo):
         assert results[lm_task]["acc,none"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_base_plus_peft_adapter_evaluation(test_zoo):
     """`BASE+ADAPTER` runs lm-eval with peft=...; the score is the adapted model's, not the base's."""
     from peft import PeftModel
@@ -49,6 +51,7 @@ def test_base_plus_peft_adapter_evaluation(test_zoo):
     assert result != pytest.approx(test_zoo.manifest["metrics"]["base"][task]["test"])
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_named(test_zoo, tmp_path):
     with pytest.raises(EvaluationError, match="not a model folder"):
         lm_eval_results(tmp_path, ["zoo_next"], test_zoo.task_dir)
@@ -58,6 +61,7 @@ def test_bad_inputs_are_named(test_zoo, tmp_path):
         compare_on_zoo(test_zoo.root, {"base": test_zoo.base})
 
 
+@pytest.mark.slow
 def test_demo_merges_run_through_mergekit_and_report(test_zoo, tmp_path):
     """The demo's merge list through mergekit's engine, evaluated with lm-eval, all reports written."""
     from mergekit_ext.demo.run import DEMO_MERGES, run_demo
@@ -96,6 +100,7 @@ def test_demo_merges_run_through_mergekit_and_report(test_zoo, tmp_path):
     assert len(list((test_zoo.root / "evals").glob("*.json"))) >= 2 * len(test_zoo.tasks)
 
 
+@pytest.mark.slow
 def test_eval_command_uses_cache_and_writes_files(test_zoo, tmp_path):
     from mergekit_ext.cli import main
 
@@ -112,6 +117,7 @@ def test_eval_command_uses_cache_and_writes_files(test_zoo, tmp_path):
     assert bad.exit_code != 0 and "not a model folder" in bad.output
 
 
+@pytest.mark.slow
 def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_path):
     """recipes/<method>.yml is DEMO_MERGES' config with ./zoo paths, and runs as its header says."""
     import shutil

@@ -80,6 +80,7 @@ def test_import_graph_has_no_cycle():
 FAMILIES = sorted(p.name for p in (PACKAGE / "methods").iterdir() if p.is_dir() and (p / "__init__.py").is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_family_has_kernel_and_declaration(family):
     folder = PACKAGE / "methods" / family

@@ -58,6 +58,7 @@ def peft_deltas(base: Path, adapter: Path) -> dict:
     return deltas
 
 
+@pytest.mark.slow
 def test_read_adapter_folds_peft_scale(lora_family):
     for name in ADAPTER_SPECS:
         adapter = lora.read_adapter(lora_family[name])
@@ -79,6 +80,7 @@ def load_state_dict_adapter(folder: Path) -> dict:
     return load_file(str(folder / lora.SAFETENSORS_FILE))
 
 
+@pytest.mark.slow
 def test_written_adapter_loads_in_peft_and_reproduces_logits(lora_family, tmp_path):
     for name in ("beta", "gamma"):
         adapter = lora.read_adapter(lora_family[name])
@@ -95,6 +97,7 @@ def test_written_adapter_loads_in_peft_and_reproduces_logits(lora_family, tmp_pa
         assert lora.read_adapter(written).modules.keys() == modules.keys()
 
 
+@pytest.mark.slow
 def test_truncated_adapter_is_refused(lora_family, tmp_path):
     import shutil
 
@@ -112,6 +115,7 @@ def test_truncated_adapter_is_refused(lora_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_unsupported_and_mismatched_adapters_are_refused(lora_family, tmp_path):
     import shutil
 
@@ -153,6 +157,7 @@ def dense_reference(lora_family, names, method, parameters):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,params,parameters", [
     ("task_arithmetic", ["--param", "weight=0.5,1.0,0.8"], {"weight": {"alpha": 0.5, "beta": 1.0, "gamma": 0.8}}),
     ("consensus_ta", ["--param", "k=1"], {"k": 1}),
@@ -176,6 +181,7 @@ def test_lora_merge_matches_dense_merge_up_to_truncation(lora_family, tmp_path, 
     assert any(d.abs().max() > 1e-3 for d in reference.values())
 
 
+@pytest.mark.slow
 def test_lora_merge_against_peft_add_weighted_adapter(lora_family, tmp_path):
     """Same adapters, same ranks: our task_arithmetic merge equals peft's 'svd' combination,
     except when the first adapter uses rsLoRA (peft issue 3761: the merged adapter keeps
@@ -205,6 +211,7 @@ def test_lora_merge_against_peft_add_weighted_adapter(lora_family, tmp_path):
         assert compared == len(ours) == 4  # q_proj and v_proj in two layers
 
 
+@pytest.mark.slow
 def test_model_plus_lora_inputs_in_mergekit_yaml(lora_family, tmp_path):
     """consensus_ta with `base+adapter` model references in the stock mergekit-yaml."""
     from conftest import run_mergekit_yaml
@@ -233,6 +240,7 @@ def test_model_plus_lora_inputs_in_mergekit_yaml(lora_family, tmp_path):
     torch.testing.assert_close(merged["model.embed_tokens.weight"], base_state["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_merge_factors_is_task_arithmetic_on_each_factor(lora_family):
     adapters = [lora.read_adapter(lora_family[name]) for name in ("alpha", "beta", "gamma")]
     merged = merge_factors(adapters, "task_arithmetic", parameters={"weight": [1.0, 0.5, 2.0], "lambda": 0.5})
@@ -246,6 +254,7 @@ def test_merge_factors_is_task_arithmetic_on_each_factor(lora_family):
     torch.testing.assert_close(merged[only_gamma].b @ merged[only_gamma].a, 0.5 * 2.0 * 0.5 * 2.0 * adapters[2].delta(only_gamma))
 
 
+@pytest.mark.slow
 def test_lora_merge_two_model_methods_and_parameter_errors(lora_family, tmp_path):
     """slerp takes the first adapted model as its 'base' (as in a mergekit YAML); errors name the parameter."""
     runner = CliRunner()
@@ -263,6 +272,7 @@ def test_lora_merge_two_model_methods_and_parameter_errors(lora_family, tmp_path
     torch.testing.assert_close(merged.delta(module), first.delta(module), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_adapters_fan_in_fan_out(tmp_path):
     """GPT-2 stores c_attn as [in, out]: updates come out in that layout and written adapters reload."""
     from mergekit_ext.modeling import gpt2_config

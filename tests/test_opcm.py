@@ -128,6 +128,7 @@ def _config(paths, order, **parameters):
     return merge_config("opcm", paths, order, parameters=parameters)
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_opcm_matches_kernel_in_config_order(tiny_family, tmp_path):
     from conftest import run_merge_in_process, run_mergekit_yaml
 
@@ -155,6 +156,7 @@ def test_mergekit_yaml_opcm_matches_kernel_in_config_order(tiny_family, tmp_path
     assert not torch.allclose(merged_reverse[name], forward_unscaled, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mergekit_refuses_bad_alpha_before_writing(tiny_family, tmp_path):
     from conftest import run_merge_in_process
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from conftest import mergekit_env
 
@@ -44,6 +45,7 @@ def test_registering_twice_is_harmless():
     assert all(before.count(name) == 1 for name in OUR_METHODS)
 
 
+@pytest.mark.slow
 def test_methods_command_lists_parameters_and_papers():
     from mergekit_ext.cli import main
 
@@ -53,6 +55,7 @@ def test_methods_command_lists_parameters_and_papers():
         assert text in result.output
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_help():
     import click
 

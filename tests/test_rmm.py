@@ -76,6 +76,7 @@ def test_product_gram_matches_dense_inner_products():
     torch.testing.assert_close(rmm.product_gram(a, b), dense @ dense.T)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,basis_rank", [("factor", None), ("position", None), ("product", 12)])
 def test_k_equal_to_n_reconstructs_every_adapter(family, variant, basis_rank):
     adapters = [lora.read_adapter(family[name]) for name in TASKS]
@@ -89,6 +90,7 @@ def test_k_equal_to_n_reconstructs_every_adapter(family, variant, basis_rank):
             torch.testing.assert_close(recovered[module].delta(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_error_shrinks_as_k_grows_and_k1_is_one_scaled_adapter(family):
     adapters = [lora.read_adapter(family[name]) for name in TASKS]
     for variant in ("factor", "position", "product"):
@@ -102,6 +104,7 @@ def test_error_shrinks_as_k_grows_and_k1_is_one_scaled_adapter(family):
     torch.testing.assert_close(first, ratio * second, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_build_and_revert_give_the_original_logits_in_peft(family, tmp_path):
     runner = CliRunner()
     bundle = tmp_path / "bundle"
@@ -131,6 +134,7 @@ def test_build_and_revert_give_the_original_logits_in_peft(family, tmp_path):
     assert manifest["tasks"][1]["content_hash"] == lora.adapter_hash(family["sort"])
 
 
+@pytest.mark.slow
 def test_named_tasks_lossy_k_and_refusals(family, tmp_path):
     runner = CliRunner()
     bundle = tmp_path / "bundle"
@@ -170,6 +174,7 @@ def test_named_tasks_lossy_k_and_refusals(family, tmp_path):
     assert not (tmp_path / "z").exists()
 
 
+@pytest.mark.slow
 def test_dense_rmm_method_in_mergekit(tiny_family, tmp_path):
     """mergekit-yaml `rmm`: one-hot weights with K = T recover that model; K < T is the rank-K fit."""
     from conftest import run_merge_in_process
@@ -205,6 +210,7 @@ def test_dense_rmm_method_in_mergekit(tiny_family, tmp_path):
     torch.testing.assert_close((expected - base_state[name]).double(), rank_one, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_factored_svd_and_revert_rank(family, tmp_path):
     from conftest import low_rank_approximation
 
@@ -230,6 +236,7 @@ def test_factored_svd_and_revert_rank(family, tmp_path):
         torch.testing.assert_close(reverted.delta(module), low_rank_approximation(factors.delta(), 2, method="full"), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bundle_written_by_0_1_0_still_reverts(family, tmp_path):
     # 0.1.0 wrote "mergekit-ext/rmm-bundle" + "version": 1, base_model/base_hash and adapter_hash.
     runner = CliRunner()

@@ -19,6 +19,7 @@ from mergekit_ext.modeling import (
     llama_config,
     load_state_dict,
     perturbed,
+    qwen2_config,
     random_model,
     save_model,
 )
@@ -210,22 +211,6 @@ def _config(method, paths, names, *, parameters=None, weights=None, base=True):
     return merge_config(method, paths, names, parameters=parameters, weights=weights or {}, base=base)
 
 
-def _qwen2_config(vocab):
-    from transformers import Qwen2Config
-
-    # q/k/v biases and grouped KV heads (k_proj, v_proj are 16×32).
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """Tiny base + 3 perturbed models per architecture (Llama, Qwen2 with biases, GPT-2 Conv1D)."""
@@ -234,7 +219,7 @@ def families(tmp_path_factory):
     built = {}
     for name, config, matrices in (
         ("llama", llama_config(vocab), LLAMA_MATRICES),
-        ("qwen2", _qwen2_config(vocab), LLAMA_MATRICES),
+        ("qwen2", qwen2_config(vocab), LLAMA_MATRICES),
         ("gpt2", gpt2_config(vocab), GPT2_MATRICES),
     ):
         root = tmp_path_factory.mktemp(name)
@@ -250,6 +235,7 @@ WEIGHTS = {"m0": 1.0, "m1": 0.5, "m2": 2.0}
 NAMES = ("m0", "m1", "m2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_engine_matches_reference(families, tmp_path, architecture, method):
@@ -289,6 +275,7 @@ def test_engine_matches_reference(families, tmp_path, architecture, method):
         assert any(key.endswith(".bias") for key in merged)
 
 
+@pytest.mark.slow
 def test_stock_mergekit_yaml_tsv_one_model_gives_it(tiny_family, tmp_path):
     out = tmp_path / "one"
     run_mergekit_yaml(_config("tsv_m", tiny_family, ("ft1",), parameters={"lambda": 1.0}), out)
@@ -298,6 +285,7 @@ def test_stock_mergekit_yaml_tsv_one_model_gives_it(tiny_family, tmp_path):
         torch.testing.assert_close(merged[key], original[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.slow
 def test_engine_iso_cts_fraction_one_is_iso_c_and_order_invariance(tiny_family, tmp_path):
     names = ("ft0", "ft1", "ft2")
     results = {}
@@ -323,6 +311,7 @@ def test_engine_iso_cts_fraction_one_is_iso_c_and_order_invariance(tiny_family, 
             torch.testing.assert_close(tensor, results[second][key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, parameters, model_weight, base, word",
     [

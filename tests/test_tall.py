@@ -1,5 +1,6 @@
 """TALL-mask compression bundles and `mergekit-ext merge` preflight."""
 
+import pytest
 import torch
 from conftest import invoke
 from transformers import AutoModelForCausalLM
@@ -18,6 +19,7 @@ def test_pack_unpack_round_trip():
         assert torch.equal(unpack_mask(packed, shape), mask)
 
 
+@pytest.mark.slow
 def test_compress_recover_round_trip(tiny_family, tmp_path):
     bundle = tmp_path / "bundle"
     result = invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], tiny_family["ft2"], bundle)
@@ -38,6 +40,7 @@ def test_compress_recover_round_trip(tiny_family, tmp_path):
         torch.testing.assert_close(recovered[name], expected, msg=name)
 
 
+@pytest.mark.slow
 def test_single_model_bundle_recovers_exactly(tiny_family, tmp_path):
     bundle = tmp_path / "one"
     assert invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft2"], bundle).exit_code == 0
@@ -47,6 +50,7 @@ def test_single_model_bundle_recovers_exactly(tiny_family, tmp_path):
         torch.testing.assert_close(recovered[name], original[name], msg=name)
 
 
+@pytest.mark.slow
 def test_bundle_written_by_0_1_0_still_recovers(tiny_family, tmp_path):
     # 0.1.0 named the content-hash fields "hash"; such bundles recover the same and still check the base.
     import json
@@ -67,6 +71,7 @@ def test_bundle_written_by_0_1_0_still_recovers(tiny_family, tmp_path):
         assert torch.equal(new[name], reference[name]), name
 
 
+@pytest.mark.slow
 def test_recover_against_another_base_is_refused(tiny_family, tmp_path):
     bundle = tmp_path / "bundle"
     assert invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tiny_family["ft1"], bundle).exit_code == 0
@@ -78,6 +83,7 @@ def test_recover_against_another_base_is_refused(tiny_family, tmp_path):
     assert result.exit_code != 0 and "not in bundle" in result.output
 
 
+@pytest.mark.slow
 def test_compress_refuses_missing_path_and_leaves_nothing(tiny_family, tmp_path):
     result = invoke("tall", "compress", "--base", tiny_family["base"], tiny_family["ft0"], tmp_path / "missing", tmp_path / "b")
     assert result.exit_code != 0
@@ -93,6 +99,7 @@ def _write_yaml(path, config):
     return path
 
 
+@pytest.mark.slow
 def test_merge_command_preflight_refuses_shape_mismatch(tiny_family, tmp_path):
     from mergekit_ext.modeling import (
         char_tokenizer,
@@ -114,6 +121,7 @@ def test_merge_command_preflight_refuses_shape_mismatch(tiny_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_merge_command_writes_atomically(tiny_family, tmp_path):
     config = _write_yaml(
         tmp_path / "c.yml",

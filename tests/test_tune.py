@@ -115,6 +115,7 @@ def killed_and_resumed(zoo, tmp_path_factory):
     return out, at_kill, second
 
 
+@pytest.mark.slow
 def test_resume_after_kill_keeps_finished_trials_and_completes(killed_and_resumed):
     from optuna.trial import TrialState
 
@@ -141,6 +142,7 @@ def test_resume_after_kill_keeps_finished_trials_and_completes(killed_and_resume
     assert "re-queued" not in second.stdout  # --quiet
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_study_runs_no_trial(killed_and_resumed, monkeypatch):
     """A third run finds the budget met: no merge, no new trial, test scores from the study's cache."""
     import mergekit_ext.engine
@@ -159,6 +161,7 @@ def test_rerun_of_a_finished_study_runs_no_trial(killed_and_resumed, monkeypatch
     assert "best.yml" in result.output
 
 
+@pytest.mark.slow
 def test_picks_the_validation_best_trial_and_reports_each_method(killed_and_resumed):
     from optuna.trial import TrialState
 
@@ -201,6 +204,7 @@ def test_picks_the_validation_best_trial_and_reports_each_method(killed_and_resu
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_best_yml_reproduces_bit_for_bit_in_stock_mergekit_yaml(killed_and_resumed, tmp_path):
     import shutil
 
@@ -230,6 +234,7 @@ def test_best_yml_reproduces_bit_for_bit_in_stock_mergekit_yaml(killed_and_resum
         assert ours[name].dtype == stock[name].dtype and torch.equal(ours[name], stock[name]), name
 
 
+@pytest.mark.slow
 def test_score_config_is_the_trial_runner(killed_and_resumed, zoo):
     """score_config (the benchmark-facing runner) gives the best trial's recorded validation scores."""
     from optuna.trial import TrialState
@@ -244,6 +249,7 @@ def test_score_config_is_the_trial_runner(killed_and_resumed, zoo):
         assert scores[task].stderr == pytest.approx(best.user_attrs["validation"][task]["stderr"])
 
 
+@pytest.mark.slow
 def test_ranges_use_tpe_and_record_trials(zoo, tmp_path):
     """A range makes the space infinite: seeded TPE, --trials honoured, the sampled value in best.yml."""
     document = tiny_space(zoo, methods={"ties": {"density": {"low": 0.3, "high": 1.0}, "lambda": 1.0}}, reference=None)
@@ -262,6 +268,7 @@ def test_ranges_use_tpe_and_record_trials(zoo, tmp_path):
     assert not any((out / "trials").iterdir())  # no --keep: merges removed after scoring
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, culprit",
     [
@@ -295,6 +302,7 @@ def test_bad_space_fails_before_any_merge(zoo, tmp_path, monkeypatch, change, cu
         load_space(space)
 
 
+@pytest.mark.slow
 def test_defaults_relative_paths_and_metric_reading(zoo, tmp_path):
     # Nothing but models and tasks: every method of this package (adarank excluded) plus task_arithmetic and ties.
     document = tiny_space(zoo)
@@ -325,6 +333,7 @@ def test_defaults_relative_paths_and_metric_reading(zoo, tmp_path):
     assert read_metric("t", {"acc,none": 0.5, "acc_stderr,none": "N/A"}, "acc").stderr is None
 
 
+@pytest.mark.slow
 def test_a_hopeless_trial_is_pruned_after_its_first_task(zoo, tmp_path):
     """Each validation task's running mean is an intermediate value; a pruner that says stop ends the trial there."""
     import optuna
@@ -353,6 +362,7 @@ def test_a_hopeless_trial_is_pruned_after_its_first_task(zoo, tmp_path):
     assert not any((tmp_path / "out" / "trials").iterdir())
 
 
+@pytest.mark.slow
 def test_a_study_of_another_space_is_refused(zoo, tmp_path):
     from mergekit_ext.tune.study import TuneError, default_storage, open_study
 

@@ -197,3 +197,147 @@ def test_zoo_written_by_0_1_0_still_loads(test_zoo, tmp_path):
     assert zoo.tasks == test_zoo.tasks and zoo.documents(zoo.tasks[0], "test") == test_zoo.documents(zoo.tasks[0], "test")
     # and a rebuild with the same preset and seed recognises it as built
     assert build_zoo(old, preset="test", progress=False).root == old
+
+
+# --------------------------------------------------------------------------
+# The generation preset (`hard`) at test size: `hard-test`.
+
+
+@pytest.fixture(scope="module")
+def hard_zoo(tmp_path_factory):
+    return build_zoo(tmp_path_factory.getbasetemp() / "zoo-hard-test", preset="hard-test", progress=False)
+
+
+def _weight_hashes(root):
+    import hashlib
+
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(root.rglob("*.safetensors"))}
+
+
+def test_generation_tasks_are_deterministic_distinct_and_well_formed():
+    import random
+
+    from mergekit_ext.zoo.tasks import (
+        GENERATION_STOP,
+        GENERATION_TASKS,
+        HARD_ALPHABET,
+        MAX_ANSWER,
+        make_item,
+        training_pair,
+    )
+
+    assert len(GENERATION_TASKS) >= 8 and PRESETS["hard"].tasks == tuple(GENERATION_TASKS)
+    prompts_alphabets = {}
+    for task in GENERATION_TASKS.values():
+        assert [make_item(task, random.Random(3)) for _ in range(2)] == [make_item(task, random.Random(3)) for _ in range(2)]
+        rng = random.Random(0)
+        documents = [make_item(task, rng) for _ in range(200)]
+        for document in documents:
+            assert set(document) == {"prompt", "answer"}
+            assert 1 <= len(document["answer"]) <= MAX_ANSWER and GENERATION_STOP not in document["answer"]
+            assert set(document["prompt"] + document["answer"]) <= set(HARD_ALPHABET)
+        context, continuation = training_pair(task, random.Random(1))
+        assert continuation.endswith(GENERATION_STOP) and not continuation.startswith(" ")
+        # distinct input formats: the first characters of the prompt name the task
+        prompts_alphabets[task.name] = {d["prompt"][:2] for d in documents}
+    formats = list(prompts_alphabets.values())
+    assert all(not (a & b) for i, a in enumerate(formats) for b in formats[i + 1 :]), prompts_alphabets
+
+
+def test_hard_preset_builds_with_generation_yamls(hard_zoo):
+    manifest = hard_zoo.manifest
+    assert manifest["format"] == zoo_format.ZOO_FORMAT  # unchanged format string, the kind is recorded per task
+    assert manifest["preset"]["kind"] == "generation" and hard_zoo.task_kind == "generation"
+    assert hard_zoo.metric == "exact_match,none" and hard_zoo.chance is None
+    for task in hard_zoo.tasks:
+        entry = manifest["tasks"][task]
+        assert entry["kind"] == "generation" and entry["metric"] == "exact_match"
+        config = yaml.safe_load((hard_zoo.task_dir / f"zoo_{task}.yaml").read_text())
+        assert config["output_type"] == "generate_until"
+        assert config["generation_kwargs"] == {"until": ["\n"], "do_sample": False, "max_gen_toks": 16}
+        assert config["target_delimiter"] == "" and config["doc_to_text"] == "{{prompt}}"
+        assert config["metric_list"] == [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": False, "ignore_punctuation": False}]
+        validation = {d["prompt"] for d in hard_zoo.documents(task, "validation")}
+        assert validation and not validation & {d["prompt"] for d in hard_zoo.documents(task, "test")}
+    # the tokenizer has the hard alphabet (the dup/mirror symbols are real tokens, not <unk>)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hard_zoo.base))
+    assert tokenizer.unk_token_id not in tokenizer("dup{@$%}:@@$$%%\n", add_special_tokens=False)["input_ids"]
+    # an old multiple-choice manifest (no kind fields) still reads as multiple choice
+    assert PRESETS["demo"].kind == "multiple_choice"
+
+
+def test_hard_tasks_score_through_lm_eval_generation_path(hard_zoo):
+    """lm-eval's generate_until exact_match equals the in-process greedy scorer, per (model, task)."""
+    from transformers import AutoTokenizer
+
+    from mergekit_ext.evaluate import lm_eval_results
+    from mergekit_ext.zoo import exact_match, greedy_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hard_zoo.base))
+    tasks = [hard_zoo.lm_eval_task(t) for t in hard_zoo.tasks]
+    nonzero = 0
+    for path in (hard_zoo.base, hard_zoo.expert(hard_zoo.tasks[0]), hard_zoo.expert(hard_zoo.tasks[-1])):
+        results = lm_eval_results(path, tasks, hard_zoo.task_dir)
+        model = load_model(path)
+        for task, lm_task in zip(hard_zoo.tasks, tasks):
+            documents = hard_zoo.documents(task, "test")
+            assert results[lm_task]["n-samples"]["effective"] == len(documents)
+            ours = exact_match(model, tokenizer, documents)
+            assert results[lm_task]["exact_match,none"] == pytest.approx(ours), (path.name, task)
+            nonzero += ours > 0
+    assert nonzero >= 3  # the comparison is not vacuous
+    # the grouped, cached greedy decoding equals transformers' own unbatched greedy generate
+    model = load_model(hard_zoo.expert(hard_zoo.tasks[0]))
+    prompts = [d["prompt"] for d in hard_zoo.documents(hard_zoo.tasks[0], "test")[:6]]
+    ours = greedy_generate(model, tokenizer, prompts)
+    for prompt, text in zip(prompts, ours):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=9, do_sample=False, pad_token_id=0)
+        theirs = tokenizer.decode(out[0, ids["input_ids"].shape[1] :]).split("\n")[0]
+        assert text == theirs
+
+
+def test_exact_match_is_case_and_whitespace_exact_as_configured(hard_zoo):
+    """The task YAML's exact_match, run through lm-eval's own task object, and the in-process scorer agree on near misses."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    # a task whose answers have letters, so that the upper-cased answer is a near miss
+    task, document = next((t, d) for t in hard_zoo.tasks for d in hard_zoo.documents(t, "test") if d["answer"].upper() != d["answer"])
+    name = hard_zoo.lm_eval_task(task)
+    manager = TaskManager(include_path=str(hard_zoo.task_dir), include_defaults=False)
+    lm_task = manager.load([name])["tasks"][name] if hasattr(manager, "load") else get_task_dict([name], manager)[name]
+    answer = document["answer"]
+    assert lm_task.process_results(document, [answer]) == {"exact_match": 1.0}
+    for near_miss in (answer.upper(), answer + " ", " " + answer, answer + "\t", answer[:-1]):
+        assert near_miss != answer
+        assert lm_task.process_results(document, [near_miss]) == {"exact_match": 0.0}, repr(near_miss)
+
+
+def test_hard_build_is_deterministic_and_reports_exact_match(hard_zoo, tmp_path):
+    again = build_zoo(tmp_path / "again", preset="hard-test", progress=False)
+    assert _weight_hashes(again.root) == _weight_hashes(hard_zoo.root)
+    assert len(_weight_hashes(hard_zoo.root)) == 1 + 2 * len(hard_zoo.tasks)
+    assert again.manifest["metrics"]["base"] == hard_zoo.manifest["metrics"]["base"]
+    from mergekit_ext.zoo import format_build_report
+
+    report = format_build_report(hard_zoo)
+    for word in ("exact match", "base", "expert", "LoRA", "TA", "gain-normalized", "regime", *hard_zoo.tasks):
+        assert word in report
+    # a different seed is a different, independent zoo
+    other = build_zoo(tmp_path / "seed1", preset="hard-test", seed=1, progress=False)
+    assert _weight_hashes(other.root)["base/model.safetensors"] != _weight_hashes(hard_zoo.root)["base/model.safetensors"]
+
+
+def test_compare_on_hard_zoo_reports_exact_match_without_chance(hard_zoo, tmp_path):
+    from mergekit_ext.evaluate import compare_on_zoo, format_table, write_report
+
+    report = compare_on_zoo(hard_zoo.root, {"ft": hard_zoo.expert(hard_zoo.tasks[0])}, progress=False)
+    assert report["metric"] == "exact_match,none" and report["chance"] is None
+    task = hard_zoo.tasks[0]
+    assert report["models"]["ft"]["accuracy"][task] == pytest.approx(hard_zoo.manifest["metrics"]["experts"][task][task]["test"])
+    assert report["models"]["ft"]["stderr"]  # lm-eval's exact_match_stderr
+    assert "exact match" in format_table(report).splitlines()[0]
+    paths = write_report(report, tmp_path / "r")
+    assert paths["chart"].stat().st_size > 0

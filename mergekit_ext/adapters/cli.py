@@ -43,11 +43,21 @@ def merge_command(base, method, adapters, rank, out, params, dtype, overwrite) -
     from mergekit_ext.adapters import peft_io
     from mergekit_ext.adapters.merge import merge_adapters
 
+    # Refused before any work: an OUT that overlaps an input, or that is not ours to replace.
+    io.check_output_not_input(out, [base, *adapters])
+    io.check_replaceable(out, overwrite=overwrite)
     loaded = peft_io.load_adapters(adapters, base)
+    for adapter in loaded:
+        for module, pair in adapter.modules.items():
+            for label, factor in (("lora_A", pair.a), ("lora_B", pair.b)):
+                io.check_finite_tensor(factor, tensor_name=f"{module}.{label}", source=f"adapter {adapter.path or adapter.name}")
     parameters = dict(_parse_param(text) for text in params)
     loader = io.open_model(base)
     factors = merge_adapters(loaded, loader.get_tensor, method, rank, parameters=parameters, progress=True)
-    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+    for module, pair in factors.items():  # never write a non-finite adapter
+        for label, factor in (("lora_A", pair.a), ("lora_B", pair.b)):
+            io.check_finite_tensor(factor, tensor_name=f"{module}.{label}", source="the merged adapter")
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=[base, *adapters], kind="lora-adapter") as staging:
         peft_io.write_adapter(staging, factors, base_model=str(Path(base).absolute()), dtype=peft_io.torch_dtype(dtype), template=loaded[0].config)
     click.echo(f"merged {len(loaded)} adapters with {method} into a rank-{rank} adapter: {out}")
 

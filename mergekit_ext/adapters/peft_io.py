@@ -339,6 +339,56 @@ def adapter_config(
     return data
 
 
+def relative_base_path(base_model: Optional[str], folder: str | os.PathLike) -> Optional[str]:
+    """A local base model's path relative to the adapter ``folder`` (a Hub id or None as given).
+
+    Written adapters record where their base is relative to themselves, so that
+    the pair can be moved or shared together; an absolute path names one
+    machine's layout (and its user's home).
+    """
+    if not base_model or not os.path.isabs(base_model) or not Path(base_model).exists():
+        return base_model
+    return os.path.relpath(base_model, Path(folder).absolute())
+
+
+def model_card(base_model: Optional[str], modules: Mapping[str, "LoraFactors"], *, description: Optional[str] = None) -> str:
+    """README.md for a written adapter: what it is, its base, and how to load it."""
+    ranks = sorted({factors.rank for factors in modules.values()})
+    rank_text = ", ".join(str(rank) for rank in ranks)
+    base_text = base_model or "(not recorded)"
+    lines = [
+        "---",
+        "library_name: peft",
+        "tags: [lora, mergekit-ext]",
+        "---",
+        "",
+        "# LoRA adapter written by mergekit-ext",
+        "",
+        description or "A peft LoRA adapter written by `mergekit-ext`.",
+        "",
+        f"- modules: {len(modules)} (rank {rank_text}; lora_alpha = r, so the stored factors are the update: ΔW = B·A)",
+        f"- base model: `{base_text}`"
+        + (" (relative to this folder; peft resolves `base_model_name_or_path` from the working directory,"
+           " so load the base explicitly as below)" if base_model and not os.path.isabs(base_model) and base_model.startswith(".") else ""),
+        "",
+        "```python",
+        "from pathlib import Path",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'adapter = Path("PATH/TO/THIS/FOLDER")',
+        f'base = (adapter / "{base_text}").resolve()' if base_model and not os.path.isabs(base_model) and base_model.startswith(".") else f'base = "{base_text}"',
+        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
+        "tokenizer = AutoTokenizer.from_pretrained(base)",
+        "```",
+        "",
+        "If the base is a `mergekit-ext zoo` model: prompts are the task text itself (e.g. `rev(abc) =`),",
+        "tokenized with `add_special_tokens=False` (the character tokenizer's BOS was never seen in training).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_adapter(
     folder: str | os.PathLike,
     modules: Mapping[str, LoraFactors],
@@ -346,26 +396,31 @@ def write_adapter(
     base_model: Optional[str],
     dtype: torch.dtype = torch.float32,
     template: Optional[Mapping] = None,
+    description: Optional[str] = None,
 ) -> Path:
-    """Write factors as a peft adapter folder that ``PeftModel.from_pretrained`` loads.
+    """Write factors as a peft adapter folder that ``PeftModel.from_pretrained`` loads, with a README.md model card.
 
-    ``folder`` should be a staging folder (``io.atomic_output_dir``); the
-    factors must already carry the scale (``delta = b @ a``).
+    ``folder`` should be a staging folder (``io.atomic_output_dir``, a sibling
+    of the final folder, so relative paths stay right); the factors must
+    already carry the scale (``delta = b @ a``). A local ``base_model`` is
+    recorded relative to the adapter folder (``relative_base_path``).
     """
     from safetensors.torch import save_file
 
-    from mergekit_ext.io import write_json
+    from mergekit_ext.io import write_json, write_text
 
     if not modules:
         raise AdapterError("refusing to write an adapter with no modules")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    base_model = relative_base_path(base_model, folder)
     tensors = {}
     for module, factors in sorted(modules.items()):
         tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = factors.a.to(dtype).contiguous()
         tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = factors.b.to(dtype).contiguous()
     save_file(tensors, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
     write_json(folder / CONFIG_FILE, adapter_config(modules, base_model=base_model, template=template))
+    write_text(folder / "README.md", model_card(base_model, modules, description=description))
     return folder
 
 

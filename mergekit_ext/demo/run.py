@@ -36,6 +36,15 @@ DEMO_MERGES: List[DemoMerge] = [
     ("rmm", "rmm", {"k": 2, "weight": 0.6}),
     # CART needs no base: θavg of the experts plus λ·Σ rank-k centred vectors (its defaults)
     ("cart", "cart", {"weight": 1.0, "rank_ratio": 0.15, "lambda": 1.3}),
+    # demo zoo validation (grid λ 0.5/0.75/1.0/1.5; task_arithmetic λ 0.4: 0.835): tsv_m 0.870 at 1.0,
+    # iso_c 0.868 and iso_cts 0.857 at 1.5 (the grid's edge)
+    ("tsv_m", "tsv_m", {"weight": 1.0, "lambda": 1.0}),
+    ("iso_c", "iso_c", {"weight": 1.0, "lambda": 1.5}),
+    ("iso_cts", "iso_cts", {"weight": 1.0, "lambda": 1.5, "common_space_fraction": 0.8}),
+    # AdaRank learns its masks and coefficients first (``learn_adarank``), on the zoo's
+    # unlabeled validation prompts; these are LearnOptions, a short schedule of the
+    # defaults (distill on CART), 4 answer tokens for the multiple-choice zoo.
+    ("adarank", "adarank", {"variant": "cart", "objective": "distill", "lr": 3e-3, "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
 ]
 
 # Small per-method grids for `demo --tune`; parameters not listed keep DEMO_MERGES' value.
@@ -45,6 +54,9 @@ DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
     "consensus_ta": {"k": (1, 2), "lambda": (0.4, 0.6, 0.8, 1.0)},
     "consensus_ties": {"k": (1, 2), "density": (0.2, 0.5), "lambda": (0.6, 0.8, 1.0)},
     "rmm": {"k": (1, 2, 3), "weight": (0.4, 0.6, 0.8, 1.0)},
+    "tsv_m": {"lambda": (0.5, 0.75, 1.0, 1.5)},
+    "iso_c": {"lambda": (0.75, 1.0, 1.5, 2.0)},
+    "iso_cts": {"lambda": (0.75, 1.0, 1.5, 2.0)},
 }
 
 
@@ -76,6 +88,21 @@ def recipe_config(method: str, parameters: Mapping[str, object], tasks: Sequence
     }
 
 
+def learn_adarank(zoo, options: Mapping[str, object], file: Path, *, progress: bool = True) -> Dict[str, object]:
+    """Learn an AdaRank file for every expert of ``zoo`` (validation prompts, no labels); the YAML parameters."""
+    from mergekit_ext import io
+    from mergekit_ext.methods.adarank import learn
+    from mergekit_ext.methods.adarank.format import is_learned_file, write_learned_file
+
+    experts = [zoo.expert(task) for task in zoo.tasks]
+    pools = [learn.zoo_prompts(zoo, task) for task in zoo.tasks]
+    result = learn.learn(experts, pools, base=zoo.base, options=learn.LearnOptions(**options), task_names=zoo.tasks, progress=progress)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    io.check_replaceable(file, overwrite=True, ours=is_learned_file)
+    write_learned_file(file, result.masks, result.coefficients, result.info, result.fingerprints)
+    return {"file": str(file)}
+
+
 def run_demo(
     zoo_dir: str | Path = "zoo",
     out_dir: str | Path = "demo-out",
@@ -101,6 +128,8 @@ def run_demo(
             skipped.append(label)
             echo(f"note: skipping {label}: merge method {method!r} is not registered with mergekit")
             continue
+        if method == "adarank":
+            parameters = learn_adarank(zoo, parameters, out_dir / "adarank.safetensors", progress=progress)
         merged[label] = run_merge_atomic(merge_config(zoo, method, parameters), out_dir / "merges" / label, overwrite=True)
     # One torch thread: the zoo's models are tiny, and extra threads only spin.
     report = compare_on_zoo(zoo.root, merged, threads=1 if preset in ("test", "demo") else None, progress=progress)
@@ -141,7 +170,7 @@ def tune(zoo_dir: str | Path, *, merges: Optional[Sequence[DemoMerge]] = None, g
     probe = load_causal_lm(zoo.base, "cpu")
     winners: Dict[str, Dict] = {}
     for label, method, parameters in merges if merges is not None else DEMO_MERGES:
-        if not is_registered(method):
+        if not is_registered(method) or method == "adarank":  # adarank learns its settings
             continue
         grid = grids.get(label, {})
         names = list(grid)
@@ -149,7 +178,7 @@ def tune(zoo_dir: str | Path, *, merges: Optional[Sequence[DemoMerge]] = None, g
         for values in tqdm(list(itertools.product(*(grid[n] for n in names))), desc=f"tune {label}", disable=not progress):
             candidate = {**parameters, **dict(zip(names, values))}
             with torch.no_grad():
-                probe.loadload_state_dict(merge_in_memory(base_state, expert_states, method, candidate), strict=True)
+                probe.load_state_dict(merge_in_memory(base_state, expert_states, method, candidate), strict=True)
             score = sum(multiple_choice_accuracy(probe, tokenizer, documents[t]) for t in zoo.tasks) / len(zoo.tasks)
             if score > best_score:
                 best_score, best_parameters = score, candidate

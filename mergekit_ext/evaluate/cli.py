@@ -32,7 +32,7 @@ def _parse_labelled(texts: Sequence[str]) -> Dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="write report.json, report.md and report.png here")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--limit", type=int, help="at most this many documents per task (no cache; for smoke tests)")
+@click.option("--limit", type=int, help="at most this many documents per task, without --zoo only (not cached; a quick check of a new task YAML)")
 @click.option("--threads", type=int, help="torch CPU threads (1 is fastest for the zoo's tiny models)")
 def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_dir, batch_size, device, limit, threads):
     """Validate MODELS with the real lm-eval harness.

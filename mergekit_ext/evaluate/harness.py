@@ -4,7 +4,11 @@
 YAMLs, offline) on a model folder or on a base plus a peft adapter, and keeps
 lm-eval's per-task result dicts as they come. ``compare_on_zoo`` evaluates
 merged models against a zoo's base and experts (each expert on its own task)
-and adds the normalized accuracy (merged / expert) beside lm-eval's numbers.
+and adds the normalized score (merged / expert) beside lm-eval's numbers.
+
+The metric comes from the task: ``acc`` for the multiple-choice zoos (chance
+0.25), ``exact_match`` for the generation zoo (``hard``; no chance level). The
+report's ``accuracy`` fields hold that metric's value whichever it is.
 ``report.write_report`` writes that report as JSON, Markdown and a PNG bar chart.
 
 Results are cached per (model weights, adapter weights, task YAML) in the
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,26 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from mergekit_ext.adapters.peft_io import adapter_hash
 from mergekit_ext.io import content_hash, write_json
 
+# The metric of the multiple-choice zoos (4-way, chance 0.25); a zoo's own metric
+# is ``Zoo.metric`` (``exact_match,none`` for the generation preset ``hard``),
+# and tasks outside a zoo are read with ``metric_of``.
 METRIC = "acc,none"
+CHANCE = 0.25
+# lm-eval result keys tried, in order, for a task without a known metric.
+KNOWN_METRICS = ("acc,none", "exact_match,none", "acc_norm,none")
+
+
+def metric_of(result: Mapping) -> Optional[str]:
+    """The metric key of one lm-eval task result: the first of KNOWN_METRICS it has, else its one numeric metric."""
+    for key in KNOWN_METRICS:
+        if key in result:
+            return key
+    candidates = [
+        key
+        for key, value in result.items()
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 class EvaluationError(ValueError):
@@ -47,6 +71,10 @@ class ModelSpec:
         return cls(Path(text).absolute())
 
     def check(self) -> None:
+        if not self.path.exists():
+            raise EvaluationError(f"not a model folder: {self.path} does not exist")
+        if self.adapter is not None and not self.adapter.exists():
+            raise EvaluationError(f"not a peft adapter folder: {self.adapter} does not exist")
         if not (self.path / "config.json").is_file():
             raise EvaluationError(f"not a model folder (no config.json): {self.path}")
         if self.adapter is not None and not (self.adapter / "adapter_config.json").is_file():
@@ -93,7 +121,7 @@ def lm_eval_results(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     threads: Optional[int] = None,
 ) -> Dict[str, Dict]:
-    """lm-eval's result dict per task (``{"alias", "acc,none", "acc_stderr,none"}``), cached.
+    """lm-eval's result dict per task (``{"alias", "acc,none", "acc_stderr,none"}``, or ``exact_match,none``…), cached.
 
     ``threads`` sets torch's CPU threads for the run (1 suits the zoo's tiny
     models: more threads only spin, worst on a busy machine).
@@ -205,6 +233,7 @@ def compare_on_zoo(
     if experts not in ("full", "lora"):
         raise EvaluationError(f"experts must be 'full' or 'lora', not {experts!r}")
     zoo = load_zoo(zoo_dir)
+    metric = zoo.metric
     task_of = {zoo.lm_eval_task(task, split): task for task in zoo.tasks}
     lm_tasks = list(task_of)
     common = dict(include_path=zoo.task_dir, batch_size=batch_size, device=device, cache_dir=zoo.eval_cache, threads=threads)
@@ -224,15 +253,18 @@ def compare_on_zoo(
         raw[label] = lm_eval_results(spec, tasks, **common)
 
     expert_raw = {lm_task: raw[f"expert:{task_of[lm_task]}"][lm_task] for lm_task in lm_tasks}
-    expert_acc = {task_of[t]: float(expert_raw[t][METRIC]) for t in lm_tasks}
+    expert_acc = {task_of[t]: float(expert_raw[t][metric]) for t in lm_tasks}
 
     def entry(path, lm: Dict[str, Dict]) -> Dict:
-        accuracy = {task_of[t]: float(lm[t][METRIC]) for t in lm_tasks}
+        accuracy = {task_of[t]: float(lm[t][metric]) for t in lm_tasks}
         normalized = {task: (accuracy[task] / expert_acc[task] if expert_acc[task] > 0 else None) for task in accuracy}
+        stderr = _stderrs(lm, {t: task_of[t] for t in lm_tasks}, metric)
         return {
             "model": path,
             "lm_eval": lm,
             "accuracy": accuracy,
+            "stderr": stderr,
+            "mean_stderr": _mean_stderr(stderr.values(), len(accuracy)),
             "normalized_accuracy": normalized,
             "mean_accuracy": _mean(accuracy.values()),
             "mean_normalized_accuracy": _mean(v for v in normalized.values() if v is not None),
@@ -246,8 +278,12 @@ def compare_on_zoo(
         "zoo": str(zoo.root),
         "split": split,
         "experts": experts,
-        "metric": METRIC,
-        "note": "lm_eval holds lm-eval's numbers as they come; accuracy/normalized_accuracy (merged / expert on its own task) are ours",
+        "metric": metric,
+        "chance": zoo.chance,
+        "note": (
+            "lm_eval holds lm-eval's numbers as they come; accuracy (the value of `metric`) and "
+            "normalized_accuracy (merged / expert on its own task) are ours"
+        ),
         "tasks": zoo.tasks,
         "lm_eval_tasks": {task_of[t]: t for t in lm_tasks},
         "models": models,
@@ -267,11 +303,43 @@ def report_on_models(
 ) -> Dict:
     """lm-eval on arbitrary models and tasks (no base/expert normalization); the report dict."""
     entries = {}
+    used: set = set()
     for label, spec in models.items():
         lm = lm_eval_results(spec, tasks, include_path, batch_size=batch_size, device=device, limit=limit, cache_dir=cache_dir, threads=threads)
-        accuracy = {task: float(lm[task][METRIC]) for task in tasks if METRIC in lm[task]}
-        entries[label] = {"model": str(spec), "lm_eval": lm, "accuracy": accuracy, "mean_accuracy": _mean(accuracy.values())}
-    return {"metric": METRIC, "tasks": list(tasks), "lm_eval_tasks": {t: t for t in tasks}, "models": entries}
+        metrics = {task: metric_of(lm[task]) for task in tasks}
+        accuracy = {task: float(lm[task][key]) for task, key in metrics.items() if key is not None}
+        stderr = {task: value for task in accuracy for value in _stderrs(lm, {task: task}, metrics[task]).values()}
+        entries[label] = {
+            "model": str(spec),
+            "lm_eval": lm,
+            "accuracy": accuracy,
+            "stderr": stderr,
+            "mean_accuracy": _mean(accuracy.values()),
+            "mean_stderr": _mean_stderr(stderr.values(), len(accuracy)),
+        }
+        used.update(key for key in metrics.values() if key is not None)
+    metric = next(iter(used)) if len(used) == 1 else (" / ".join(sorted(used)) if used else METRIC)
+    # No "chance": for arbitrary tasks it is not known here.
+    return {"metric": metric, "tasks": list(tasks), "lm_eval_tasks": {t: t for t in tasks}, "models": entries}
+
+
+def _stderrs(lm: Mapping[str, Dict], names: Mapping[str, str], metric: str = METRIC) -> Dict[str, float]:
+    """lm-eval's standard error of the metric per task (``acc_stderr,none``, ``exact_match_stderr,none``), where it gave one."""
+    key = metric.replace(",", "_stderr,", 1)
+    out = {}
+    for lm_task, task in names.items():
+        value = lm.get(lm_task, {}).get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[task] = float(value)
+    return out
+
+
+def _mean_stderr(values, count: int) -> Optional[float]:
+    """Standard error of a mean of ``count`` independent task accuracies: sqrt(Σ se²) / count."""
+    values = list(values)
+    if not values or len(values) != count:
+        return None
+    return math.sqrt(sum(v * v for v in values)) / count
 
 
 def _mean(values) -> Optional[float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import click
 
@@ -12,8 +12,68 @@ from mergekit_ext import io
 
 
 def _looks_local(path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a folder.
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path)
+    # Hub ids are "name" or "org/name"; anything else is meant as a folder, and
+    # so is "dir/name" when "dir" is a local folder (a mistyped local path must
+    # say "does not exist", not become a Hub lookup).
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.path.exists(path):
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def _parameter_sections(config, prefix: str = "") -> Iterator[Tuple[str, Optional[dict], bool]]:
+    """(where, parameters, per_model) for every parameters mapping of a config (or one of its modules)."""
+    yield f"{prefix}parameters", config.parameters, False
+    for index, model in enumerate(config.models or ()):
+        yield f"{prefix}models[{index}] ({model.model.model.path})", model.parameters, True
+    for index, output_slice in enumerate(config.slices or ()):
+        yield f"{prefix}slices[{index}].parameters", output_slice.parameters, False
+        for source_index, source in enumerate(output_slice.sources):
+            where = f"{prefix}slices[{index}].sources[{source_index}] ({source.model.model.path})"
+            yield where, source.parameters, True
+    for module_name, module in (getattr(config, "modules", None) or {}).items():
+        yield from _parameter_sections(module, prefix=f"modules.{module_name}.")
+
+
+def check_parameter_names(config) -> None:
+    """Refuse a parameter name the merge method does not have, with the closest valid name.
+
+    mergekit ignores unknown names silently (``lambdaa: 1.3`` merges with the
+    default lambda). Global sections may hold any of the method's parameters
+    (mergekit uses a global value as every model's default); a model's own
+    section may hold only per-model ones.
+    """
+    import difflib
+
+    from mergekit.merge_methods import registry as mergekit_registry
+
+    import mergekit_ext  # noqa: F401  (our methods registered)
+
+    name = config.merge_method
+    try:
+        method = mergekit_registry.get(name)
+    except Exception:
+        known = sorted(m.spec.name for m in mergekit_registry.registered_methods())
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known methods: {', '.join(known)}"
+        raise ValueError(f"unknown merge_method '{name}'{hint}") from None
+    spec = getattr(method, "spec", None)
+    if spec is None:  # a method without a declared parameter list: nothing to check against
+        return
+    every = [parameter.name for parameter in spec.parameters]
+    per_model = [parameter.name for parameter in spec.parameters if parameter.scope.value != "shared"]
+    for where, parameters, model_section in _parameter_sections(config):
+        for key in parameters or {}:
+            allowed = per_model if model_section else every
+            if key in allowed:
+                continue
+            if key in every:
+                raise ValueError(
+                    f"{where}: '{key}' is a global parameter of {name}; put it under the top-level parameters"
+                )
+            close = difflib.get_close_matches(key, every, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            valid = ", ".join(every) if every else "none"
+            raise ValueError(f"{where}: {name} has no parameter '{key}'{hint} (its parameters: {valid})")
 
 
 def preflight(config) -> List[str]:
@@ -69,6 +129,7 @@ def run(config_file: str | os.PathLike, out: str | os.PathLike, options, *, over
     if not isinstance(parsed, dict):
         raise ValueError(f"{config_file}: not a mergekit configuration (expected a mapping)")
     config = validate_config(parsed, source=str(config_file))
+    check_parameter_names(config)
     for note in preflight(config):
         click.echo(f"note: {note}", err=True)
     return run_merge_atomic(config, out, options=options, overwrite=overwrite, config_source=config_source)

@@ -21,6 +21,7 @@ from mergekit.merge_methods.base import (
     MergeMethodSpec,
     ParameterScope,
     ParameterSpec,
+    TensorGroup,
 )
 from pydantic import BeforeValidator, Field, ValidationError
 from typing_extensions import Annotated
@@ -35,8 +36,13 @@ def _refuse_bool(value: Any) -> Any:
     return value
 
 
-def real(**bounds: float) -> Any:
-    """A float parameter type with pydantic bounds (ge, gt, le, lt); booleans refused."""
+def real(**bounds: Any) -> Any:
+    """A float parameter type with pydantic bounds (ge, gt, le, lt); booleans refused.
+
+    NaN and ±inf are refused unless a method passes ``allow_inf_nan=True``: a
+    non-finite coefficient turns the whole merged model into NaN.
+    """
+    bounds.setdefault("allow_inf_nan", False)
     return Annotated[float, BeforeValidator(_refuse_bool), Field(**bounds)]
 
 
@@ -58,7 +64,67 @@ class Parameter(ParameterSpec):
             reasons = "; ".join(item["msg"] for item in error.errors())
             raise ValueError(
                 f"{self.method}: invalid value {value!r} for parameter '{self.name}': {reasons}"
+                f" (valid: {describe_range(self.value_type)})"
             ) from None
+
+
+def describe_range(value_type: Any) -> str:
+    """A parameter type's valid values in words, e.g. 'a finite number > 0 and <= 1'."""
+    import annotated_types
+
+    metadata = getattr(value_type, "__metadata__", ())
+    base = getattr(value_type, "__origin__", value_type)
+    words = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}
+    text = words.get(base, getattr(base, "__name__", str(base)))
+    if base is float and any(getattr(item, "allow_inf_nan", None) is True for item in _field_metadata(metadata)):
+        text = "a number"
+    bounds = []
+    for item in _field_metadata(metadata):
+        for cls, attribute, symbol in (
+            (annotated_types.Gt, "gt", ">"),
+            (annotated_types.Ge, "ge", ">="),
+            (annotated_types.Lt, "lt", "<"),
+            (annotated_types.Le, "le", "<="),
+        ):
+            if isinstance(item, cls):
+                bounds.append(f"{symbol} {getattr(item, attribute)}")
+    if str(value_type).startswith("typing.Literal"):
+        return "one of " + ", ".join(map(str, value_type.__args__))
+    return text + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _field_metadata(metadata) -> list:
+    """Flatten pydantic ``Field`` infos into their constraint objects."""
+    items = []
+    for item in metadata:
+        items.append(item)
+        items.extend(getattr(item, "metadata", []) or [])
+    return items
+
+
+def _guard_finite(kernel: Callable[..., torch.Tensor], method: str) -> Callable[..., torch.Tensor]:
+    """Wrap a kernel: refuse non-finite inputs (naming model and tensor) and never return a non-finite result.
+
+    The group's tensors are in memory already, so the check is one extra pass over them.
+    """
+
+    def guarded(group: TensorGroup, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name or "?"
+        for entry in group.entries:
+            tensor = entry.tensor
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                role = "base model" if entry.is_base else "model"
+                raise ValueError(f"{method}: tensor {name} of {role} {entry.id} holds NaN or Inf; refusing to merge it")
+        result = kernel(group, **parameters)
+        if result.is_floating_point() and result.numel() and not bool(torch.isfinite(result).all()):
+            raise ValueError(
+                f"{method}: the merged tensor {name} is not finite (NaN/Inf; overflow in {result.dtype}?); nothing was merged"
+            )
+        return result
+
+    guarded.__name__ = getattr(kernel, "__name__", "kernel")
+    guarded.__doc__ = kernel.__doc__
+    return guarded
 
 
 def declare(
@@ -91,4 +157,4 @@ def declare(
             for param_name, value_type, scope, default, description in parameters
         ),
     )
-    return FunctionalGroupMergeMethod(spec, kernel)
+    return FunctionalGroupMergeMethod(spec, _guard_finite(kernel, name))

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import optuna
 from optuna.trial import TrialState
 
+from mergekit_ext import io
 from mergekit_ext.tune.space import TuneSpace, setting_label
 
 STUDY_NAME = "tune"
@@ -354,20 +355,6 @@ def _worker() -> Dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) is dead too
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _retried_numbers(trials) -> set:
     retried = set()
     for trial in trials:
@@ -398,7 +385,7 @@ def recover_interrupted(study) -> List[int]:
         worker = trial.user_attrs.get("worker") or {}
         if trial.state != TrialState.RUNNING or worker.get("host") != host or not isinstance(worker.get("pid"), int):
             continue
-        if worker["pid"] == os.getpid() or _process_alive(worker["pid"]):
+        if worker["pid"] == os.getpid() or io.pid_alive(worker["pid"]):
             continue
         try:
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
@@ -438,7 +425,7 @@ def clean_working_dirs(study, out_dir: Path, keep: bool) -> None:
         name = entry.name.lstrip(".")
         if name.startswith("final-"):  # a test-split merge of the final phase: final-<pid>-<hash>
             pid = name.split("-")[1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not io.pid_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
             continue
         if not name.startswith("trial-"):

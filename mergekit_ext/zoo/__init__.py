@@ -1,6 +1,6 @@
 """The offline model zoo: a small, seeded model family that can tell merge methods apart.
 
-Parts: ``tasks.py`` (seeded task generators), ``presets.py`` (sizes and schedules),
+Parts: ``tasks.py`` (seeded task generators: multiple choice and generation), ``presets.py`` (sizes and schedules),
 ``train.py`` (training and the in-process scorer), ``build.py`` (``build_zoo``: base,
 experts, LoRA adapters, data, task YAMLs, manifest), ``format.py`` (the built zoo on
 disk: ``Zoo``, ``load_zoo``), ``cli.py`` (``mergekit-ext zoo``).
@@ -23,7 +23,12 @@ _EXPORTS = {
     "Preset": "presets",
     "TASKS": "tasks",
     "make_document": "tasks",
+    "GENERATION_TASKS": "tasks",
+    "make_item": "tasks",
     "multiple_choice_accuracy": "train",
+    "exact_match": "train",
+    "greedy_generate": "train",
+    "score": "train",
     "merge_in_memory": "train",
     "load_causal_lm": "train",
 }

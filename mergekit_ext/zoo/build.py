@@ -13,16 +13,21 @@
   validation split;
 * ``manifest.json``, written last: the zoo is complete exactly when it exists.
 
-Every task is a 4-way multiple choice scored by log-likelihood (lm-eval's
-``multiple_choice`` output type, metric ``acc``): cheap on a CPU and with three
-hard distractors per item. Tasks use distinct prompt formats and alphabets
+In the ``test``/``demo``/``bench`` presets every task is a 4-way multiple choice
+scored by log-likelihood (lm-eval's ``multiple_choice`` output type, metric
+``acc``): cheap on a CPU and with three hard distractors per item. In the
+``hard``/``hard-test`` presets every task is a generation (lm-eval's
+``generate_until``: greedy until ``\n``, metric ``exact_match``, case- and
+whitespace-exact); the model is trained on prompt + answer + ``\n`` with the
+loss on the answer and the stop only. Tasks use distinct prompt formats and alphabets
 (see DESIGN.md, "What makes a zoo that can judge merges"), because tasks that
 share one format conflict so strongly that every merge scores below the base.
 
-``train.multiple_choice_accuracy`` is a fast in-process scorer that computes exactly
-lm-eval's ``acc`` (same tokenization, same sum of continuation log-probs); the
-build uses it for its own numbers and the tests check that it agrees with
-lm-eval.
+``train.multiple_choice_accuracy`` and ``train.exact_match`` are fast in-process
+scorers that compute exactly lm-eval's ``acc`` (same tokenization, same sum of
+continuation log-probs) and ``exact_match`` (same greedy generation, no
+padding); the build uses them for its own numbers and the tests check that they
+agree with lm-eval.
 """
 
 from __future__ import annotations
@@ -48,15 +53,24 @@ from mergekit_ext.zoo.format import (
     load_zoo,
     write_task_yamls,
 )
-from mergekit_ext.zoo.presets import PRESETS, Preset
-from mergekit_ext.zoo.tasks import TASKS, make_document
+from mergekit_ext.zoo.presets import LATER_FIELDS, PRESETS, Preset
+from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, LM_EVAL_MAX_GEN_TOKS, document_key, make_item
 from mergekit_ext.zoo.train import (
     LORA_TARGETS,
     load_causal_lm,
     merge_in_memory,
-    multiple_choice_accuracy,
+    score,
     train,
 )
+
+# What the manifest says about the score, per task kind.
+METRIC_DESCRIPTIONS = {
+    "multiple_choice": "acc (lm-eval multiple_choice, 4 choices, chance 0.25)",
+    GENERATION: (
+        f"exact_match (lm-eval generate_until, greedy, until {GENERATION_STOP!r}, max_gen_toks {LM_EVAL_MAX_GEN_TOKS}; "
+        "case- and whitespace-exact; no chance level)"
+    ),
+}
 
 
 def _log(message: str, progress: bool) -> None:
@@ -74,13 +88,24 @@ def _is_complete(root: Path, preset: Preset, seed: int) -> bool:
         manifest = io.read_json_object(manifest_path)
     except ValueError:
         return False
-    if manifest.get("format") not in ZOO_FORMATS or manifest.get("preset") != json.loads(json.dumps(asdict(preset))) or manifest.get("seed") != seed:
+    if manifest.get("format") not in ZOO_FORMATS or not _same_preset(manifest.get("preset"), preset) or manifest.get("seed") != seed:
         raise ZooError(
             f"{root} already holds a different zoo (preset {manifest.get('preset', {}).get('name')!r}, "
             f"seed {manifest.get('seed')}); choose another folder or delete it"
         )
     paths = [manifest["base"]] + [p for entry in manifest["tasks"].values() for p in (entry["expert"], entry["adapter"], entry["test"])]
     return all((root / p).exists() for p in paths)
+
+
+def _same_preset(recorded, preset: Preset) -> bool:
+    """The manifest's preset is ``preset`` (a manifest written before a field existed recorded its default)."""
+    if not isinstance(recorded, dict):
+        return False
+    expected = json.loads(json.dumps(asdict(preset)))
+    for name, default in LATER_FIELDS.items():
+        if name not in recorded and expected.get(name) == default:
+            expected.pop(name)
+    return recorded == expected
 
 
 def build_zoo(
@@ -108,7 +133,7 @@ def build_zoo(
     from transformers.utils import logging as hf_logging
 
     previous_threads = torch.get_num_threads()
-    wanted = threads or (1 if preset in ("test", "demo") else previous_threads)
+    wanted = threads or (1 if preset in ("test", "demo", "hard", "hard-test") else previous_threads)
     torch.set_num_threads(wanted)
     # transformers' per-load/save bars would drown the build's own bars.
     hf_bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -139,9 +164,11 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     )
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     torch.manual_seed(seed)
-    tasks = [TASKS[name] for name in settings.tasks]
-    tokenizer = char_tokenizer()
+    tasks = settings.task_objects
+    generation = settings.kind == GENERATION
+    tokenizer = char_tokenizer(list(settings.alphabet) if settings.alphabet else None)
 
     # Held-out data first, so training can skip every held-out query.
     documents: Dict[str, Dict[str, List[Dict]]] = {}
@@ -152,11 +179,16 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         seen: set = set()
         splits: Dict[str, List[Dict]] = {"validation": [], "test": []}
         for split, count in (("validation", settings.validation_items), ("test", settings.test_items)):
+            tries = 0
             while len(splits[split]) < count:
-                document = make_document(task, rng)
-                if document["query"] in seen:
+                tries += 1
+                if tries > 100 * count + 1000:
+                    raise ZooError(f"task {task.name}: cannot draw {count} distinct {split} prompts")
+                document = make_item(task, rng)
+                key = document_key(task, document)
+                if key in seen:
                     continue
-                seen.add(document["query"])
+                seen.add(key)
                 splits[split].append(document)
         held_out |= seen
         documents[task.name] = splits
@@ -166,6 +198,8 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
             (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in items), encoding="utf-8")
         entries[task.name] = {
             "description": task.description,
+            "kind": settings.kind,
+            "metric": "exact_match" if generation else "acc",
             "lm_eval_task": f"{TASK_PREFIX}{task.name}",
             "lm_eval_task_validation": f"{TASK_PREFIX}{task.name}_val",
             "validation": f"data/{task.name}/validation.jsonl",
@@ -176,7 +210,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     write_task_yamls(root, entries)
 
     def accuracy(model, task_name: str, split: str) -> float:
-        return multiple_choice_accuracy(model, tokenizer, documents[task_name][split], device=device)
+        return score(model, tokenizer, documents[task_name][split], kind=settings.kind, device=device)
 
     def train_args(step_seed: int):
         return dict(batch_size=settings.batch_size, seed=step_seed, held_out=held_out, device=device, progress=progress)
@@ -194,19 +228,26 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     for task in tasks:
         rng = random.Random(f"{seed}-{task.name}-probe")
         probe_documents[task.name] = []
+        probe_seen: set = set()
         while len(probe_documents[task.name]) < settings.probe_items:
-            document = make_document(task, rng)
-            if document["query"] not in held_out:
-                probe_documents[task.name].append(document)
+            document = make_item(task, rng)
+            key = document_key(task, document)
+            if key in held_out or (generation and key in probe_seen):  # generation probes: distinct prompts
+                continue
+            probe_seen.add(key)
+            probe_documents[task.name].append(document)
     pretrain_trace: List[Dict] = []
+    stopped_at: List[int] = []
 
     def steer_mixture(step: int) -> Optional[List[float]]:
-        scores = [multiple_choice_accuracy(base_model, tokenizer, probe_documents[t.name], device=device) for t in tasks]
+        scores = [score(base_model, tokenizer, probe_documents[t.name], kind=settings.kind, device=device) for t in tasks]
         pretrain_trace.append({"step": step, **{t.name: s for t, s in zip(tasks, scores)}})
         if all(score >= settings.base_target for score in scores):
+            stopped_at.append(step)
             return None
         return [settings.mixture_floor if score >= settings.base_target else 1.0 for score in scores]
 
+    pretrain_started = time.perf_counter()
     train(
         base_model,
         tokenizer,
@@ -218,6 +259,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         check_every=settings.probe_every,
         **train_args(seed),
     )
+    phase_seconds = {"pretrain": time.perf_counter() - pretrain_started}
     with io.atomic_output_dir(root / "base", overwrite=True) as staging:
         save_model(base_model.cpu(), staging, tokenizer)
     base_model.to(device)
@@ -227,6 +269,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         metrics["base"][task.name] = {split: accuracy(base_model, task.name, split) for split in ("validation", "test")}
 
     # 2. Full fine-tunes, one per task, light.
+    phase_started = time.perf_counter()
     for index, task in enumerate(tqdm(tasks, desc="fine-tune experts", disable=not progress)):
         expert = load_causal_lm(base_path, device)
         train(expert, tokenizer, [task], steps=settings.finetune_steps, lr=settings.finetune_lr, description=f"expert {task.name}", **train_args(seed + 1000 + index))
@@ -234,6 +277,9 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         with io.atomic_output_dir(root / "experts" / task.name, overwrite=True) as staging:
             save_model(expert.cpu(), staging, tokenizer)
         del expert
+
+    phase_seconds["finetune"] = time.perf_counter() - phase_started
+    phase_started = time.perf_counter()
 
     # 3. LoRA adapters, one per task, all from the same LoRA initialisation.
     from peft import LoraConfig, get_peft_model
@@ -256,6 +302,9 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
             tokenizer.save_pretrained(str(staging))
         del adapted
 
+    phase_seconds["lora"] = time.perf_counter() - phase_started
+    phase_started = time.perf_counter()
+
     # 4. Task arithmetic over all experts through mergekit's engine, lambda picked on validation.
     base_state = load_state_dict(base_path)
     expert_states = {task.name: load_state_dict(root / "experts" / task.name) for task in tasks}
@@ -272,7 +321,13 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     metrics["task_arithmetic"] = {"lambda": float(best), "grid": grid}
     del probe
 
+    phase_seconds["task_arithmetic"] = time.perf_counter() - phase_started
     elapsed = time.perf_counter() - started
+    metrics["build"] = {
+        "pretrain_steps_done": stopped_at[0] if stopped_at else settings.pretrain_steps,
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "phase_seconds": {name: round(value, 1) for name, value in phase_seconds.items()},
+    }
     manifest = {
         "format": ZOO_FORMAT,
         "preset": asdict(settings),
@@ -284,7 +339,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         "base": "base",
         "tokenizer": "char_tokenizer (saved with the base; AutoTokenizer reloads it identically)",
         "task_yaml_dir": "tasks",
-        "metric": "acc (lm-eval multiple_choice, 4 choices, chance 0.25)",
+        "metric": METRIC_DESCRIPTIONS[settings.kind],
         "tasks": entries,
         "lora": {"rank": settings.lora_rank, "alpha": 2 * settings.lora_rank, "target_modules": list(LORA_TARGETS), "init_seed": seed + 7},
         "metrics": metrics,
@@ -313,17 +368,55 @@ def build_report_rows(zoo: Zoo, split: str = "test") -> List[Tuple[str, float, f
     ]
 
 
+def normalized_scores(rows: List[Tuple[str, float, float, float, float]]) -> Dict[str, float]:
+    """Task arithmetic's mean over tasks of merged / expert and of (merged − base) / (expert − base).
+
+    The second (gain-normalized) is the share of the fine-tuning gain a merge
+    keeps; merged / expert is inflated by what the base already knew. Tasks
+    where the expert is not above the base are left out of the gain mean.
+    """
+    ratio = [ta / expert for _, _, expert, _, ta in rows if expert > 0]
+    gain = [(ta - base) / (expert - base) for _, base, expert, _, ta in rows if expert - base > 1e-9]
+    return {
+        "normalized": sum(ratio) / len(ratio) if ratio else float("nan"),
+        "gain_normalized": sum(gain) / len(gain) if gain else float("nan"),
+    }
+
+
+# The regime the `hard` preset is built for (issue 11): experts at least 40
+# points above the base on the mean, task arithmetic at its best lambda keeping
+# 40-85 % of the experts (merged / expert).
+REGIME = {"expert_gain": 0.40, "ta_normalized": (0.40, 0.85)}
+
+
 def format_build_report(zoo: Zoo, split: str = "test") -> str:
     metrics = zoo.manifest["metrics"]
     rows = build_report_rows(zoo, split)
+    generation = zoo.task_kind == GENERATION
+    what = "exact match (greedy generation until \\n, case- and whitespace-exact)" if generation else "accuracy (4-way multiple choice)"
+    build = metrics.get("build", {})
+    cpu = f", {build['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in build else ""
     lines = [
-        f"zoo {zoo.root} (preset {zoo.manifest['preset']['name']}, {zoo.manifest['parameters']:,} parameters, "
-        f"built in {zoo.manifest['build_seconds']:.0f} s)",
-        f"{split} accuracy (4-way multiple choice; task arithmetic at lambda {metrics['task_arithmetic']['lambda']:g}, picked on validation):",
+        f"zoo {zoo.root} (preset {zoo.manifest['preset']['name']}, seed {zoo.manifest.get('seed')}, "
+        f"{zoo.manifest['parameters']:,} parameters, built in {zoo.manifest['build_seconds']:.0f} s{cpu})",
+        f"{split} {what}; task arithmetic at lambda {metrics['task_arithmetic']['lambda']:g}, picked on validation:",
         f"  {'task':<10}{'base':>8}{'expert':>8}{'LoRA':>8}{'TA':>8}",
     ]
     for task, base, expert, lora, ta in rows:
         lines.append(f"  {task:<10}{base:>8.3f}{expert:>8.3f}{lora:>8.3f}{ta:>8.3f}")
     means = [sum(r[i] for r in rows) / len(rows) for i in range(1, 5)]
     lines.append(f"  {'mean':<10}" + "".join(f"{m:>8.3f}" for m in means))
+    normalized = normalized_scores(rows)
+    lines.append(
+        f"TA / expert {normalized['normalized']:.3f}, TA gain-normalized (TA − base) / (expert − base) "
+        f"{normalized['gain_normalized']:.3f} (means over tasks)"
+    )
+    if generation:
+        gain = means[1] - means[0]
+        low, high = REGIME["ta_normalized"]
+        checks = [
+            f"experts − base {gain:+.3f} ({'ok' if gain >= REGIME['expert_gain'] else 'MISSED'}: ≥ {REGIME['expert_gain']:.2f})",
+            f"TA / expert {normalized['normalized']:.3f} ({'ok' if low <= normalized['normalized'] <= high else 'MISSED'}: {low:.2f}–{high:.2f})",
+        ]
+        lines.append("regime: " + "; ".join(checks))
     return "\n".join(lines)

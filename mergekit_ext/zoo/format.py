@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from mergekit_ext import io
-from mergekit_ext.zoo.tasks import TASKS
+from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, LM_EVAL_MAX_GEN_TOKS, MULTIPLE_CHOICE, TASKS_BY_KIND
 
 ZOO_FORMAT = "mergekit-ext/zoo/1"
 ZOO_FORMATS = (ZOO_FORMAT, "mergekit-ext-zoo/1")  # the second was written by 0.1.0; read the same
@@ -56,6 +56,33 @@ class Zoo:
     def eval_cache(self) -> Path:
         return self.root / "evals"
 
+    def kind(self, task: str) -> str:
+        """``multiple_choice`` or ``generation`` (zoos built before tasks had kinds are multiple choice)."""
+        return self.manifest["tasks"][task].get("kind", MULTIPLE_CHOICE)
+
+    @property
+    def task_kind(self) -> str:
+        """The one kind of all the zoo's tasks (a zoo is built from one preset, so one kind)."""
+        kinds = {self.kind(task) for task in self.tasks}
+        if len(kinds) != 1:
+            raise ZooError(f"{self.root} mixes task kinds {sorted(kinds)}")
+        return kinds.pop()
+
+    @property
+    def metric(self) -> str:
+        """lm-eval's result key of the zoo's score: ``acc,none`` or ``exact_match,none``."""
+        return LM_EVAL_METRICS[self.task_kind]
+
+    @property
+    def chance(self):
+        """The chance level of the metric, or None where there is none (exact match of a generation)."""
+        return CHANCE_LEVELS[self.task_kind]
+
+
+# lm-eval result key per task kind, and the chance level where one exists.
+LM_EVAL_METRICS = {MULTIPLE_CHOICE: "acc,none", GENERATION: "exact_match,none"}
+CHANCE_LEVELS = {MULTIPLE_CHOICE: 0.25, GENERATION: None}
+
 
 def load_zoo(directory: str | Path) -> Zoo:
     """Open a built zoo; re-renders its task YAMLs if the folder was moved."""
@@ -80,10 +107,12 @@ def write_task_yamls(root: Path, tasks: Dict[str, Dict]) -> None:
     folder = root / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     for name, entry in tasks.items():
+        kind = entry.get("kind", MULTIPLE_CHOICE)
+        description = entry.get("description") or TASKS_BY_KIND[kind][name].description
         data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
         for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
             lines = [
-                f"# {TASKS[name].description}",
+                f"# {description}",
                 f"task: {task_name}",
                 "dataset_path: json",
                 "dataset_kwargs:",
@@ -91,14 +120,38 @@ def write_task_yamls(root: Path, tasks: Dict[str, Dict]) -> None:
                 f"    validation: {json.dumps(data_files['validation'])}",
                 f"    test: {json.dumps(data_files['test'])}",
                 f"test_split: {split}",
-                "output_type: multiple_choice",
-                'doc_to_text: "{{query}}"',
-                "doc_to_choice: choices",
-                "doc_to_target: label",
-                "metric_list:",
-                "  - metric: acc",
-                "    aggregation: mean",
-                "    higher_is_better: true",
+            ]
+            if kind == GENERATION:
+                # Greedy generation until the stop string, exact match with the
+                # answer, case- and whitespace-exact (no filters, no regexes).
+                lines += [
+                    "output_type: generate_until",
+                    'doc_to_text: "{{prompt}}"',
+                    'doc_to_target: "{{answer}}"',
+                    'target_delimiter: ""',
+                    "generation_kwargs:",
+                    f"  until: [{json.dumps(GENERATION_STOP)}]",
+                    "  do_sample: false",
+                    f"  max_gen_toks: {LM_EVAL_MAX_GEN_TOKS}",
+                    "metric_list:",
+                    "  - metric: exact_match",
+                    "    aggregation: mean",
+                    "    higher_is_better: true",
+                    "    ignore_case: false",
+                    "    ignore_punctuation: false",
+                ]
+            else:
+                lines += [
+                    "output_type: multiple_choice",
+                    'doc_to_text: "{{query}}"',
+                    "doc_to_choice: choices",
+                    "doc_to_target: label",
+                    "metric_list:",
+                    "  - metric: acc",
+                    "    aggregation: mean",
+                    "    higher_is_better: true",
+                ]
+            lines += [
                 "metadata:",
                 "  version: 1.0",
             ]

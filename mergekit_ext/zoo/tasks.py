@@ -145,3 +145,141 @@ def make_document(task: ZooTask, rng: random.Random) -> Dict:
     rng.shuffle(order)
     shuffled = [choices[i] for i in order]
     return {"query": query, "choices": shuffled, "label": shuffled.index(answer)}
+
+
+# --------------------------------------------------------------------------
+# Generation tasks (the `hard` preset): the model must greedily generate the
+# answer followed by GENERATION_STOP; scored by exact match (lm-eval
+# ``generate_until``, case- and whitespace-exact). Each task has its own prompt
+# format and, as far as a ~90-character vocabulary allows, its own payload
+# alphabet:
+#
+#   task    payload alphabet            prompt            answer
+#   rev     lowercase a-m               rev(dkag)=        gakd
+#   sort    digits (repeats, 4-7)       sort[39121]->     11239
+#   next    uppercase A-L -> B-M        NEXT ABK:         BCL
+#   count   # + *  -> digit             #?#+#*+|          2
+#   swap    lowercase n-z (4 or 6)      swp/nopq/=        onqp
+#   dup     @ $ % & ~ ^                 dup{@$%}:         @@$$%%
+#   mirror  ( [ < {  -> closers         mir:<([           ])>
+#   caps    uppercase N-Z -> n-z        low<NQZ>=         nqz
+
+MULTIPLE_CHOICE = "multiple_choice"
+GENERATION = "generation"
+GENERATION_STOP = "\n"
+MAX_ANSWER = 8  # characters; the in-process scorer generates MAX_ANSWER + 1 tokens (answer + stop)
+LM_EVAL_MAX_GEN_TOKS = 16  # lm-eval's budget: larger than any answer, so a missing stop never matches
+# The `hard` zoo's character vocabulary: the default one plus the dup/mirror/swap symbols.
+HARD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 =:+-*<>|#.,?!()[]ABCDEFGHIJKLMNOPQRSTUVWXYZ\n" + "@$%&~^{}/;_"
+_LOWER_A, _LOWER_N = "abcdefghijklm", "nopqrstuvwxyz"
+_UPPER_A, _UPPER_N = "ABCDEFGHIJKLM", "NOPQRSTUVWXYZ"
+_DUP_SYMBOLS = "@$%&~^"
+_OPEN, _CLOSE = "([<{", ")]>}"
+
+Pair = Tuple[str, str]  # (prompt, answer)
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """A task whose answer is generated: ``make(rng)`` returns (prompt, answer)."""
+
+    name: str
+    description: str
+    make: Callable[[random.Random], Pair]
+    kind = GENERATION
+
+
+def _gen_reverse(rng: random.Random) -> Pair:
+    text = _distinct(rng, _LOWER_A, 3, 6)
+    return f"rev({text})=", text[::-1]
+
+
+def _gen_sort(rng: random.Random) -> Pair:
+    text = _word(rng, DIGITS, 4, 7)
+    return f"sort[{text}]->", "".join(sorted(text))
+
+
+def _gen_next(rng: random.Random) -> Pair:
+    text = _word(rng, _UPPER_A[:-1], 3, 6)
+    return f"NEXT {text}:", "".join(chr(ord(c) + 1) for c in text)
+
+
+def _gen_count(rng: random.Random) -> Pair:
+    hashes = rng.randint(0, 9)
+    others = rng.randint(max(0, 8 - hashes), 14 - hashes)
+    chars = ["#"] * hashes + [rng.choice("+*") for _ in range(others)]
+    rng.shuffle(chars)
+    return "#?" + "".join(chars) + "|", str(hashes)
+
+
+def _gen_swap(rng: random.Random) -> Pair:
+    text = "".join(rng.sample(_LOWER_N, rng.choice((4, 6))))
+    return f"swp/{text}/=", "".join(text[i + 1] + text[i] for i in range(0, len(text), 2))
+
+
+def _gen_dup(rng: random.Random) -> Pair:
+    text = _word(rng, _DUP_SYMBOLS, 2, 4)
+    return f"dup{{{text}}}:", "".join(c + c for c in text)
+
+
+def _gen_mirror(rng: random.Random) -> Pair:
+    text = _word(rng, _OPEN, 3, 6)
+    return f"mir:{text}", "".join(_CLOSE[_OPEN.index(c)] for c in reversed(text))
+
+
+def _gen_caps(rng: random.Random) -> Pair:
+    text = _distinct(rng, _UPPER_N, 3, 6)
+    return f"low<{text}>=", text.lower()
+
+
+GENERATION_TASKS: Dict[str, GenerationTask] = {
+    task.name: task
+    for task in (
+        GenerationTask("rev", "reverse distinct letters a-m: rev(dkag)= gakd", _gen_reverse),
+        GenerationTask("sort", "sort 4-7 digits (repeats allowed): sort[39121]-> 11239", _gen_sort),
+        GenerationTask("next", "shift capitals A-L by one: NEXT ABK: BCL", _gen_next),
+        GenerationTask("count", "count the # among #+*: #?#+#*+| 2", _gen_count),
+        GenerationTask("swap", "swap letters n-z pairwise: swp/nopq/= onqp", _gen_swap),
+        GenerationTask("dup", "double every symbol of @$%&~^: dup{@$%}: @@$$%%", _gen_dup),
+        GenerationTask("mirror", "close the brackets in reverse: mir:<([ ])>", _gen_mirror),
+        GenerationTask("caps", "lower-case distinct capitals N-Z: low<NQZ>= nqz", _gen_caps),
+    )
+}
+
+TASKS_BY_KIND = {MULTIPLE_CHOICE: TASKS, GENERATION: GENERATION_TASKS}
+
+
+def task_kind(task) -> str:
+    """``multiple_choice`` (ZooTask) or ``generation`` (GenerationTask)."""
+    return getattr(task, "kind", MULTIPLE_CHOICE)
+
+
+def make_generation_document(task: GenerationTask, rng: random.Random) -> Dict:
+    """One lm-eval document of a generation task: ``{"prompt", "answer"}``."""
+    prompt, answer = task.make(rng)
+    if len(answer) > MAX_ANSWER or GENERATION_STOP in answer:
+        raise AssertionError(f"{task.name}: answer {answer!r} breaks the generation format")
+    return {"prompt": prompt, "answer": answer}
+
+
+def make_item(task, rng: random.Random) -> Dict:
+    """One held-out document of either kind."""
+    return make_generation_document(task, rng) if task_kind(task) == GENERATION else make_document(task, rng)
+
+
+def document_key(task, document: Dict) -> str:
+    """The text the model is prompted with (what must never appear in training)."""
+    return document["prompt"] if task_kind(task) == GENERATION else document["query"]
+
+
+def training_pair(task, rng: random.Random) -> Tuple[str, str]:
+    """(context, continuation) of one training sequence; loss is on the continuation only.
+
+    Multiple choice: the query and " " + answer (lm-eval's target delimiter);
+    generation: the prompt and answer + GENERATION_STOP (no delimiter).
+    """
+    if task_kind(task) == GENERATION:
+        prompt, answer = task.make(rng)
+        return prompt, answer + GENERATION_STOP
+    query, answer, _ = task.make(rng)
+    return query, " " + answer

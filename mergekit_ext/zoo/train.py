@@ -1,15 +1,22 @@
-"""Training the zoo's models and scoring them in process (the same numbers as lm-eval's ``acc``)."""
+"""Training the zoo's models and scoring them in process.
+
+``multiple_choice_accuracy`` gives the same numbers as lm-eval's ``acc`` on the
+multiple-choice presets, ``exact_match`` the same as lm-eval's ``exact_match``
+with ``generate_until`` on the generation presets (``hard``); ``score`` picks
+the one for a task's kind.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
 from mergekit_ext.modeling import pad_right
-from mergekit_ext.zoo.tasks import ZooTask
+from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, MAX_ANSWER, training_pair
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -21,15 +28,15 @@ def _encode_pairs(tokenizer, contexts: Sequence[str], continuations: Sequence[st
     return whole_ids, [len(ids) for ids in context_ids]
 
 
-def _training_batch(tokenizer, tasks: Sequence[ZooTask], rng: random.Random, size: int, held_out: set, device, weights=None):
+def _training_batch(tokenizer, tasks: Sequence, rng: random.Random, size: int, held_out: set, device, weights=None):
     contexts, continuations = [], []
     while len(contexts) < size:
         task = rng.choices(tasks, weights=weights)[0] if weights else tasks[rng.randrange(len(tasks))]
-        query, answer, _ = task.make(rng)
-        if query in held_out:
+        context, continuation = training_pair(task, rng)
+        if context in held_out:
             continue
-        contexts.append(query)
-        continuations.append(" " + answer)
+        contexts.append(context)
+        continuations.append(continuation)
     sequences, starts = _encode_pairs(tokenizer, contexts, continuations)
     ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
     labels = torch.full_like(ids, -100)
@@ -119,6 +126,81 @@ def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, bat
     return correct / max(1, len(documents))
 
 
+@torch.no_grad()
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = MAX_ANSWER + 1,
+    stop: str = GENERATION_STOP,
+    batch_size: int = 512,
+    device="cpu",
+) -> List[str]:
+    """Greedy continuation of each prompt, cut before the first ``stop`` (lm-eval's ``generate_until``).
+
+    Prompts are tokenized without special tokens (as lm-eval does for these
+    models) and grouped by token length, so no padding is ever needed and every
+    result equals unbatched greedy decoding; a KV cache makes each new token one
+    cheap forward step. A continuation without ``stop`` within ``max_new_tokens``
+    is returned whole: it cannot match an answer of at most ``max_new_tokens - 1``
+    characters, as in lm-eval with its larger budget.
+    """
+    from transformers import DynamicCache
+
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    stop_id = tokenizer.convert_tokens_to_ids(stop)
+    outputs: List[str] = [""] * len(encoded)
+    groups: Dict[int, List[int]] = {}
+    for index, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(index)
+    model.eval()
+    # transformers renamed forward's ``past_key_values`` to ``cache`` (the old name warns).
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_argument = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    for length in sorted(groups):
+        members = groups[length]
+        for first in range(0, len(members), batch_size):
+            chunk = members[first : first + batch_size]
+            ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
+            cache = DynamicCache()
+            out = model(input_ids=ids, use_cache=True, **{cache_argument: cache})
+            generated = []
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                token = out.logits[:, -1, :].argmax(dim=-1)
+                generated.append(token)
+                done |= token == stop_id
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                out = model(input_ids=token[:, None], use_cache=True, **{cache_argument: cache})
+            tokens = torch.stack(generated, dim=1).tolist()
+            for row, index in enumerate(chunk):
+                sequence = tokens[row]
+                if stop_id in sequence:
+                    sequence = sequence[: sequence.index(stop_id)]
+                outputs[index] = "".join(tokenizer.convert_ids_to_tokens(sequence))
+    return outputs
+
+
+def exact_match(model, tokenizer, documents: Sequence[Dict], *, device="cpu", batch_size: int = 512) -> float:
+    """lm-eval's ``exact_match`` for the zoo's generation documents, computed in process.
+
+    Greedy generation up to the stop string, compared with the answer
+    character for character (case- and whitespace-exact, as the task YAMLs
+    configure lm-eval: ``ignore_case: false``, ``ignore_punctuation: false``).
+    """
+    predictions = greedy_generate(model, tokenizer, [d["prompt"] for d in documents], device=device, batch_size=batch_size)
+    return sum(p == d["answer"] for p, d in zip(predictions, documents)) / max(1, len(documents))
+
+
+def score(model, tokenizer, documents: Sequence[Dict], *, kind: str, device="cpu") -> float:
+    """The in-process score of a task of ``kind``: lm-eval's ``exact_match`` or ``acc``, exactly."""
+    if kind == GENERATION:
+        return exact_match(model, tokenizer, documents, device=device)
+    return multiple_choice_accuracy(model, tokenizer, documents, device=device)
+
+
 def load_causal_lm(path, device):
     from transformers import AutoModelForCausalLM
 
@@ -130,11 +212,19 @@ def merge_in_memory(
     experts: Dict[str, Dict[str, torch.Tensor]],
     method: str,
     parameters: Dict[str, object],
+    *,
+    use_base: bool = True,
 ) -> Dict[str, torch.Tensor]:
-    """A merge of all experts onto the base by mergekit's own engine, in memory (for grids)."""
+    """A merge of all experts onto the base by mergekit's own engine, in memory (for grids).
+
+    ``use_base=False`` merges the experts alone (e.g. ``linear``, a plain average).
+    """
     from mergekit.merge_methods import merge_state_dicts
 
     import mergekit_ext  # noqa: F401  (registers this package's methods too)
 
-    models = {"base": base, **{f"expert_{name}": state for name, state in experts.items()}}
+    experts_only = {f"expert_{name}": state for name, state in experts.items()}
+    if not use_base:
+        return merge_state_dicts(experts_only, method, parameters=dict(parameters), dtype=torch.float32)
+    models = {"base": base, **experts_only}
     return merge_state_dicts(models, method, base="base", parameters=dict(parameters), dtype=torch.float32)

@@ -11,9 +11,14 @@ import click
 from mergekit_ext.methods.adarank import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LR,
+    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_RANK_RATIO,
+    DEFAULT_OBJECTIVE,
     DEFAULT_STEPS,
+    DEFAULT_TOP_K,
     DEFAULT_VARIANT,
+    FACTOR_DTYPES,
+    OBJECTIVES,
     VARIANTS,
 )
 
@@ -62,7 +67,8 @@ def adarank_group() -> None:
     """AdaRank: learn which singular components of each task vector to keep.
 
     `learn` trains binary masks and per-tensor coefficients on unlabeled
-    prompts (entropy of the answer's first token) and writes a small file;
+    prompts (--objective: distillation from the experts' own greedy answers, or
+    the entropy of the answer) and writes a small file;
     `merge_method: adarank` with `parameters: {file: ...}` applies it in the
     stock mergekit-yaml.
     """
@@ -81,6 +87,12 @@ def adarank_group() -> None:
 @click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True)
 @click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help="Adam learning rate for logits and coefficients.")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Prompts per task per step.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=DEFAULT_OBJECTIVE, show_default=True, help="Label-free loss: entropy after each prompt, entropy over the merged model's own greedy answer, or distill (KL from each expert's greedy answers to its task's prompts; teacher outputs cached once).")
+@click.option("--coefficients-only", is_flag=True, help="Freeze the masks at the base method's and learn only the coefficients (AdaMerging-style).")
+@click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="distill: teacher log-probabilities kept per answer position (the rest of the mass is one bucket).")
+@click.option("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True, help="Greedy answers (distill, entropy-answer) stop at a newline or EOS, or after this many tokens.")
+@click.option("--held-out", type=int, default=None, help="Prompts per task kept out of training to report the objective before/after  [default: min(batch size, half the prompts)]")
+@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES), default="float32", show_default=True, help="Storage of the learner's singular vectors (bfloat16 halves the learner's largest part; the merge itself always recomputes float32 SVDs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--add-special-tokens", is_flag=True, help="Let the tokenizer add BOS/EOS to prompts (off, like lm-eval's log-likelihood requests).")
 @click.option("--device", default="cpu", show_default=True, help="Where to learn (e.g. cuda).")
@@ -90,18 +102,26 @@ def adarank_group() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def learn_command(models, out, base, zoo_dir, prompt_files, merge_out, dtype, overwrite, quiet, **learn_options) -> None:
     """Learn AdaRank masks and coefficients for MODELS and write them to --out."""
+    from mergekit_ext import io
+    from mergekit_ext.methods.adarank.format import is_learned_file
+
     out_path = Path(out).absolute()
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"output already exists (pass --overwrite to replace it): {out_path}")
-    if merge_out is not None and Path(merge_out).exists() and not overwrite:
-        raise FileExistsError(f"output already exists (pass --overwrite to replace it): {Path(merge_out).absolute()}")
+    # Refused before learning: outputs that overlap an input or each other, a file or
+    # folder that is not ours to replace, a dtype mergekit cannot write.
+    inputs = [*models, base, zoo_dir, *prompt_files]
+    io.check_output_not_input(out_path, inputs)
+    io.check_replaceable(out_path, overwrite=overwrite, ours=is_learned_file)
+    if merge_out is not None:
+        io.check_output_not_input(merge_out, [*inputs, out_path])
+        io.check_replaceable(merge_out, overwrite=overwrite)
+    io.check_dtype_name(dtype)
     from mergekit_ext.methods.adarank import learn
     from mergekit_ext.methods.adarank.format import write_learned_file
 
     models, base, names, pools = _resolve_inputs(models, base, zoo_dir, prompt_files)
     options = learn.LearnOptions(**learn_options)  # the remaining options are LearnOptions' fields, by name
     result = learn.learn(models, pools, base=base, options=options, task_names=names, progress=not quiet)
-    write_learned_file(out_path, result.masks, result.coefficients, result.info)
+    write_learned_file(out_path, result.masks, result.coefficients, result.info, result.fingerprints)
     for line in learn.describe(result.info):
         click.echo(line)
     click.echo(f"wrote {out_path}")

@@ -1,5 +1,8 @@
-"""The learned AdaRank file: safetensors with one bool mask [T, band] per matrix and one
-float32 coefficient row [T] per tensor; JSON metadata under ``adarank``."""
+"""The learned AdaRank file: safetensors with one bool mask [T, band] per matrix, one
+float32 coefficient row [T] per tensor and one float32 fingerprint [T, k] per matrix
+(the top k singular values of each task vector, so a merge can check it factorises the
+same weights); JSON metadata under ``adarank``. Files without fingerprints (earlier
+releases) are still read."""
 
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mergekit_ext import io
-from mergekit_ext.methods.adarank import DEFAULT_SVD, FILE_FORMAT
+from mergekit_ext.methods.adarank import DEFAULT_SVD, FILE_FORMAT, FINGERPRINT_RTOL
 
 _MASK_PREFIX = "mask/"
 _COEFFICIENT_PREFIX = "coefficient/"
+_FINGERPRINT_PREFIX = "fingerprint/"
+# Not written: a file must be byte-identical for the same inputs and seed.
+_VOLATILE_INFO = ("created_at", "seconds")
 
 
 class AdaRankFileError(ValueError):
@@ -31,22 +37,34 @@ def coefficient_key(name: str) -> str:
     return _COEFFICIENT_PREFIX + name
 
 
+def fingerprint_key(name: str) -> str:
+    return _FINGERPRINT_PREFIX + name
+
+
 def write_learned_file(
     path: str | os.PathLike,
     masks: Dict[str, torch.Tensor],
     coefficients: Dict[str, torch.Tensor],
     info: Dict[str, Any],
+    fingerprints: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Write masks, coefficients and ``info`` atomically (temporary file, then rename)."""
+    """Write masks, coefficients, fingerprints and ``info`` atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    # Reproducible bytes: the same inputs and seed give the same file, so no timestamp.
+    info = {key: value for key, value in info.items() if key not in _VOLATILE_INFO}
     tensors: Dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
         tensors[mask_key(name)] = mask.to("cpu", torch.bool).contiguous()
     for name, row in coefficients.items():
         tensors[coefficient_key(name)] = row.detach().to("cpu", torch.float32).contiguous()
-    metadata = {"format": FILE_FORMAT, "adarank": json.dumps({"format": FILE_FORMAT, **info})}
+        io.check_finite_tensor(tensors[coefficient_key(name)], tensor_name=name, source="the learned coefficients")
+    for name, values in (fingerprints or {}).items():
+        tensors[fingerprint_key(name)] = values.detach().to("cpu", torch.float32).contiguous()
+    # One metadata key: safetensors writes the header's metadata map in no fixed
+    # order, so a second key would make the bytes differ between runs.
+    metadata = {"adarank": json.dumps({"format": FILE_FORMAT, **info})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with io.atomic_file(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
@@ -88,6 +106,67 @@ class LearnedFile:
         key = mask_key(name)
         return self._handle.get_tensor(key) if key in self._keys else None
 
+    def fingerprint(self, name: str) -> Optional[torch.Tensor]:
+        """The recorded top singular values [T, k] of a matrix's task vectors (None: not recorded)."""
+        key = fingerprint_key(name)
+        return self._handle.get_tensor(key) if key in self._keys else None
+
+    @property
+    def fingerprint_rtol(self) -> float:
+        return float((self.info.get("fingerprint") or {}).get("rtol", FINGERPRINT_RTOL))
+
+
+REQUIRED_KEYS = ("variant", "tasks", "max_rank_ratio")
+
+
+def _header_format(metadata: Dict[str, str]) -> Optional[str]:
+    """The file's format string: inside the ``adarank`` JSON (or, from files of 0.1.0, beside it)."""
+    if "format" in metadata:
+        return metadata["format"]
+    try:
+        return json.loads(metadata.get("adarank", "")).get("format")
+    except (ValueError, AttributeError):
+        return None
+
+
+def is_learned_file(path: str | os.PathLike) -> bool:
+    """True for a file whose header says it is an AdaRank file (``--overwrite`` may replace it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return _header_format(handle.metadata() or {}) == FILE_FORMAT
+    except Exception:
+        return False
+
+
+_VERIFIED: Dict[Tuple[str, str], bool] = {}
+
+
+def verify_models(learned: "LearnedFile", model_paths, base_path: Optional[str]) -> None:
+    """Refuse models (and a ``ta`` file's base) whose weights differ from those the file was learned on.
+
+    Compares the content hashes recorded at learning time with the files now at
+    those paths: one sequential read of every model's weights (about as long as
+    copying them once: ~1 s per GB), done once per process and path.
+    """
+    recorded = {entry.get("path"): entry.get("content_hash") for entry in learned.info.get("models", []) if isinstance(entry, dict)}
+    checks = [(path, recorded.get(path), "model") for path in model_paths if path is not None]
+    base_info = learned.info.get("base") or {}
+    if learned.variant == "ta" and base_path is not None and base_info.get("content_hash"):
+        checks.append((base_path, base_info["content_hash"], "base_model"))
+    for path, digest, role in checks:
+        if not digest:
+            continue
+        key = (path, digest)
+        if key not in _VERIFIED:
+            _VERIFIED[key] = io.content_hash(path) == digest
+        if not _VERIFIED[key]:
+            raise AdaRankFileError(
+                f"adarank: {role} {path} is not the one {learned.path} was learned on (its weights' content hash "
+                f"differs from the recorded {digest[:12]}…); learn the file again for these weights"
+            )
+
 
 _OPEN_FILES: Dict[Tuple[str, int, int], LearnedFile] = {}
 _OPEN_LOCK = threading.Lock()
@@ -111,9 +190,17 @@ def open_learned_file(path: str | os.PathLike) -> LearnedFile:
             metadata = handle.metadata() or {}
         except Exception as error:
             raise AdaRankFileError(f"adarank: {path} is not a safetensors file: {error}") from None
-        if metadata.get("format") != FILE_FORMAT or "adarank" not in metadata:
+        if _header_format(metadata) != FILE_FORMAT or "adarank" not in metadata:
             raise AdaRankFileError(f"adarank: {path} is not an AdaRank file (expected format {FILE_FORMAT})")
-        info = json.loads(metadata["adarank"])
+        try:
+            info = json.loads(metadata["adarank"])
+        except json.JSONDecodeError as error:
+            raise AdaRankFileError(f"adarank: {path}: its metadata is not valid JSON: {error}") from None
+        missing = [key for key in REQUIRED_KEYS if not isinstance(info, dict) or key not in info]
+        if missing:
+            raise AdaRankFileError(f"adarank: {path}: metadata lacks {', '.join(missing)} (corrupt or not written by adarank learn)")
+        if info["variant"] not in ("ta", "cart") or not isinstance(info["tasks"], int) or info["tasks"] < 1:
+            raise AdaRankFileError(f"adarank: {path}: bad variant {info['variant']!r} or task count {info['tasks']!r}")
         learned = LearnedFile(path=path, info=info, _handle=handle)
         _OPEN_FILES[key] = learned
         return learned

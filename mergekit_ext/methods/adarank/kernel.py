@@ -13,6 +13,7 @@ from mergekit_ext.methods.adarank import (
     VARIANTS,
 )
 from mergekit_ext.tensors import (
+    all_singular_triplets,
     compute_dtype,
     rank_from_ratio,
     task_vectors,
@@ -55,8 +56,16 @@ def factorize(vectors: torch.Tensor, band: int, *, svd: str = DEFAULT_SVD) -> Tu
     """Top-``band`` SVD of each task vector in ``vectors`` [T, m, n]: U [T, m, b], s [T, b], Vh [T, b, n].
 
     Deterministic for the same input (LAPACK / eigh); signs of a triplet do not
-    matter because only ``U diag(s) Vᵀ`` products are used.
+    matter because only ``U diag(s) Vᵀ`` products are used. A wide band (the
+    default, every triplet) goes through ``tensors.all_singular_triplets`` for
+    all tasks at once; triplets past a task vector's numerical rank come back
+    with s = 0 and zero vectors (their product is zero either way).
     """
+    if svd == "eigh" or (svd in ("auto", "fast") and band + 10 >= 0.25 * min(vectors.shape[-2:])):
+        # Every task at once (batched Gram eigensolver): the same triplets as
+        # truncated_svd's "eigh", which "auto" picks for a band this wide.
+        u, s, vh = all_singular_triplets(vectors)
+        return u[..., :band], s[..., :band], vh[..., :band, :]
     factors = [truncated_svd(vector, band, method=svd) for vector in vectors]
     return tuple(torch.stack(part) for part in zip(*factors))  # type: ignore[return-value]
 
@@ -129,10 +138,13 @@ def apply_masks(
     """
     out_dtype = models[0].dtype
     origin, vectors = origin_and_vectors(base, models, variant)
-    coefficients = coefficients.to(origin.dtype)
+    # The learned file's masks and coefficients are read on the host: move them
+    # to the tensors' device (a no-op on the CPU), never the tensors to the host.
+    coefficients = coefficients.to(device=origin.device, dtype=origin.dtype)
     if mask is None:
         return merge_other(origin, vectors, coefficients).to(out_dtype)
     if band is None:
         band = mask.shape[-1]
     u, s, vh = factorize(vectors, band, svd=svd)
-    return merge_matrix(origin, u, s, vh, mask.to(origin.dtype), coefficients).to(out_dtype)
+    del vectors
+    return merge_matrix(origin, u, s, vh, mask.to(device=origin.device, dtype=origin.dtype), coefficients).to(out_dtype)

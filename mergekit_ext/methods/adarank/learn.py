@@ -1,34 +1,47 @@
 """The AdaRank learner: masks and coefficients from unlabeled prompts (``mergekit-ext adarank learn``).
 
 AdaRank (arXiv 2503.22178, METHODS.md §3) prunes singular components of each
-task vector and rescales each task per tensor, choosing both at test time by
-minimising the entropy of the merged model's predictions on unlabeled inputs.
-The kernels are in ``kernel.py`` and the learned file's format in ``format.py``;
-this module is the learner.
+task vector and rescales each task per tensor, choosing both at test time from
+unlabeled prompts. The kernels are in ``kernel.py`` and the learned file's
+format in ``format.py``; this module is the learner.
 
-The learner holds the base and every expert in memory at once (float32), plus
-the top-``max_rank_ratio`` singular triplets of every task vector (about twice
-the model per task at ``max_rank_ratio = 1``): it is meant for models that fit
-in memory several times over. It trains, with Adam:
+Memory: the factorisation streams from disk tensor by tensor (one tensor of
+each model at a time); the learner then holds one float32 origin, the top
+``max_rank_ratio`` singular triplets of every matrix's task vectors (U, V in
+``factor_dtype``; about 2·ratio·model per task), the task vectors of the
+non-matrix tensors (embeddings, lm_head, norms) and one float32 copy of the
+architecture to run. It trains, with Adam:
 
-* mask logits [T, band] per matrix (straight-through binary masks), and
+* mask logits [T, band] per matrix (straight-through binary masks; frozen with
+  ``coefficients_only``), and
 * coefficients [T, n_tensors], initialised to ``prior``,
 
-on the summed (over tasks) mean Shannon entropy of the next-token
-distribution right after each prompt: the position where a causal LM starts
-its answer. Entropy over every prompt position is NOT used: those positions
-predict the user's own input (METHODS.md §3 measured it making merges worse).
-Each step draws one batch of prompts per task. The merged weights are
-differentiable functions of the parameters, run through
-``torch.func.functional_call`` on one float32 copy of the architecture.
+on one of three label-free objectives, all where a causal LM answers (entropy
+over every prompt position is NOT used: those positions predict the user's own
+input, METHODS.md §3 measured it making merges worse):
 
-The result is a small safetensors file (hard masks and coefficients) that
-``merge_method: adarank`` applies in the stock ``mergekit-yaml``, streaming one
-tensor at a time; ``--merge-out`` runs that merge right away.
+* ``entropy``: the next-token entropy right after each prompt;
+* ``entropy-answer``: the entropy at every position of the merged model's own
+  greedy answer (regenerated at each step with the current hard masks);
+* ``distill``: KL(expert ‖ merged) at the positions of each expert's greedy
+  answer to its own task's prompts. The teacher outputs (answers and top-k
+  log-probabilities per position) are computed once before learning, one expert
+  at a time, so no expert is in memory while learning.
+
+Each step draws one batch of prompts per task; the loss is the sum over tasks
+of the per-task mean. The merged weights are differentiable functions of the
+parameters, run through ``torch.func.functional_call``. Step 0 is the base
+method exactly, for every objective.
+
+The result is a small safetensors file (hard masks, coefficients and a
+fingerprint of each matrix's factorisation) that ``merge_method: adarank``
+applies in the stock ``mergekit-yaml``, streaming one tensor at a time;
+``--merge-out`` runs that merge right away.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -42,11 +55,19 @@ from mergekit_ext import io
 from mergekit_ext.methods.adarank import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LR,
+    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_RANK_RATIO,
+    DEFAULT_OBJECTIVE,
     DEFAULT_STEPS,
+    DEFAULT_STOP,
     DEFAULT_SVD,
+    DEFAULT_TOP_K,
     DEFAULT_VARIANT,
+    FACTOR_DTYPES,
+    FINGERPRINT_RTOL,
+    FINGERPRINT_VALUES,
     MASK_TEMPERATURE,
+    OBJECTIVES,
     VARIANT_DEFAULTS,
     VARIANTS,
 )
@@ -80,11 +101,22 @@ class LearnOptions:
     svd: str = DEFAULT_SVD
     add_special_tokens: bool = False
     device: str = "cpu"
+    objective: str = DEFAULT_OBJECTIVE
+    coefficients_only: bool = False  # masks frozen at step 0 (AdaMerging-style ablation)
+    top_k: int = DEFAULT_TOP_K  # distill: teacher log-probs kept per answer position
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # greedy answers (entropy-answer, distill)
+    stop: Optional[str] = DEFAULT_STOP  # an answer ends at this token (or EOS); None: EOS only
+    factor_dtype: str = "float32"  # storage of the learner's U, V (bfloat16 halves them)
+    held_out: Optional[int] = None  # prompts per task kept out of training; None: min(batch, pool // 2)
 
     def resolved(self) -> "LearnOptions":
         """The options with the variant's defaults filled in, validated."""
         if self.variant not in VARIANTS:
             raise ValueError(f"adarank: unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"adarank: unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"adarank: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         defaults = VARIANT_DEFAULTS[self.variant]
         prior = defaults["prior"] if self.prior is None else self.prior
         init = defaults["init_rank_ratio"] if self.init_rank_ratio is None else self.init_rank_ratio
@@ -98,6 +130,11 @@ class LearnOptions:
             )
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("adarank: steps must be >= 0, batch_size >= 1 and lr > 0")
+        if self.top_k < 1 or self.max_new_tokens < 1 or (self.held_out is not None and self.held_out < 0):
+            raise ValueError("adarank: top_k and max_new_tokens must be >= 1, held_out >= 0")
+        for label, value in (("--lr", self.lr), ("--prior", prior)):
+            if not math.isfinite(value):  # inf/nan would train NaN masks and coefficients
+                raise ValueError(f"adarank: {label} must be a finite number, got {value}")
         return LearnOptions(**{**asdict(self), "prior": float(prior), "init_rank_ratio": float(init)})
 
 
@@ -107,6 +144,7 @@ class LearnResult:
     coefficients: Dict[str, torch.Tensor]  # float32 [T] per tensor
     info: Dict = field(default_factory=dict)
     history: List[float] = field(default_factory=list)  # objective per step (training batches)
+    fingerprints: Dict[str, torch.Tensor] = field(default_factory=dict)  # float32 [T, FINGERPRINT_VALUES] per matrix
 
 
 # ---------------------------------------------------------------------------
@@ -135,8 +173,132 @@ def read_prompts(path: str | os.PathLike) -> List[str]:
 
 
 def zoo_prompts(zoo, task: str, split: str = "validation") -> List[str]:
-    """A zoo task's queries, each followed by lm-eval's target delimiter (where the answer starts)."""
-    return [document["query"] + ZOO_TARGET_DELIMITER for document in zoo.documents(task, split)]
+    """A zoo task's prompts (never its answers): a generation task's ``prompt``, or a
+    multiple-choice ``query`` followed by lm-eval's target delimiter (where the answer starts)."""
+    return [
+        document["prompt"] if "prompt" in document else document["query"] + ZOO_TARGET_DELIMITER
+        for document in zoo.documents(task, split)
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Greedy answers and the teacher cache
+
+
+@dataclass
+class Answered:
+    """A prompt and a greedy answer: ``ids`` = prompt + answer[:-1] (the model's input);
+    answer token j is predicted at position ``start - 1 + j``, j < ``length``."""
+
+    ids: List[int]
+    start: int
+    length: int
+    answer: List[int]
+
+
+def stop_token_ids(tokenizer, stop: Optional[str]) -> List[int]:
+    """EOS and, when ``stop`` is one token, that token: where a greedy answer ends."""
+    ids = set()
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if stop:
+        encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return sorted(ids)
+
+
+def greedy_answers(forward, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], max_new_tokens: int, device, *, batch_size: int = 256) -> List[Answered]:
+    """Greedy continuation of each prompt up to and including the first stop token (else
+    ``max_new_tokens`` tokens). Prompts are grouped by length (no padding: each answer is
+    what unbatched greedy decoding gives) and decoded with a KV cache; ``forward(ids,
+    cache)`` returns a causal-LM output."""
+    from transformers import DynamicCache
+
+    results: List[Optional[Answered]] = [None] * len(prompts)
+    groups: Dict[int, List[int]] = {}
+    for index, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(index)
+    stops = torch.tensor(list(stop_ids) or [-1], device=device)
+    with torch.no_grad():
+        for length in sorted(groups):
+            members = groups[length]
+            for first in range(0, len(members), batch_size):
+                chunk = members[first : first + batch_size]
+                ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
+                cache = DynamicCache()
+                output = forward(ids, cache)
+                generated, done = [], torch.zeros(len(chunk), dtype=torch.bool, device=device)
+                for step in range(max_new_tokens):
+                    token = output.logits[:, -1, :].argmax(dim=-1)
+                    generated.append(token)
+                    done |= torch.isin(token, stops)
+                    if bool(done.all()) or step == max_new_tokens - 1:
+                        break
+                    output = forward(token[:, None], cache)  # the cache is updated in place
+                rows = torch.stack(generated, dim=1).tolist()
+                for row, index in zip(rows, chunk):
+                    cut = next((j + 1 for j, token in enumerate(row) if token in stop_ids), len(row))
+                    answer = row[:cut]
+                    prompt = list(prompts[index])
+                    results[index] = Answered(prompt + answer[:-1], len(prompt), len(answer), answer)
+    return results  # type: ignore[return-value]
+
+
+def cache_keyword(model) -> str:
+    """The keyword a causal LM's forward takes its KV cache by (``cache`` since transformers 5.x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _answer_positions(sequences: Sequence[Answered], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.cat([torch.full((item.length,), row, dtype=torch.long) for row, item in enumerate(sequences)])
+    columns = torch.cat([torch.arange(item.start - 1, item.start - 1 + item.length) for item in sequences])
+    return rows.to(device), columns.to(device)
+
+
+def answer_logits(logits_fn, sequences: Sequence[Answered], pad_id: int, device) -> torch.Tensor:
+    """float32 logits [Σ lengths, vocab] at every answer position of ``sequences`` (in order)."""
+    ids, attention = pad_right([item.ids for item in sequences], pad_id, device)
+    rows, columns = _answer_positions(sequences, device)
+    return logits_fn(ids, attention)[rows, columns].float()
+
+
+@dataclass
+class TeacherItem:
+    """One prompt of the distillation cache: the expert's greedy answer and, at each answer
+    position, the expert's top-k log-probabilities [length, k] and their token ids."""
+
+    sequence: Answered
+    log_probs: torch.Tensor
+    indices: torch.Tensor
+
+
+def teacher_cache(expert_path, prompts: Sequence[Sequence[int]], *, stop_ids, options: "LearnOptions", pad_id: int, device, batch_size: int = 64) -> List[TeacherItem]:
+    """Load one expert, answer its task's prompts greedily, keep the top-k log-probs of
+    each answer position, free the expert: the experts never sit in memory during learning."""
+    from transformers import AutoModelForCausalLM
+
+    expert = AutoModelForCausalLM.from_pretrained(str(expert_path), dtype=torch.float32).to(device).eval()
+    keyword = cache_keyword(expert)
+    answered = greedy_answers(
+        lambda ids, cache: expert(input_ids=ids, use_cache=True, **{keyword: cache}),
+        prompts, stop_ids, options.max_new_tokens, device,
+    )  # fmt: skip
+    items: List[TeacherItem] = []
+    with torch.no_grad():
+        for first in range(0, len(answered), batch_size):
+            chunk = answered[first : first + batch_size]
+            logits = answer_logits(lambda ids, attention: expert(input_ids=ids, attention_mask=attention).logits, chunk, pad_id, device)
+            top = torch.log_softmax(logits, dim=-1).topk(min(options.top_k, logits.shape[-1]), dim=-1)
+            for item, values, indices in zip(chunk, top.values.split([s.length for s in chunk]), top.indices.split([s.length for s in chunk])):
+                items.append(TeacherItem(item, values.cpu(), indices.cpu()))
+    del expert
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return items
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +315,7 @@ class _Entry:
     vectors: Optional[torch.Tensor] = None  # non-matrix tensors
     factors: Optional[tuple] = None  # (U, s, Vh) for matrices
     logits: Optional[torch.nn.Parameter] = None
+    fingerprint: Optional[torch.Tensor] = None  # top singular values [T, FINGERPRINT_VALUES]
 
 
 def _encode(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> List[List[int]]:
@@ -163,7 +326,11 @@ def _encode(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> List
 def answer_entropy(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the next-token distribution after each (right-padded) prompt: [batch]."""
     last = logits[torch.arange(logits.shape[0], device=logits.device), lengths - 1].float()
-    log_probs = torch.log_softmax(last, dim=-1)
+    return _entropy(last)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
@@ -178,10 +345,13 @@ def _open_inputs(model_paths: Sequence[Path], base_path: Optional[Path]):
 
 
 def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptions", device, *, progress: bool) -> List[_Entry]:
-    """Origins and task vectors tensor by tensor; matrices keep only their top-band SVD and get mask logits."""
+    """Origins and task vectors streamed tensor by tensor from disk (one tensor of each
+    model in memory at a time); matrices keep only their top-band SVD (U, V in
+    ``options.factor_dtype``), a fingerprint and mask logits."""
     from tqdm.auto import tqdm
 
     count = len(loaders)
+    storage = getattr(torch, options.factor_dtype)
     entries: List[_Entry] = []
     for name in tqdm(io.tensor_names(reference), desc="adarank: factorise task vectors", disable=not progress, leave=False):
         first = reference.get_tensor(name)
@@ -195,7 +365,9 @@ def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptio
         entry = _Entry(name=name, column=len(entries), origin=origin)
         if is_block_matrix(name, first.shape):
             band = band_rank(first.shape, options.max_rank_ratio)
-            entry.factors = factorize(vectors, band, svd=options.svd)
+            u, s, vh = factorize(vectors, band, svd=options.svd)
+            entry.fingerprint = s[:, :FINGERPRINT_VALUES].detach().to("cpu", torch.float32).clone()
+            entry.factors = (u.to(storage), s, vh.to(storage))
             entry.logits = torch.nn.Parameter(initial_logits(count, first.shape, band, options.init_rank_ratio).to(device))
         else:
             entry.vectors = vectors
@@ -210,13 +382,16 @@ class MergedModel:
     """The merged weights as a differentiable function of masks and coefficients, run through one
     float32 copy of the architecture (``torch.func.functional_call``)."""
 
-    def __init__(self, skeleton, entries: List[_Entry], coefficients: torch.nn.Parameter):
+    def __init__(self, skeleton, entries: List[_Entry], coefficients: torch.nn.Parameter, *, coefficients_only: bool = False):
         self.skeleton = skeleton
         self.entries = entries
         self.coefficients = coefficients
+        self.coefficients_only = coefficients_only
         self._module_keys = set(skeleton.state_dict().keys())
 
     def parameters(self) -> List[torch.nn.Parameter]:
+        if self.coefficients_only:
+            return [self.coefficients]
         return [self.coefficients] + [entry.logits for entry in self.entries if entry.logits is not None]
 
     def weights(self) -> Dict[str, torch.Tensor]:
@@ -226,20 +401,60 @@ class MergedModel:
                 continue  # in the checkpoint but not in the module: keeps its prior coefficient
             column = self.coefficients[:, entry.column]
             if entry.factors is not None:
-                mask = straight_through_mask(entry.logits, MASK_TEMPERATURE)
-                weights[entry.name] = merge_matrix(entry.origin, *entry.factors, mask, column)
+                u, s, vh = entry.factors
+                logits = entry.logits.detach() if self.coefficients_only else entry.logits
+                mask = straight_through_mask(logits, MASK_TEMPERATURE)
+                weights[entry.name] = merge_matrix(entry.origin, u.to(s.dtype), s, vh.to(s.dtype), mask, column)
             else:
                 weights[entry.name] = merge_other(entry.origin, entry.vectors, column)
         return weights
+
+    def hard_weights(self) -> Dict[str, torch.Tensor]:
+        """The merged weights now (hard masks), detached: what the learned file would give."""
+        with torch.no_grad():
+            return {name: tensor.detach() for name, tensor in self.weights().items()}
 
     def logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         output = torch.func.functional_call(self.skeleton, self.weights(), args=(), kwargs={"input_ids": ids, "attention_mask": attention})
         return output.logits
 
+    def forward_with(self, weights: Dict[str, torch.Tensor]):
+        """``forward(ids, cache)`` for ``greedy_answers`` with fixed ``weights``."""
+        keyword = cache_keyword(self.skeleton)
+        return lambda ids, cache: torch.func.functional_call(
+            self.skeleton, weights, args=(), kwargs={"input_ids": ids, keyword: cache, "use_cache": True}
+        )
+
+    def greedy(self, prompts: Sequence[Sequence[int]], stop_ids, max_new_tokens: int, device) -> List[Answered]:
+        return greedy_answers(self.forward_with(self.hard_weights()), prompts, stop_ids, max_new_tokens, device)
+
+
+def learner_bytes(model: MergedModel) -> Dict[str, int]:
+    """What the learner holds between steps, by part (bytes): the float32 origin, the factors
+    (U, s, V of the band), the non-matrix task vectors and the architecture it runs."""
+    def size(tensor):
+        return tensor.numel() * tensor.element_size()
+
+    parts = {"origin": 0, "factors": 0, "other_task_vectors": 0}
+    for entry in model.entries:
+        parts["origin"] += size(entry.origin)
+        if entry.factors is not None:
+            parts["factors"] += sum(size(part) for part in entry.factors)
+        if entry.vectors is not None:
+            parts["other_task_vectors"] += size(entry.vectors)
+    parts["architecture"] = sum(size(tensor) for tensor in model.skeleton.state_dict().values())
+    parts["model_float32"] = sum(entry.origin.numel() * 4 for entry in model.entries)
+    return parts
+
+
+def _per_task(values: torch.Tensor, sizes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    per_task = torch.stack([chunk.mean() for chunk in values.split(list(sizes))])
+    return per_task.sum(), per_task
+
 
 class EntropyObjective:
     """Per task, the mean entropy of the next-token distribution right after each prompt (where a
-    causal LM starts its answer); the loss is the sum over tasks."""
+    causal LM starts its answer); the loss is the sum over tasks. Items: prompt token ids."""
 
     name = "entropy"
     description = "sum over tasks of the mean entropy (nats) of the next-token distribution after each prompt"
@@ -251,18 +466,78 @@ class EntropyObjective:
         sequences = [sequence for batch in batches for sequence in batch]
         ids, attention = pad_right(sequences, self.pad_id, self.device)
         entropy = answer_entropy(model.logits(ids, attention), attention.sum(dim=1))
-        per_task = torch.stack([chunk.mean() for chunk in entropy.split([len(batch) for batch in batches])])
-        return per_task.sum(), per_task
+        return _per_task(entropy, [len(batch) for batch in batches])
 
 
-def _train(model: MergedModel, objective, pools, options: "LearnOptions", *, progress: bool) -> List[float]:
-    """Adam on masks and coefficients, one batch of prompts per task per step; the loss per step."""
+class AnswerEntropyObjective:
+    """Per task, the mean entropy over every position of the merged model's own greedy answer
+    (regenerated with the current hard masks at each step, no gradient through the choice of
+    tokens); summed over tasks. Items: prompt token ids."""
+
+    name = "entropy-answer"
+    description = "sum over tasks of the mean entropy (nats per answer token) at the merged model's own greedy answer positions"
+
+    def __init__(self, pad_id: int, device, stop_ids, max_new_tokens: int):
+        self.pad_id, self.device, self.stop_ids, self.max_new_tokens = pad_id, device, stop_ids, max_new_tokens
+
+    def __call__(self, model: MergedModel, batches) -> Tuple[torch.Tensor, torch.Tensor]:
+        prompts = [prompt for batch in batches for prompt in batch]
+        answered = model.greedy(prompts, self.stop_ids, self.max_new_tokens, self.device)
+        entropy = _entropy(answer_logits(model.logits, answered, self.pad_id, self.device))
+        sizes, position = [], 0
+        for batch in batches:
+            sizes.append(sum(item.length for item in answered[position : position + len(batch)]))
+            position += len(batch)
+        return _per_task(entropy, sizes)
+
+
+def distillation_kl(logits: torch.Tensor, teacher_log_probs: torch.Tensor, teacher_indices: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) [positions] over the teacher's top-k tokens plus one bucket for
+    the rest of the vocabulary (the KL of the two distributions coarsened to k + 1 outcomes:
+    a lower bound of the full KL, exact when the teacher's mass is in its top k)."""
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    log_q_top = log_q.gather(-1, teacher_indices)
+    p_top = teacher_log_probs.exp()
+    kl = (p_top * (teacher_log_probs - log_q_top)).sum(-1)
+    if teacher_indices.shape[-1] >= logits.shape[-1]:
+        return kl  # every token is in the top k: the full KL
+    p_rest = (1 - p_top.sum(-1)).clamp_min(0)
+    log_q_rest = torch.logsumexp(log_q.scatter(-1, teacher_indices, float("-inf")), dim=-1)
+    rest = torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+    return kl + torch.where(p_rest > 0, rest, torch.zeros_like(rest))
+
+
+class DistillObjective:
+    """Per task, the mean KL(expert ‖ merged) over the answer positions of the expert's own greedy
+    answers to that task's prompts (from the teacher cache); summed over tasks. Items: TeacherItem."""
+
+    name = "distill"
+    description = "sum over tasks of the mean KL(expert ‖ merged) (nats per answer token) at the expert's greedy answer positions"
+
+    def __init__(self, pad_id: int, device):
+        self.pad_id, self.device = pad_id, device
+
+    def __call__(self, model: MergedModel, batches: Sequence[Sequence[TeacherItem]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        items = [item for batch in batches for item in batch]
+        logits = answer_logits(model.logits, [item.sequence for item in items], self.pad_id, self.device)
+        kl = distillation_kl(
+            logits,
+            torch.cat([item.log_probs for item in items]).to(self.device),
+            torch.cat([item.indices for item in items]).to(self.device),
+        )
+        return _per_task(kl, [sum(item.sequence.length for item in batch) for batch in batches])
+
+
+def _train(model: MergedModel, objective, pools, options: "LearnOptions", *, progress: bool, on_step=None) -> List[float]:
+    """Adam on masks and coefficients (coefficients only with ``coefficients_only``), one batch
+    of prompts per task per step; the loss per step. ``on_step(step)`` is called after each
+    update (1-based) when given."""
     from tqdm.auto import tqdm
 
     rng = random.Random(options.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
     history: List[float] = []
-    bar = tqdm(range(options.steps), desc=f"adarank ({options.variant})", disable=not progress)
+    bar = tqdm(range(options.steps), desc=f"adarank ({options.variant}, {objective.name})", disable=not progress)
     for step in bar:
         batches = [[pool[i] for i in rng.sample(range(len(pool)), min(options.batch_size, len(pool)))] for pool in pools]
         loss, _ = objective(model, batches)
@@ -272,25 +547,92 @@ def _train(model: MergedModel, objective, pools, options: "LearnOptions", *, pro
         history.append(loss.item())
         if step % 10 == 0 or step == options.steps - 1:
             bar.set_postfix({objective.name: f"{history[-1]:.4f}"})
+        if on_step is not None:
+            on_step(step + 1)
     return history
 
 
-def _hard_masks(entries: List[_Entry], options: "LearnOptions") -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
-    """The binary masks and how many components were kept at step 0 and now, of how many candidates."""
+def layer_type(name: str) -> str:
+    """A tensor's kind without its layer number: ``model.layers.3.mlp.up_proj.weight`` → ``mlp.up_proj``."""
+    parts = [part for part in name.split(".") if not part.isdigit() and part not in ("model", "layers", "weight", "h", "transformer")]
+    return ".".join(parts) or name
+
+
+def _hard_masks(entries: List[_Entry], options: "LearnOptions", task_names: Sequence[str]) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """The binary masks and how many components were kept at step 0 and now, of how many
+    candidates: in total, per task and per layer type."""
     masks, kept = {}, {"before": 0, "after": 0, "band": 0}
+    by_task = {name: {"before": 0, "after": 0, "band": 0} for name in task_names}
+    by_type: Dict[str, Dict[str, int]] = {}
     for entry in entries:
         if entry.logits is None:
             continue
         hard = torch.sigmoid(entry.logits.detach() / MASK_TEMPERATURE) > 0.5
         masks[entry.name] = hard.cpu()
         start = initial_logits(hard.shape[0], entry.origin.shape, hard.shape[1], options.init_rank_ratio) > 0
-        kept["before"] += int(start.sum())
-        kept["after"] += int(hard.sum())
-        kept["band"] += hard.numel()
+        kind = by_type.setdefault(layer_type(entry.name), {"before": 0, "after": 0, "band": 0})
+        for target in (kept, kind):
+            target["before"] += int(start.sum())
+            target["after"] += int(hard.sum())
+            target["band"] += hard.numel()
+        for task, row_start, row_hard in zip(task_names, start, hard.cpu()):
+            by_task[task]["before"] += int(row_start.sum())
+            by_task[task]["after"] += int(row_hard.sum())
+            by_task[task]["band"] += row_hard.numel()
+    kept["by_task"], kept["by_type"] = by_task, by_type
     return masks, kept
 
 
-def learn(
+@dataclass
+class Setup:
+    """Everything the learner needs, built once (the benchmark reuses it for many runs)."""
+
+    options: LearnOptions
+    model: MergedModel
+    objective: object
+    train_pools: List[list]
+    held_out_pools: List[list]
+    task_names: List[str]
+    model_paths: List[Path]
+    base_path: Optional[Path]
+    tokenizer: object
+    stop_ids: List[int]
+    device: torch.device
+    seconds: Dict[str, float]
+
+    def reset(self, options: Optional[LearnOptions] = None) -> None:
+        """Back to step 0 (the base method): initial logits and coefficients at the prior."""
+        options = (options or self.options).resolved()
+        self.options = options
+        with torch.no_grad():
+            self.model.coefficients.fill_(options.prior)
+            for entry in self.model.entries:
+                if entry.logits is not None:
+                    count, band = entry.logits.shape
+                    entry.logits.copy_(initial_logits(count, entry.origin.shape, band, options.init_rank_ratio))
+        self.model.coefficients_only = options.coefficients_only
+
+    def measure(self, pools=None) -> Tuple[float, List[float]]:
+        with torch.no_grad():
+            total, per_task = self.objective(self.model, pools if pools is not None else self.held_out_pools)
+        return float(total), [float(value) for value in per_task]
+
+
+def make_objective(options: LearnOptions, pad_id: int, device, stop_ids):
+    if options.objective == "entropy":
+        return EntropyObjective(pad_id, device)
+    if options.objective == "entropy-answer":
+        return AnswerEntropyObjective(pad_id, device, stop_ids, options.max_new_tokens)
+    return DistillObjective(pad_id, device)
+
+
+def held_out_count(pool_size: int, options: LearnOptions) -> int:
+    if options.held_out is not None:
+        return min(options.held_out, max(0, pool_size - 1))
+    return min(options.batch_size, pool_size // 2)
+
+
+def prepare(
     models: Sequence[str | os.PathLike],
     prompts: Sequence[Sequence[str]],
     *,
@@ -298,11 +640,8 @@ def learn(
     options: LearnOptions = LearnOptions(),
     task_names: Optional[Sequence[str]] = None,
     progress: bool = True,
-) -> LearnResult:
-    """Learn masks and coefficients for ``models`` (one prompt pool per model) on top of ``base``.
-
-    Deterministic for ``options.seed`` on one machine.
-    """
+) -> Setup:
+    """Tokenise, split held-out prompts, build the teacher cache (distill), factorise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = options.resolved()
@@ -318,35 +657,101 @@ def learn(
     task_names = list(task_names) if task_names is not None else [path.name for path in model_paths]
     device = torch.device(options.device)
     torch.manual_seed(options.seed)
+    seconds: Dict[str, float] = {}
 
     reference_path, reference, loaders = _open_inputs(model_paths, base_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_path))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop_ids = stop_token_ids(tokenizer, options.stop)
+    encoded = []
+    for name, pool in zip(task_names, prompts):
+        ids = _encode(tokenizer, pool, options.add_special_tokens)
+        if not ids:
+            raise ValueError(f"adarank: no non-empty prompts for {name}")
+        encoded.append(ids)
+
+    if options.objective == "distill":
+        # The teachers first, one expert at a time: the learner's state is built after.
+        clock = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        encoded = [
+            teacher_cache(path, pool, stop_ids=stop_ids, options=options, pad_id=pad_id, device=device)
+            for path, pool in tqdm(list(zip(model_paths, encoded)), desc="adarank: teacher answers", disable=not progress, leave=False)
+        ]
+        seconds["teacher"] = time.perf_counter() - clock
+    held = [held_out_count(len(pool), options) for pool in encoded]
+    held_out_pools = [pool[:k] if k else pool[: options.batch_size] for pool, k in zip(encoded, held)]
+    train_pools = [pool[k:] for pool, k in zip(encoded, held)]
+
+    clock = time.perf_counter()
     skeleton = AutoModelForCausalLM.from_pretrained(str(reference_path), dtype=torch.float32).to(device).eval()
     for parameter in skeleton.parameters():
         parameter.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_path))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pools = []
-    for name, pool in zip(task_names, prompts):
-        encoded = _encode(tokenizer, pool, options.add_special_tokens)
-        if not encoded:
-            raise ValueError(f"adarank: no non-empty prompts for {name}")
-        pools.append(encoded)
-
     entries = factorise(reference, loaders, model_paths, reference if base_path is not None else None, options, device, progress=progress)
+    seconds["factorise"] = time.perf_counter() - clock
     coefficients = torch.nn.Parameter(torch.full((count, len(entries)), options.prior, device=device))
-    model = MergedModel(skeleton, entries, coefficients)
-    objective = EntropyObjective(pad_id, device)
+    model = MergedModel(skeleton, entries, coefficients, coefficients_only=options.coefficients_only)
+    return Setup(
+        options=options,
+        model=model,
+        objective=make_objective(options, pad_id, device, stop_ids),
+        train_pools=train_pools,
+        held_out_pools=held_out_pools,
+        task_names=task_names,
+        model_paths=model_paths,
+        base_path=base_path,
+        tokenizer=tokenizer,
+        stop_ids=stop_ids,
+        device=device,
+        seconds=seconds,
+    )
 
-    evaluation = [pool[: options.batch_size] for pool in pools]  # fixed: before/after on the same prompts
-    with torch.no_grad():
-        before_total, before_tasks = objective(model, evaluation)
-    history = _train(model, objective, pools, options, progress=progress)
-    with torch.no_grad():
-        after_total, after_tasks = objective(model, evaluation)
 
-    masks, kept = _hard_masks(entries, options)
-    final = coefficients.detach()
-    learned_coefficients = {entry.name: final[:, entry.column].cpu() for entry in entries}
+def learn(
+    models: Sequence[str | os.PathLike],
+    prompts: Sequence[Sequence[str]],
+    *,
+    base: Optional[str | os.PathLike] = None,
+    options: LearnOptions = LearnOptions(),
+    task_names: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> LearnResult:
+    """Learn masks and coefficients for ``models`` (one prompt pool per model) on top of ``base``.
+
+    Deterministic for ``options.seed`` on one machine.
+    """
+    started = time.perf_counter()
+    setup = prepare(models, prompts, base=base, options=options, task_names=task_names, progress=progress)
+    return run(setup, progress=progress, started=started)
+
+
+def run(setup: Setup, *, progress: bool = False, started: Optional[float] = None, on_step=None) -> LearnResult:
+    """Train from the setup's current state and collect the result (masks, coefficients, info)."""
+    started = time.perf_counter() if started is None else started
+    options, model, objective = setup.options, setup.model, setup.objective
+    task_names, count = setup.task_names, len(setup.model_paths)
+    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else 0
+    entropy = EntropyObjective(pad_id, setup.device)
+    prompt_pools = [[item.sequence.ids[: item.sequence.start] for item in pool] if options.objective == "distill" else pool for pool in setup.held_out_pools]
+
+    def measures() -> Tuple[Tuple[float, List[float]], Tuple[float, List[float]]]:
+        with torch.no_grad():
+            primary = setup.measure()
+            total, per_task = entropy(model, prompt_pools)
+        return primary, (float(total), [float(value) for value in per_task])
+
+    before, entropy_before = measures()
+    clock = time.perf_counter()
+    history = _train(model, objective, setup.train_pools, options, progress=progress, on_step=on_step)
+    seconds = {**setup.seconds, "train": time.perf_counter() - clock}
+    after, entropy_after = measures()
+
+    masks, kept = _hard_masks(model.entries, options, task_names)
+    final = model.coefficients.detach()
+    learned_coefficients = {entry.name: final[:, entry.column].cpu() for entry in model.entries}
+    fingerprints = {entry.name: entry.fingerprint for entry in model.entries if entry.fingerprint is not None}
+    seconds["total"] = time.perf_counter() - started
     info = {
         "variant": options.variant,
         "prior": options.prior,
@@ -356,26 +761,54 @@ def learn(
         "mask_temperature": MASK_TEMPERATURE,
         "tasks": count,
         "task_names": task_names,
-        "models": [{"path": str(path), "content_hash": io.content_hash(path)} for path in model_paths],
-        "base": None if base_path is None else {"path": str(base_path), "content_hash": io.content_hash(base_path)},
-        "tensors": len(entries),
+        "models": [{"path": str(path), "content_hash": io.content_hash(path)} for path in setup.model_paths],
+        "base": None if setup.base_path is None else {"path": str(setup.base_path), "content_hash": io.content_hash(setup.base_path)},
+        "tensors": len(model.entries),
         "matrices": len(masks),
         "objective": objective.description,
         "training": {
+            "objective": options.objective,
+            "coefficients_only": options.coefficients_only,
             "steps": options.steps,
             "lr": options.lr,
             "batch_size": options.batch_size,
             "seed": options.seed,
-            "prompts_per_task": [len(pool) for pool in pools],
+            "prompts_per_task": [len(pool) for pool in setup.train_pools],
+            "held_out_per_task": [len(pool) for pool in setup.held_out_pools],
             "add_special_tokens": options.add_special_tokens,
+            "top_k": options.top_k,
+            "max_new_tokens": options.max_new_tokens,
+            "stop": options.stop,
+            "factor_dtype": options.factor_dtype,
+            "device": str(setup.device),
         },
-        "entropy_before": {"total": float(before_total), **dict(zip(task_names, map(float, before_tasks)))},
-        "entropy_after": {"total": float(after_total), **dict(zip(task_names, map(float, after_tasks)))},
+        "held_out_objective": {
+            "name": objective.name,
+            "measure": objective.description,
+            "before": {"total": before[0], **dict(zip(task_names, before[1]))},
+            "after": {"total": after[0], **dict(zip(task_names, after[1]))},
+        },
+        # The next-token entropy after each held-out prompt, for every objective (older files
+        # have only this measure).
+        "entropy_before": {"total": entropy_before[0], **dict(zip(task_names, entropy_before[1]))},
+        "entropy_after": {"total": entropy_after[0], **dict(zip(task_names, entropy_after[1]))},
         "kept_components": kept,
-        "coefficients": {"mean": float(final.mean()), "min": float(final.min()), "max": float(final.max())},
+        "coefficients": {
+            "mean": float(final.mean()),
+            "min": float(final.min()),
+            "max": float(final.max()),
+            "by_task": {
+                name: {"mean": float(row.mean()), "min": float(row.min()), "max": float(row.max())}
+                for name, row in zip(task_names, final)
+            },
+        },
+        "learner_bytes": learner_bytes(model),
+        "seconds": {key: round(value, 2) for key, value in seconds.items()},
+        "loss": {"first": history[0] if history else None, "last": history[-1] if history else None},
+        "fingerprint": {"values": FINGERPRINT_VALUES, "rtol": FINGERPRINT_RTOL},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return LearnResult(masks=masks, coefficients=learned_coefficients, info=info, history=history)
+    return LearnResult(masks=masks, coefficients=learned_coefficients, info=info, history=history, fingerprints=fingerprints)
 
 
 # ---------------------------------------------------------------------------
@@ -411,19 +844,45 @@ def write_merged_model(
     return run_merge_atomic(merge_config(file, models, base, dtype), out, overwrite=overwrite)
 
 
+def _kept(counts: Dict) -> str:
+    return f"{counts['before']} -> {counts['after']} of {counts['band']}"
+
+
 def describe(info: Dict) -> List[str]:
-    """Human-readable lines for a learned file's metadata."""
-    before, after = info["entropy_before"], info["entropy_after"]
+    """Human-readable lines for a learned file's metadata (also files from earlier releases)."""
     kept = info["kept_components"]
     training = info["training"]
+    objective = training.get("objective", "entropy")
+    mode = "coefficients only (masks frozen)" if training.get("coefficients_only") else "masks and coefficients"
     lines = [
         f"variant {info['variant']}  prior {info['prior']}  init_rank_ratio {info['init_rank_ratio']}  "
         f"max_rank_ratio {info['max_rank_ratio']}",
-        f"training: {training['steps']} steps, lr {training['lr']}, batch {training['batch_size']} per task, seed {training['seed']}",
-        f"kept singular components: {kept['before']} -> {kept['after']} of {kept['band']} candidates",
-        "coefficients: mean {mean:.4g}, min {min:.4g}, max {max:.4g}".format(**info["coefficients"]),
-        f"answer entropy (nats, fixed prompts): total {before['total']:.4f} -> {after['total']:.4f}",
+        f"training: objective {objective}, {mode}, {training['steps']} steps, lr {training['lr']}, "
+        f"batch {training['batch_size']} per task, seed {training['seed']}",
+        f"kept singular components: {_kept(kept)} candidates",
     ]
+    for label, key in (("task", "by_task"), ("layer type", "by_type")):
+        for name, counts in (kept.get(key) or {}).items():
+            lines.append(f"  {label} {name:<24} {_kept(counts)}")
+    coefficients = info["coefficients"]
+    lines.append("coefficients: mean {mean:.4g}, min {min:.4g}, max {max:.4g}".format(**coefficients))
+    for name, row in (coefficients.get("by_task") or {}).items():
+        lines.append(f"  task {name:<29} mean {row['mean']:.4g}, range {row['min']:.4g} .. {row['max']:.4g}")
+    held = info.get("held_out_objective")
+    if held is not None:
+        before, after = held["before"], held["after"]
+        count = training.get("held_out_per_task", ["?"])[0]
+        lines.append(f"{held['name']} on held-out prompts ({count} per task; {held['measure']}): total {before['total']:.4f} -> {after['total']:.4f}")
+    else:
+        before, after = info["entropy_before"], info["entropy_after"]
+        lines.append(f"answer entropy (nats, fixed prompts): total {before['total']:.4f} -> {after['total']:.4f}")
     for name in info["task_names"]:
         lines.append(f"  {name:<16} {before[name]:.4f} -> {after[name]:.4f}")
+    held_bytes = info.get("learner_bytes")
+    if held_bytes:
+        parts = ", ".join(f"{key} {value / 2**20:.1f}" for key, value in held_bytes.items() if key != "model_float32")
+        lines.append(f"learner state (MiB): {parts}; the model itself in float32 is {held_bytes['model_float32'] / 2**20:.1f}")
+    seconds = info.get("seconds")
+    if seconds:
+        lines.append("time: " + ", ".join(f"{key} {value:.1f} s" for key, value in seconds.items()))
     return lines

@@ -14,10 +14,19 @@ from mergekit_ext.methods.adarank.format import (
     AdaRankFileError,
     LearnedFile,
     open_learned_file,
+    verify_models,
 )
-from mergekit_ext.methods.adarank.kernel import apply_masks, band_rank
+from mergekit_ext.methods.adarank.kernel import (
+    apply_masks,
+    band_rank,
+    factorize,
+    merge_matrix,
+    origin_and_vectors,
+)
 from mergekit_ext.methods.declaration import SHARED, declare
 from mergekit_ext.tensors import SVD_METHODS, is_block_matrix
+from pydantic import AfterValidator
+from typing_extensions import Annotated
 
 
 def _entry_path(entry_id: Any) -> Optional[str]:
@@ -38,8 +47,12 @@ def _task_order(learned: LearnedFile, group: TensorGroup, check_models: bool) ->
         )
     recorded = [entry.get("path") for entry in learned.info.get("models", [])]
     paths = [_entry_path(entry.id) for entry in group.non_base]
+    # A 'ta' file's coefficients belong to its base: another base_model is refused by content hash.
+    verify_models(learned, [], _entry_path(group.base.id) if group.base is not None else None)
     if not check_models or None in paths or len(recorded) != count:
         return list(range(count))
+    # Same paths are not enough: the weights there must be the ones the file was learned on.
+    verify_models(learned, paths, None)
     order = []
     for path in paths:
         if path not in recorded:
@@ -49,6 +62,14 @@ def _task_order(learned: LearnedFile, group: TensorGroup, check_models: bool) ->
             )
         order.append(recorded.index(path))
     return order
+
+
+def _check_file(value: str) -> str:
+    """Open the learned file when mergekit plans the merge: a missing, truncated or corrupt
+    file is refused before anything is written (its fit to the models is checked on the
+    first tensor, which mergekit computes before writing any shard)."""
+    open_learned_file(value)
+    return value
 
 
 def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.Tensor:
@@ -80,6 +101,9 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
                 f"{list(first.shape)} needs [{learned.task_count}, {band}]: it was learned for other models"
             )
         mask = mask[order]
+        fingerprint = learned.fingerprint(name)
+        if fingerprint is not None:
+            return _apply_checked(group, learned, name, mask, coefficients[order], fingerprint[order], band)
     elif mask is not None:
         raise AdaRankFileError(
             f"adarank: {learned.path} has a mask for {name}, which is not a matrix here (shape {list(first.shape)})"
@@ -95,6 +119,40 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
     )
 
 
+def check_fingerprint(name: str, recorded: torch.Tensor, singular_values: torch.Tensor, rtol: float, path) -> None:
+    """Refuse a tensor whose task vectors' top singular values differ from the recorded ones by
+    more than ``rtol`` of each task's largest: the masks would select other components."""
+    count = min(recorded.shape[-1], singular_values.shape[-1])
+    recorded = recorded[:, :count].to(torch.float32)
+    now = singular_values[:, :count].detach().to("cpu", torch.float32)
+    scale = recorded[:, :1].abs().clamp_min(torch.finfo(torch.float32).tiny)
+    difference = ((now - recorded).abs() / scale).amax(dim=1)
+    worst = int(difference.argmax())
+    if not bool(difference[worst] <= rtol):  # also refuses NaN
+        raise AdaRankFileError(
+            f"adarank: tensor {name}: the factorisation of these weights does not match {path} "
+            f"(task {worst}: top singular values {[round(v, 6) for v in now[worst].tolist()]} here, "
+            f"{[round(v, 6) for v in recorded[worst].tolist()]} recorded; relative difference "
+            f"{float(difference[worst]):.2e} > {rtol:.0e}): the file was learned on other weights "
+            "(another model, base, dtype or quantisation); learn it again for these"
+        )
+
+
+def _apply_checked(group: TensorGroup, learned: LearnedFile, name: str, mask, coefficients, fingerprint, band: int) -> torch.Tensor:
+    """``apply_masks`` for a matrix, checking the recomputed factorisation against the file's fingerprint."""
+    models = [entry.tensor for entry in group.non_base]
+    origin, vectors = origin_and_vectors(group.base.tensor if group.base is not None else None, models, learned.variant)
+    u, s, vh = factorize(vectors, band, svd=learned.svd if learned.svd in SVD_METHODS else DEFAULT_SVD)
+    del vectors
+    check_fingerprint(name, fingerprint, s, learned.fingerprint_rtol, learned.path)
+    merged = merge_matrix(
+        origin, u, s, vh,
+        mask.to(device=origin.device, dtype=origin.dtype),
+        coefficients.to(device=origin.device, dtype=origin.dtype),
+    )  # fmt: skip
+    return merged.to(models[0].dtype)
+
+
 adarank = declare(
     _merge_group,
     name="adarank",
@@ -104,7 +162,7 @@ adarank = declare(
     parameters=[
         (
             "file",
-            str,
+            Annotated[str, AfterValidator(_check_file)],
             SHARED,
             MISSING,
             "learned masks and coefficients (safetensors) from `mergekit-ext adarank learn`; "

@@ -62,6 +62,11 @@ def cart_merge(
     if rank >= min(rows_cols):
         # LR_k(ct) = ct at full rank and Σ pt ct = 0: the average, without SVD round-off.
         return average.to(out_dtype)
+    if count == 2:
+        # Two models: c2 = −(p1/p2)·c1, and LR_k is positively homogeneous and odd,
+        # so p1·LR_k(c1) + p2·LR_k(c2) = 0 and CART is exactly the weighted average
+        # (the SVDs would only add their round-off; tests/test_factorizations.py).
+        return average.to(out_dtype)
     left, right = [], []
     for model, model_share in zip(stacked, share):
         centred = model - average  # one at a time: T centred copies would double peak memory

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -51,6 +51,11 @@ class CompressionReport:
     base_bytes: int
     models_bytes: int
     relative_errors: Dict[str, float]  # ‖θ̂t − θt‖ / ‖τt‖ over the whole model
+    # per model: fraction of the task vector's weights its mask keeps, the share of
+    # ‖τt‖² on them, and the relative error on that support ‖(τMTL − τt)⊙mt‖ / ‖τt⊙mt‖
+    kept_fraction: Dict[str, float] = field(default_factory=dict)
+    kept_energy: Dict[str, float] = field(default_factory=dict)
+    support_errors: Dict[str, float] = field(default_factory=dict)
 
     def lines(self) -> List[str]:
         kept = self.base_bytes + self.bundle_bytes
@@ -60,9 +65,26 @@ class CompressionReport:
             f"{self.models_bytes / 1e6:.2f} MB = {total / 1e6:.2f} MB",
             f"kept:   base {self.base_bytes / 1e6:.2f} MB + bundle {self.bundle_bytes / 1e6:.2f} MB = "
             f"{kept / 1e6:.2f} MB ({100 * kept / max(total, 1):.1f} % of the inputs)",
-            "recovery error per model (‖θ̂t − θt‖ / ‖θt − θ0‖):",
         ]
-        out += [f"  {name:<24} {error:.4f}" for name, error in self.relative_errors.items()]
+        if self.kept_fraction:
+            out.append(
+                f"  {'model':<20} {'weights kept':>12} {'of ‖τ‖²':>8} {'error on kept':>13} {'error overall':>13}"
+            )
+            for name, error in self.relative_errors.items():
+                out.append(
+                    f"  {name:<20} {100 * self.kept_fraction[name]:>11.1f}% {100 * self.kept_energy[name]:>7.1f}% "
+                    f"{self.support_errors[name]:>13.3f} {error:>13.3f}"
+                )
+            out += [
+                "weights kept: where the model's mask is on (its task vector is recovered there, the base elsewhere);",
+                "of ‖τ‖²: how much of the task vector's energy those weights carry. Errors are ‖θ̂t − θt‖/‖τt‖: on the kept",
+                "weights (other tasks' vectors leak in there) and overall. Overall errors near or above 1 are normal (TALL",
+                "keeps a few percent of τ and swaps in τMTL); what matters is the recovered model's accuracy against the",
+                "expert (`mergekit-ext tall recover` then `mergekit-ext eval`); a good bundle recovers ~99 % of it (the paper's level).",
+            ]
+        else:
+            out.append("recovery error per model (‖θ̂t − θt‖ / ‖θt − θ0‖):")
+            out += [f"  {name:<24} {error:.4f}" for name, error in self.relative_errors.items()]
         return out
 
 
@@ -82,6 +104,8 @@ def compress(
     names = list(names or [Path(m).name for m in models])
     if len(names) != len(models):
         raise ValueError(f"got {len(names)} names for {len(models)} models")
+    for name in names:  # each becomes masks/<name>/ and configs/<name>/ inside the bundle
+        io.check_name(name, what="task name (from --names or the model folder name)")
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}; pass --names")
     if tall_lambdas is None:
@@ -90,6 +114,12 @@ def compress(
         tall_lambdas = list(tall_lambdas) * len(models)
     if len(tall_lambdas) != len(models):
         raise ValueError(f"--tall-lambda: got {len(tall_lambdas)} values for {len(models)} models")
+    for lam in tall_lambdas:
+        io.check_finite_number(lam, label="--tall-lambda")
+        if lam < 0:
+            raise ValueError(f"--tall-lambda must be >= 0, got {lam}")
+    io.check_output_not_input(out, [base, *models])
+    io.check_replaceable(out, overwrite=overwrite)
 
     base_loader = io.open_model(base)
     loaders = [io.open_model(model) for model in models]
@@ -97,8 +127,12 @@ def compress(
         io.check_same_tensors(base_loader, loader, reference_label=f"base {base}", other_label=f"model {model}")
     error_squares = torch.zeros(len(models), dtype=torch.float64)
     vector_squares = torch.zeros(len(models), dtype=torch.float64)
+    support_error_squares = torch.zeros(len(models), dtype=torch.float64)
+    support_vector_squares = torch.zeros(len(models), dtype=torch.float64)
+    kept_count = torch.zeros(len(models), dtype=torch.float64)
+    total_count = 0
 
-    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=[base, *models], kind="tall-bundle") as staging:
         multitask_writer = io.tensor_writer(staging / "multitask")
         mask_writers = [io.tensor_writer(staging / "masks" / name) for name in names]
         tensors_meta = {}
@@ -107,15 +141,23 @@ def compress(
             model_tensors = [loader.get_tensor(tensor_name) for loader in loaders]
             for model, tensor in zip(models, model_tensors):
                 io.check_shape(tensor_name, tensor, base_tensor, label=str(model), reference_label=f"base {base}")
+                io.check_finite_tensor(tensor, tensor_name=tensor_name, source=f"model {model}")
+            io.check_finite_tensor(base_tensor, tensor_name=tensor_name, source=f"base {base}")
             if not base_tensor.is_floating_point():
                 continue  # integer buffers are recovered from the base
             vectors = task_vectors(base_tensor, model_tensors)
             multitask = vectors.sum(dim=0).to(base_tensor.dtype)
+            io.check_finite_tensor(multitask, tensor_name=tensor_name, source=f"the multi-task vector (overflow in {base_tensor.dtype}?)")
             # Masks against the τMTL actually stored, so recovery reproduces them.
             masks = tall_masks(vectors, multitask.to(vectors.dtype), tall_lambdas)
             recovered = masks * multitask.to(vectors.dtype)
             error_squares += ((recovered - vectors) ** 2).flatten(1).sum(1).double()
             vector_squares += (vectors**2).flatten(1).sum(1).double()
+            on = masks.to(vectors.dtype)
+            support_error_squares += (((recovered - vectors) * on) ** 2).flatten(1).sum(1).double()
+            support_vector_squares += ((vectors * on) ** 2).flatten(1).sum(1).double()
+            kept_count += on.flatten(1).sum(1).double()
+            total_count += base_tensor.numel()
             multitask_writer.save_tensor(tensor_name, multitask)
             for writer, mask in zip(mask_writers, masks):
                 writer.save_tensor(tensor_name, pack_mask(mask))
@@ -151,6 +193,9 @@ def compress(
         base_bytes=io.weight_bytes(base),
         models_bytes=sum(io.weight_bytes(m) for m in models),
         relative_errors={name: float(err) for name, err in zip(names, relative)},
+        kept_fraction={name: float(k) / max(total_count, 1) for name, k in zip(names, kept_count)},
+        kept_energy={name: float(e) for name, e in zip(names, support_vector_squares / vector_squares.clamp_min(1e-30))},
+        support_errors={name: float(e) for name, e in zip(names, (support_error_squares / support_vector_squares.clamp_min(1e-30)).sqrt())},
     )
 
 
@@ -160,6 +205,13 @@ def read_bundle(bundle: str | os.PathLike) -> dict:
     manifest = io.read_json_object(path, missing=f"not a TALL-mask bundle (no bundle.json): {bundle}")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+    for key in ("base", "tasks", "shapes"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r} (corrupt bundle?)")
+    for entry in manifest["tasks"]:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"{path}: a task entry has no name (corrupt bundle?)")
+        io.check_name(str(entry["name"]), what=f"task name in {path}")
     for entry in [manifest.get("base", {}), *manifest.get("tasks", [])]:
         if "hash" in entry:
             entry.setdefault("content_hash", entry.pop("hash"))
@@ -185,6 +237,8 @@ def recover(
     if task not in tasks:
         raise KeyError(f"task {task!r} is not in bundle {bundle}; it holds {tasks}")
     base = Path(base or manifest["base"]["path"])
+    io.check_output_not_input(out, [bundle, base])
+    io.check_replaceable(out, overwrite=overwrite)
     base_loader = io.open_model(base)
     if io.content_hash(base) != manifest["base"]["content_hash"]:
         raise ValueError(
@@ -194,7 +248,7 @@ def recover(
     multitask = LazyTensorLoader.from_disk(str(bundle / "multitask"), lazy_unpickle=False)
     masks = LazyTensorLoader.from_disk(str(bundle / "masks" / task), lazy_unpickle=False)
     shapes = manifest["shapes"]
-    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=[bundle, base], kind="model") as staging:
         writer = io.tensor_writer(staging)
         for tensor_name in tqdm(io.tensor_names(base_loader), desc=f"TALL recover {task}", disable=not progress):
             base_tensor = base_loader.get_tensor(tensor_name)

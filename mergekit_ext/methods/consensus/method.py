@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from mergekit.merge_methods.base import TensorGroup
 
@@ -15,9 +17,20 @@ from mergekit_ext.methods.consensus.kernel import consensus_merge
 from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real
 
 
+_WARNED_K = set()
+
+
 def _merge_group(group: TensorGroup, **parameters) -> torch.Tensor:
     densities = parameters.get("density")  # only consensus_ties has it
     models = group.non_base
+    if parameters["k"] > len(models) and parameters["k"] not in _WARNED_K:
+        # Meaningful (METHODS.md §1: k > T gives θ0) but almost always a mistake.
+        _WARNED_K.add(parameters["k"])
+        logging.getLogger(__name__).warning(
+            "consensus: k=%d exceeds the number of models (%d): no weight can be selected, the result is the base model",
+            parameters["k"],
+            len(models),
+        )
     ids = [entry.id for entry in models]
     return consensus_merge(
         group.base.tensor,

@@ -45,6 +45,11 @@ from mergekit_ext.tensors import (
 )
 
 
+# "auto" in __init__ means the exact truncation; the kernels take the fast exact
+# one (tensors.truncated_svd "fast": all_singular_triplets for wide cuts).
+_SVD = "fast" if SVD_METHOD == "auto" else SVD_METHOD
+
+
 def iso_c_update(vectors: torch.Tensor) -> torch.Tensor:
     """Δ of Iso-C for task vectors stacked [T, m, n] (compute dtype)."""
     total = vectors.sum(dim=0)
@@ -72,13 +77,13 @@ def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch
     keep_common, specific = iso_cts_split(min(rows, cols), count, common_space_fraction)
     if specific == 0:
         return iso_c_update(vectors)
-    u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=SVD_METHOD)
+    u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=_SVD)
     significant = int((s > singular_value_tolerance((rows, cols), float(s[0]), s.dtype)).sum())
     u, s, vh = u[:, :significant], s[:significant], vh[:significant]
     lefts, sigmas, rights = [], [], []
     for vector in vectors:
         residual = vector - u @ (u.mT @ vector)  # left projection only, as in the paper
-        ut, st, vht = truncated_svd(residual, specific, method=SVD_METHOD)
+        ut, st, vht = truncated_svd(residual, specific, method=_SVD)
         lefts.append(ut)
         sigmas.append(st)
         rights.append(vht)

@@ -21,12 +21,8 @@ one), so a kill or a full disk at any point leaves the previous state intact.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -142,6 +138,9 @@ def _build(
                 f"{model_path}: tensor {name} has shape {list(model_tensor.shape)}, "
                 f"the base has {list(base_tensor.shape)}"
             )
+        # A NaN merged in would poison the state for every later add.
+        io.check_finite_tensor(base_tensor, tensor_name=name, source=f"base {base_path}")
+        io.check_finite_tensor(model_tensor, tensor_name=name, source=f"model {model_path}")
         task_delta = model_tensor.to(device, torch.float32) - base_tensor.to(device, torch.float32)
         task_square += float(task_delta.double().square().sum())
         previous = None
@@ -153,6 +152,7 @@ def _build(
             task_delta,
             project=is_block_matrix(name, base_tensor.shape),
         )
+        io.check_finite_tensor(accumulator, tensor_name=name, source=f"the new accumulator (step {step})")
         accumulator_square += float(accumulator.double().square().sum())
         writer.save_tensor(name, accumulator.to("cpu", torch.float32).contiguous())
         del task_delta, previous, accumulator
@@ -161,6 +161,8 @@ def _build(
     norms = [*norms_before, math.sqrt(task_square)]
     accumulator_norm = math.sqrt(accumulator_square)
     scale = continual_scale(options, norms=norms, accumulator_norm=accumulator_norm)
+    if not math.isfinite(scale) or not math.isfinite(accumulator_norm):
+        raise ContinualStateError(f"continual step {step}: the merged task vector is not finite (scale {scale}); state left unchanged")
     # With one model OPCM and the average are that model: copy it bit for bit.
     copy_model = step == 1 and options.method in ("opcm", "average")
 
@@ -176,10 +178,12 @@ def _build(
         else:
             accumulator = accumulator_loader.get_tensor(name)
             merged = (base_tensor.to(torch.float32) + scale * accumulator).to(base_tensor.dtype)
+        io.check_finite_tensor(merged, tensor_name=name, source=f"the merged model (step {step}; overflow in {base_tensor.dtype}?)")
         writer.save_tensor(name, merged.contiguous())
         del merged
     writer.finalize()
     io.copy_side_files(base_path, staging)
+    io.write_marker(staging, "continual-state")
     return {
         "task_vector_norm": norms[-1],
         "accumulator_norm": accumulator_norm,
@@ -206,75 +210,38 @@ def _write_state_json(staging: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------
-# Swapping a finished staging folder in
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False  # filesystem or kernel without exchange: fall back to two renames
-    raise OSError(code, f"cannot swap {first} and {second}: {os.strerror(code)}")
-
-
-def _retired_name(state: Path) -> Path:
-    return state.with_name(f".{state.name}.retired")
-
-
-def _swap_in(staging: Path, state: Path) -> None:
-    """Make ``staging`` the state; the previous state ends in ``staging`` (then removed)."""
-    if _exchange(staging, state):
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    # Two renames: between them STATE is missing, and _recover_interrupted_swap
-    # puts the retired folder back if the process dies right there.
-    retired = _retired_name(state)
-    shutil.rmtree(retired, ignore_errors=True)
-    os.replace(state, retired)
-    try:
-        os.replace(staging, state)
-    except BaseException:
-        os.replace(retired, state)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _recover_interrupted_swap(state: Path) -> None:
-    """Put back a state retired by a two-rename swap that died halfway (call under the lock)."""
-    retired = _retired_name(state)
-    if not state.exists() and _state_json_path(retired).is_file():
-        os.replace(retired, state)
+# One writer at a time (the swap itself is io.swap_into_place)
 
 
 @contextlib.contextmanager
 def _locked(state: Path) -> Iterator[None]:
-    """One writer per state at a time (an advisory lock on a file beside the state)."""
+    """One writer per state at a time: an exclusive lock on the state folder itself.
+
+    No lock file is created (nothing appears beside a user's folder). A second
+    writer fails at once with a clear message rather than waiting.
+    """
     import fcntl
 
-    lock_path = state.with_name(f".{state.name}.lock")
-    with open(lock_path, "a+") as handle:
+    try:
+        descriptor = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise ContinualStateError(f"not a continual state (no such folder): {state}") from None
+    except NotADirectoryError:
+        raise ContinualStateError(f"not a continual state (not a folder): {state}") from None
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ContinualStateError(f"another process is writing the state {state} (lock {lock_path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            raise ContinualStateError(
+                f"another process is writing the state {state}; run this again when it has finished"
+            ) from None
+        # A writer that finished between our open and our lock swapped a new folder in:
+        # this lock would then guard the old one.
+        if os.stat(state).st_ino != os.fstat(descriptor).st_ino:
+            raise ContinualStateError(f"the state {state} was just updated by another process; run this again")
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _staging_prefix(state: Path) -> str:
@@ -285,11 +252,9 @@ def _staging_prefix(state: Path) -> str:
 def _staging_folder(state: Path) -> Iterator[Path]:
     """A fresh staging folder beside ``state``, removed on any error.
 
-    Called under the lock, so staging folders left by a killed earlier run
-    are stale and removed first.
+    Staging folders left by killed earlier runs (their PID is gone) are removed first.
     """
-    for stale in state.parent.glob(_staging_prefix(state) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    io.remove_stale(state.parent, _staging_prefix(state))
     with io.staging_dir(state.parent, _staging_prefix(state)) as staging:
         yield staging
 
@@ -310,16 +275,16 @@ def init_state(
 ) -> dict:
     """Start a continual state from ``base`` and a first model; returns the state's metadata."""
     state, base_path, model_path = Path(state).absolute(), Path(base).absolute(), Path(model).absolute()
+    io.check_output_not_input(state, [base_path, model_path])
     if state.exists() and not overwrite:
         raise FileExistsError(f"state already exists (pass --overwrite to replace it): {state}")
     if state.exists() and not _state_json_path(state).is_file():
         raise ContinualStateError(f"refusing to overwrite {state}: it is not a continual state")
-    if state in (base_path, model_path):
-        raise ContinualStateError(f"the state cannot be one of the input models: {state}")
     _check_compatible(base_path, io.open_model(base_path), model_path, io.open_model(model_path))
     base_digest, model_digest = io.content_hash(base_path), io.content_hash(model_path)
     state.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(state), _staging_folder(state) as staging:
+    replacing = state.exists()
+    with (_locked(state) if replacing else contextlib.nullcontext()), _staging_folder(state) as staging:
         numbers = _build(
             staging,
             base_path=base_path,
@@ -337,10 +302,10 @@ def init_state(
             "models": [_history_entry(1, model_path, model_digest, numbers)],
         }
         _write_state_json(staging, data)
-        if state.exists():
-            _swap_in(staging, state)
+        if replacing:
+            io.swap_into_place(staging, state)
         else:
-            os.replace(staging, state)
+            io.move_into_place(staging, state)  # a concurrent init that won is never replaced
     return data
 
 
@@ -355,8 +320,9 @@ def add_model(
 ) -> dict:
     """Merge one more model into ``state`` (base: the recorded one unless given); returns the new metadata."""
     state, model_path = Path(state).absolute(), Path(model).absolute()
+    io.recover_retired(state)
+    read_state(state)  # a clear error (and no lock taken) for a folder that is not a state
     with _locked(state):
-        _recover_interrupted_swap(state)
         data = read_state(state)
         options = ContinualOptions(**data["options"])
         base_path = Path(base).absolute() if base is not None else Path(data["base"]["path"])
@@ -392,7 +358,7 @@ def add_model(
                 _history_entry(len(data["models"]) + 1, model_path, model_digest, numbers),
             ]
             _write_state_json(staging, new_data)
-            _swap_in(staging, state)
+            io.swap_into_place(staging, state)
     return new_data
 
 

@@ -36,6 +36,8 @@ Deviations from the reference code, on purpose:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Sequence
 
@@ -47,7 +49,7 @@ from mergekit_ext.methods.opcm import (
     DEFAULT_COEFFICIENT,
     DEFAULT_DENSITY,
 )
-from mergekit_ext.tensors import compute_dtype, ties_multitask_vector, truncated_svd
+from mergekit_ext.tensors import all_singular_triplets, compute_dtype, ties_multitask_vector, truncated_svd
 
 # --------------------------------------------------------------------------
 # The projection step
@@ -73,6 +75,7 @@ def project_task_vector(
     *,
     alpha: float = DEFAULT_ALPHA,
     zero_diagonal: bool = True,
+    svd: str = "eigh",
 ) -> torch.Tensor:
     """``D'``: the part of ``D`` kept after projecting out ``D̄``'s dominant directions.
 
@@ -81,8 +84,12 @@ def project_task_vector(
     diagonal) and rotates back. Only the first ``k = min(m, n)`` singular
     vectors ever touch the zeroed entries, so this subtracts the zeroed part
     with the thin SVD instead of building the full ``m × m`` and ``n × n``
-    bases: ``D' = D − U_k (P_k ⊙ mask) V_kᵀ``, the same matrix. Returns the
-    compute dtype (float32, or float64 for float64 inputs).
+    bases: ``D' = D − U_k (P_k ⊙ mask) V_kᵀ``, the same matrix. ``P`` itself is
+    never formed: with ``E = D V`` (one GEMM), the block is ``U_rᵀ E_r`` and the
+    diagonal ``Pii = uiᵀ ei``. ``svd``: ``eigh`` (``tensors.all_singular_triplets``,
+    the default; agrees with LAPACK to the tolerance of tests/test_factorizations.py)
+    or ``full`` (LAPACK, the reference). Returns the compute dtype (float32, or
+    float64 for float64 inputs).
     """
     dtype = compute_dtype(task_delta)
     direction = merged_delta.to(dtype)
@@ -93,22 +100,36 @@ def project_task_vector(
             f"and {tuple(update.shape)}"
         )
     k = min(direction.shape)
-    u, s, vh = truncated_svd(direction, k)
+    if svd == "eigh":
+        u, s, vh = all_singular_triplets(direction)
+    elif svd == "full":
+        u, s, vh = truncated_svd(direction, k, method="full")
+    else:
+        raise ValueError(f"opcm: unknown svd {svd!r}; expected 'eigh' or 'full'")
     if not s.sum() > 0:
         return update.clone()
     rank = split_rank(s, alpha)
-    rotated = u.mT @ update @ vh.mT
-    removed = torch.zeros(k, k, dtype=torch.bool, device=rotated.device)
-    removed[:rank, :rank] = True
+    defined = 0
     if zero_diagonal:
         # Only where D̄ has a direction: past its numerical rank the singular
         # vectors are an arbitrary completion (LAPACK-, dtype- and device-
         # dependent), and those diagonal entries never touch ⟨D', D̄⟩. The
         # rank uses float32's epsilon: checkpoints carry no more precision.
         defined = int((s > s[0] * max(direction.shape) * torch.finfo(torch.float32).eps).sum())
-        diagonal = torch.arange(defined, device=rotated.device)
-        removed[diagonal, diagonal] = True
-    return update - u @ (rotated * removed) @ vh
+    width = max(rank, defined)
+    if width == 0:
+        return update.clone()
+    u, vh = u[:, :width], vh[:width]
+    rotated_columns = update @ vh.mT  # E = D V: P = Uᵀ E
+    # Diagonal entries Pii = ui · ei for rank ≤ i < defined; the r × r block below.
+    scale = (u * rotated_columns).sum(dim=0)
+    scale[:rank] = 0
+    scale[defined:] = 0
+    left = u * scale
+    if rank:
+        left[:, :rank] = u[:, :rank] @ (u[:, :rank].mT @ rotated_columns[:, :rank])
+    del rotated_columns
+    return update.sub_(left @ vh) if update is not task_delta else update - left @ vh
 
 
 def opcm_step(
@@ -191,6 +212,8 @@ class ContinualOptions:
             raise ValueError(f"continual: alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.density <= 1:
             raise ValueError(f"continual: density must be in (0, 1], got {self.density}")
+        if not math.isfinite(self.coefficient):  # nan/inf would poison the state for every later add
+            raise ValueError(f"continual: coefficient must be a finite number, got {self.coefficient}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -33,8 +33,17 @@ def build_command(base, adapters, k, out, variant, names, basis_rank, all_varian
     from mergekit_ext.methods.rmm.format import write_bundle
     from mergekit_ext.methods.rmm.kernel import build_basis, reconstruction_errors
 
+    from mergekit_ext import io
+
     name_list = None if names is None else [name.strip() for name in names.split(",")]
+    # Refused before any work: an OUT that overlaps an input, or that is not ours to replace.
+    io.check_output_not_input(out, [base, *adapters])
+    io.check_replaceable(out, overwrite=overwrite)
     loaded = load_adapters(adapters, base, names=name_list)
+    for adapter in loaded:
+        for module, pair in adapter.modules.items():
+            for label, factor in (("lora_A", pair.a), ("lora_B", pair.b)):
+                io.check_finite_tensor(factor, tensor_name=f"{module}.{label}", source=f"adapter {adapter.path or adapter.name}")
     task_names = [adapter.name for adapter in loaded]
     duplicates = sorted({name for name in task_names if task_names.count(name) > 1})
     if duplicates:

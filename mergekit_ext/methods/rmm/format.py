@@ -42,11 +42,14 @@ def write_bundle(out: str | os.PathLike, basis, adapters, *, base: str, dtype: s
 
     torch_dtype = peft_io.torch_dtype(dtype)
     basis_names = [f"basis_{index:02d}" for index in range(basis.k)]
-    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+    inputs = [base, *(adapter.path for adapter in adapters if adapter.path)]
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=inputs, kind="rmm-bundle") as staging:
         template = adapters[0].config if adapters else None
         for folder_name, modules in zip(basis_names, basis.basis_adapters()):
             peft_io.write_adapter(staging / folder_name, modules, base_model=str(Path(base).absolute()), dtype=torch_dtype, template=template)
         # coefficients stay float32: they are few and carry the reconstruction
+        for key, value in basis.coefficients().items():
+            io.check_finite_tensor(value, tensor_name=key, source="the RMM coefficients")
         save_file({key: value.contiguous() for key, value in basis.coefficients().items()}, str(staging / COEFFICIENTS), metadata={"format": "pt"})
         kept = adapter_parameter_count(adapters)
         storage = {
@@ -95,6 +98,11 @@ def read_bundle(path: str | os.PathLike):
         manifest = _upgrade_manifest(manifest)
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    missing = [key for key in ("basis", "k", "tasks", "variant", "base") if key not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)} (corrupt bundle?)")
+    for name in manifest["basis"]:
+        io.check_name(str(name), what=f"basis folder name in {manifest_path}")
     basis_adapters = []
     for name in manifest["basis"]:
         adapter = peft_io.read_adapter(folder / name)
@@ -141,6 +149,8 @@ def reverted_factors(basis, task: str, *, rank: Optional[int] = None):
 
 def revert(bundle: str | os.PathLike, task: str, out: str | os.PathLike, *, merged: bool = False, base: Optional[str] = None, rank: Optional[int] = None, overwrite: bool = False) -> Path:
     """Write task ``task`` of a bundle as a peft adapter (or, ``merged``, a full model folder) at ``out``."""
+    io.check_output_not_input(out, [bundle, base])
+    io.check_replaceable(out, overwrite=overwrite)
     manifest, basis = read_bundle(bundle)
     basis.task_index(task)  # a clear error naming the tasks the bundle has
     base = base or manifest["base"]["path"]
@@ -153,7 +163,7 @@ def revert(bundle: str | os.PathLike, task: str, out: str | os.PathLike, *, merg
     factors = reverted_factors(basis, task, rank=rank)
     peft_io.check_adapters_against_base([peft_io.LoraAdapter(name=f"{bundle} (task {task})", modules=factors)], base)
     template = next((t for t in manifest["tasks"] if t["name"] == task), {})
-    with io.atomic_output_dir(out, overwrite=overwrite) as staging:
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=[bundle, base], kind="merged-model" if merged else "lora-adapter") as staging:
         if merged:
             by_weight = {peft_io.weight_name(module): pair for module, pair in factors.items()}
             peft_io.merged_model(base, by_weight, lambda name: by_weight[name].delta(), staging)

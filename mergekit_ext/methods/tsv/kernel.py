@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from mergekit_ext.methods.tsv import DEFAULT_LAMBDA, SVD_METHOD
-from mergekit_ext.tensors import orthogonalized_stack, subspace_merge, truncated_svd
+from mergekit_ext.tensors import all_singular_triplets, orthogonalized_stack, subspace_merge, truncated_svd
 
 
 def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
@@ -36,13 +36,22 @@ def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
     count, rows, cols = vectors.shape
     rank = min(rows, cols)
     per_task = max(1, rank // count)
-    lefts, sigmas, rights = [], [], []
-    for vector in vectors:
-        u, s, vh = truncated_svd(vector, per_task, method=SVD_METHOD)
-        lefts.append(u)
-        sigmas.append(s)
-        rights.append(vh)
-    left, sigma, right = torch.cat(lefts, dim=1), torch.cat(sigmas), torch.cat(rights, dim=0)
+    if SVD_METHOD == "auto" and per_task + 10 >= 0.25 * rank:
+        # A wide cut (T ≤ 3): every task's triplets at once (batched Gram
+        # eigensolver), as truncated_svd's "auto" would pick task by task.
+        u, s, vh = all_singular_triplets(vectors)
+        left = u[..., :per_task].permute(1, 0, 2).reshape(rows, count * per_task)
+        sigma = s[..., :per_task].reshape(-1)
+        right = vh[..., :per_task, :].reshape(count * per_task, cols)
+        del u, s, vh
+    else:
+        lefts, sigmas, rights = [], [], []
+        for vector in vectors:
+            u, s, vh = truncated_svd(vector, per_task, method="fast" if SVD_METHOD == "auto" else SVD_METHOD)
+            lefts.append(u)
+            sigmas.append(s)
+            rights.append(vh)
+        left, sigma, right = torch.cat(lefts, dim=1), torch.cat(sigmas), torch.cat(rights, dim=0)
     if sigma.numel() > rank:  # only when T > r: keep the r largest (stable sort: task order breaks ties)
         chosen = torch.argsort(sigma, descending=True, stable=True)[:rank]
         left, sigma, right = left[:, chosen], sigma[chosen], right[chosen]

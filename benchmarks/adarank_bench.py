@@ -1,0 +1,317 @@
+"""AdaRank on generation zoos: objectives × base methods × learning schedules (issue 16).
+
+For each zoo (one per seed): the base method's λ is chosen on validation exact match
+(TA: λ grid; CART: rank ``--cart-rank``, λ grid), then AdaRank starts from it and learns
+on the validation PROMPTS (no answers), one run per (objective, masks+coefficients or
+coefficients only, lr); validation and test exact match are recorded at every
+checkpoint step. ``--summarise`` picks, per (base, objective, mode), the (lr, steps)
+with the best mean validation exact match over the zoos and reports test there:
+mean ± std over zoos and the share of the base method's gap to the experts closed,
+(AdaRank − base) / (experts − base) on mean exact match.
+
+    python benchmarks/adarank_bench.py /work/scratch/hard-bench/zoo-s0 ... --out benchmarks/results/adarank.json
+    python benchmarks/adarank_bench.py --summarise benchmarks/results/adarank.json
+
+Results are appended to ``--out`` after every run (a stopped benchmark keeps what it
+measured and resumes where it stopped). Scoring is in process: greedy decoding, cut at
+the first newline, exact match (the zoo scorer's definition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+SCORE_NEW_TOKENS = 9  # the zoo's MAX_ANSWER (8) + the stop token
+
+
+def open_zoo(path: Path) -> Dict:
+    """Tasks, base, experts and documents of a built zoo (manifest.json) or of the hard-zoo
+    prototype's saved layout (base/, experts/<task>/, data/<task>/<split>.jsonl)."""
+    from mergekit_ext import io
+
+    if (path / "manifest.json").is_file():
+        from mergekit_ext.zoo import load_zoo
+
+        zoo = load_zoo(path)
+        tasks = list(zoo.tasks)
+        return {
+            "tasks": tasks,
+            "base": zoo.base,
+            "experts": [zoo.expert(task) for task in tasks],
+            "documents": {split: [zoo.documents(task, split) for task in tasks] for split in ("validation", "test")},
+        }
+    tasks = sorted(folder.name for folder in (path / "experts").iterdir())
+    return {
+        "tasks": tasks,
+        "base": path / "base",
+        "experts": [path / "experts" / task for task in tasks],
+        "documents": {
+            split: [io.read_jsonl(path / "data" / task / f"{split}.jsonl") for task in tasks] for split in ("validation", "test")
+        },
+    }
+
+
+class Scorer:
+    """Greedy exact match per task of a forward function, on pre-tokenised prompts."""
+
+    def __init__(self, tokenizer, documents, stop_ids, device):
+        self.tokenizer, self.stop_ids, self.device = tokenizer, stop_ids, device
+        self.splits = {}
+        for split, tasks in documents.items():
+            self.splits[split] = [
+                ([tokenizer(doc["prompt"], add_special_tokens=False)["input_ids"] for doc in docs], [doc["answer"] for doc in docs])
+                for docs in tasks
+            ]
+
+    def __call__(self, forward, split: str) -> List[float]:
+        from mergekit_ext.methods.adarank.learn import greedy_answers
+
+        prompts = [prompt for task_prompts, _ in self.splits[split] for prompt in task_prompts]
+        answered = greedy_answers(forward, prompts, self.stop_ids, SCORE_NEW_TOKENS, self.device)
+        scores, position = [], 0
+        for task_prompts, answers in self.splits[split]:
+            correct = 0
+            for item, answer in zip(answered[position : position + len(task_prompts)], answers):
+                tokens = item.answer
+                if tokens and tokens[-1] in self.stop_ids:
+                    correct += "".join(self.tokenizer.convert_ids_to_tokens(tokens[:-1])) == answer
+            scores.append(correct / max(1, len(answers)))
+            position += len(task_prompts)
+        return scores
+
+
+def _model_forward(path, device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+    from mergekit_ext.methods.adarank.learn import cache_keyword
+
+    keyword = cache_keyword(model)
+    return lambda ids, cache: model(input_ids=ids, use_cache=True, **{keyword: cache})
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def bench_zoo(path: Path, args, results: Dict, save) -> None:
+    from mergekit_ext.methods.adarank import learn as L
+
+    zoo_key = str(path)
+    record = results.setdefault(zoo_key, {"runs": {}})
+    zoo = open_zoo(path)
+    tasks = zoo["tasks"]
+    device = torch.device(args.device)
+    prompts = [[doc["prompt"] for doc in docs] for docs in zoo["documents"]["validation"]]
+    if "experts" not in record:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(zoo["base"]))
+        scorer = Scorer(tokenizer, zoo["documents"], L.stop_token_ids(tokenizer, "\n"), device)
+        record["tasks"] = tasks
+        record["base_model"] = {split: scorer(_model_forward(zoo["base"], device), split) for split in ("validation", "test")}
+        experts = {"validation": [], "test": []}
+        for index, expert in enumerate(zoo["experts"]):
+            forward = _model_forward(expert, device)
+            for split in experts:
+                experts[split].append(scorer(forward, split)[index])
+        record["experts"] = experts
+        save()
+    for variant in args.bases:
+        init = 1.0 if variant == "ta" else args.cart_rank
+        grid = args.ta_grid if variant == "ta" else args.cart_grid
+        options = L.LearnOptions(
+            variant=variant, objective="distill", init_rank_ratio=init, prior=grid[0], max_rank_ratio=args.max_rank_ratio,
+            batch_size=args.batch_size, seed=args.seed, device=args.device,
+        )  # fmt: skip
+        clock = time.perf_counter()
+        setup = L.prepare(zoo["experts"], prompts, base=zoo["base"], options=options, task_names=tasks, progress=False)
+        prepare_seconds = time.perf_counter() - clock
+        scorer = Scorer(setup.tokenizer, zoo["documents"], setup.stop_ids, device)
+        model = setup.model
+
+        def score(split):
+            return scorer(model.forward_with(model.hard_weights()), split)
+
+        base_key = f"{variant}:base"
+        if base_key not in record["runs"]:
+            validation = {}
+            for value in grid:
+                setup.reset(L.LearnOptions(**{**asdict(options), "prior": value}))
+                validation[str(value)] = score("validation")
+            best = max(grid, key=lambda value: (_mean(validation[str(value)]), -abs(value - grid[len(grid) // 2])))
+            setup.reset(L.LearnOptions(**{**asdict(options), "prior": best}))
+            record["runs"][base_key] = {
+                "prior": best, "init_rank_ratio": init, "grid": validation,
+                "validation": validation[str(best)], "test": score("test"), "prepare_seconds": prepare_seconds,
+            }  # fmt: skip
+            save()
+        prior = record["runs"][base_key]["prior"]
+        teacher_pools = (setup.train_pools, setup.held_out_pools)
+        prompt_pools = tuple([[item.sequence.ids[: item.sequence.start] for item in pool] for pool in pools] for pools in teacher_pools)
+        for objective, mode, lr, steps in args.plan:
+            key = f"{variant}:{objective}:{mode}:{lr}"
+            if key in record["runs"]:
+                continue
+            run_options = L.LearnOptions(
+                **{**asdict(options), "prior": prior, "objective": objective, "lr": lr, "steps": steps, "coefficients_only": mode == "coef"}
+            )
+            setup.reset(run_options)
+            setup.objective = L.make_objective(setup.options, setup.tokenizer.pad_token_id or 0, device, setup.stop_ids)
+            setup.train_pools, setup.held_out_pools = teacher_pools if objective == "distill" else prompt_pools
+            checkpoints = {}
+
+            def on_step(step):
+                if step in args.checkpoints or step == steps:
+                    with torch.no_grad():
+                        checkpoints[str(step)] = {"validation": score("validation"), "test": score("test")}
+
+            clock = time.perf_counter()
+            result = L.run(setup, on_step=on_step)
+            kept = result.info["kept_components"]
+            record["runs"][key] = {
+                "checkpoints": checkpoints,
+                "seconds": time.perf_counter() - clock,
+                "history": result.history[:: max(1, steps // 50)],
+                "held_out_objective": result.info["held_out_objective"],
+                "kept": {"before": kept["before"], "after": kept["after"], "band": kept["band"]},
+                "coefficients": {k: result.info["coefficients"][k] for k in ("mean", "min", "max")},
+            }
+            best_step = max(checkpoints, key=lambda s: _mean(checkpoints[s]["validation"]))
+            print(
+                f"{path.name} {key}: val {_mean(record['runs'][base_key]['validation']):.3f} -> best {_mean(checkpoints[best_step]['validation']):.3f} "
+                f"@{best_step} (test {_mean(checkpoints[best_step]['test']):.3f}); kept {kept['before']}->{kept['after']}; "
+                f"{record['runs'][key]['seconds']:.0f} s",
+                flush=True,
+            )
+            save()
+        setup.train_pools, setup.held_out_pools = teacher_pools
+
+
+def summarise(results: Dict) -> str:
+    zoos = [key for key in results if isinstance(results[key], dict) and "experts" in results[key]]
+    lines = [
+        "| base | objective | mode | lr | steps | val EM | test EM (mean ± std) | base test EM | gap closed (mean ± std) | normalized | zoos |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    configs = sorted({key.rsplit(":", 1)[0] for zoo in zoos for key in results[zoo]["runs"] if not key.endswith(":base")})
+    expert_test = [_mean(results[zoo]["experts"]["test"]) for zoo in zoos]
+    base_model = [_mean(results[zoo]["base_model"]["test"]) for zoo in zoos]
+    lines_head = [
+        f"zoos: {len(zoos)}; base model test EM {_mean(base_model):.3f}; experts {_mean(expert_test):.3f}",
+        "",
+    ]
+
+    def stats(values):
+        return (_mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+    for variant in ("ta", "cart"):
+        base_runs = [results[zoo]["runs"].get(f"{variant}:base") for zoo in zoos]
+        if not all(base_runs):
+            continue
+        base_test = [_mean(run["test"]) for run in base_runs]
+        m, s = stats(base_test)
+        gaps = [e - b for e, b in zip(expert_test, base_test)]
+        lines.append(
+            f"| {variant} | (base method, λ {', '.join(str(run['prior']) for run in base_runs)}) | | | 0 | "
+            f"{_mean([_mean(run['validation']) for run in base_runs]):.3f} | {m:.3f} ± {s:.3f} | {m:.3f} | 0 | "
+            f"{_mean([_mean([a / max(x, 1e-9) for a, x in zip(run['test'], results[z]['experts']['test'])]) for run, z in zip(base_runs, zoos)]):.3f} | {len(zoos)} |"
+        )
+        for config in configs:
+            if not config.startswith(variant + ":"):
+                continue
+            _, objective, mode = config.split(":")
+            candidates = {}
+            for zoo in zoos:
+                for key, run in results[zoo]["runs"].items():
+                    if key.rsplit(":", 1)[0] != config:
+                        continue
+                    lr = key.rsplit(":", 1)[1]
+                    for step, point in run["checkpoints"].items():
+                        candidates.setdefault((lr, int(step)), {})[zoo] = point
+            complete = {k: v for k, v in candidates.items() if len(v) == len(zoos)}
+            if not complete:
+                continue
+            (lr, step), points = max(complete.items(), key=lambda kv: _mean([_mean(p["validation"]) for p in kv[1].values()]))
+            test = [_mean(points[zoo]["test"]) for zoo in zoos]
+            closed = [(t - b) / g for t, b, g in zip(test, base_test, gaps)]
+            normalized = [_mean([a / max(x, 1e-9) for a, x in zip(points[zoo]["test"], results[zoo]["experts"]["test"])]) for zoo in zoos]
+            tm, ts = stats(test)
+            cm, cs = stats(closed)
+            lines.append(
+                f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'} | {lr} | {step} | "
+                f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
+                f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {len(zoos)} |"
+            )
+    return "\n".join(lines_head + lines)
+
+
+def _floats(text):
+    return [float(value) for value in text.split(",") if value]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("zoos", nargs="*", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adarank.json"))
+    parser.add_argument("--summarise", type=Path, default=None, help="Print the table of a results file and exit.")
+    parser.add_argument("--bases", default="cart,ta")
+    parser.add_argument("--objectives", default="distill,entropy,entropy-answer")
+    parser.add_argument("--modes", default="full,coef")
+    parser.add_argument("--lrs", default="1e-3,3e-3", help="lr grid for distill masks+coef; the others use --other-lr")
+    parser.add_argument("--other-lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--entropy-steps", type=int, default=200)
+    parser.add_argument("--checkpoints", default="50,100,200,300")
+    parser.add_argument("--ta-grid", default="0.3,0.4,0.5,0.6,0.8")
+    parser.add_argument("--cart-grid", default="1.0,1.5,2.0,2.5,3.0")
+    parser.add_argument("--cart-rank", type=float, default=0.1)
+    parser.add_argument("--max-rank-ratio", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.summarise is not None:
+        print(summarise(json.loads(args.summarise.read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    args.bases = args.bases.split(",")
+    args.ta_grid, args.cart_grid = _floats(args.ta_grid), _floats(args.cart_grid)
+    args.checkpoints = {int(value) for value in args.checkpoints.split(",")}
+    plan = []
+    for objective in args.objectives.split(","):
+        for mode in args.modes.split(","):
+            if objective == "distill" and mode == "full":
+                plan += [(objective, mode, lr, args.steps) for lr in _floats(args.lrs)]
+            else:
+                steps = args.steps if objective == "distill" else args.entropy_steps
+                plan.append((objective, mode, args.other_lr if objective != "distill" else max(_floats(args.lrs)), steps))
+    # Most informative first: every objective's masks+coefficients run, then the ablations.
+    args.plan = sorted(plan, key=lambda item: (item[1] != "full", ["distill", "entropy", "entropy-answer"].index(item[0])))
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.out.with_suffix(".tmp")
+        temporary.write_text(json.dumps(results, indent=1))
+        temporary.replace(args.out)
+
+    for zoo in args.zoos:
+        bench_zoo(zoo.absolute(), args, results, save)
+    table = summarise(results)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
