@@ -130,6 +130,8 @@ def run(args) -> Dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     return {
         **runner.zoo_context(zoo),
+        "seed": zoo.manifest.get("seed"),
+        "metric": zoo.metric,
         "tasks": tasks,
         "adapter_rank": rank,
         "rmm": {"variants": rmm_variants, "ks": ks},
@@ -150,7 +152,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
         f"# LoRA experts on the `{result['preset']}` zoo: merged adapters and RMM",
         "",
         f"Zoo: {result['zoo']}; {len(tasks)} LoRA adapters of rank {result['adapter_rank']}. Machine: {machine['cpu']}, "
-        f"{machine['cores']} cores, {machine['memory_gib']} GiB RAM; {machine['date_utc']} UTC. Test split, lm-eval `acc` "
+        f"{machine['cores']} cores, {machine['memory_gib']} GiB RAM; {machine['date_utc']} UTC. Test split, lm-eval `{result.get('metric', 'acc,none').split(',')[0]}` "
         "(base + peft adapter); normalized = accuracy / the task's own LoRA adapter. Storage = stored LoRA parameters "
         "(plus RMM coefficients) / those of all individual adapters. Merged adapters (one for all tasks) are evaluated "
         "on every task; RMM reverts each task to its own adapter from the shared basis. Settings are fixed, not tuned:",

@@ -82,6 +82,7 @@ def test_straight_through_forward_is_hard_and_gradient_flows_through_p():
     torch.testing.assert_close(paper.detach(), mask.detach() * weights)
 
 
+@pytest.mark.slow
 def test_initial_logits_and_band():
     logits = initial_logits(3, (20, 12), band=8, init_rank_ratio=0.25)  # k = int(0.25·12) = 3
     assert logits.shape == (3, 8)
@@ -99,6 +100,7 @@ def _random_family(count=3, shape=(16, 24), seed=0):
     return base, [base + 0.1 * torch.randn(shape, generator=generator) for _ in range(count)]
 
 
+@pytest.mark.slow
 def test_step_zero_is_task_arithmetic_and_cart():
     base, models = _random_family()
     shape = base.shape
@@ -145,6 +147,7 @@ def test_masks_prune_singular_components():
 # ---------------------------------------------------------------- through mergekit's engine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ta", "cart"])
 def test_identity_through_stock_mergekit(tiny_family, tmp_path, variant):
     """All logits positive and coefficients at the prior: TA (origin θ0) or full-rank CART (θavg)."""
@@ -178,6 +181,7 @@ def test_identity_through_stock_mergekit(tiny_family, tmp_path, variant):
     assert max(float((merged[key] - base[key]).abs().max()) for key in merged) > 0.01
 
 
+@pytest.mark.slow
 def test_step_zero_cart_through_engine_is_cart(tiny_family, tmp_path):
     result = _learn(tiny_family, steps=0, variant="cart", prior=1.3, init_rank_ratio=0.25, max_rank_ratio=0.5)
     assert max(mask.shape[1] for mask in result.masks.values()) == 16  # band = 0.5 · min(32, 64)
@@ -215,6 +219,7 @@ def _entropy_by_hand(folder, pools, count):
     return total
 
 
+@pytest.mark.slow
 def test_learner_lowers_entropy_is_deterministic_and_file_reproduces_it(tiny_family, tmp_path):
     result = _learn(tiny_family, steps=25, lr=0.02, seed=3, objective="entropy")
     info = result.info
@@ -245,6 +250,7 @@ def test_learner_lowers_entropy_is_deterministic_and_file_reproduces_it(tiny_fam
         torch.testing.assert_close(forward[key], backward[key], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mismatched_file_gives_clear_errors(tiny_family, tmp_path):
     result = _learn(tiny_family, steps=0)
     file = _write(result, tmp_path / "good.safetensors")
@@ -292,6 +298,7 @@ def test_mismatched_file_gives_clear_errors(tiny_family, tmp_path):
     assert all(len(entry["content_hash"]) == 64 for entry in metadata["models"])
 
 
+@pytest.mark.slow
 def test_learner_refuses_bad_options(tiny_family):
     with pytest.raises(ValueError, match="init_rank_ratio 0.5 is above max_rank_ratio 0.2"):
         _learn(tiny_family, steps=0, init_rank_ratio=0.5, max_rank_ratio=0.2)
@@ -316,6 +323,7 @@ def test_read_prompts(tmp_path):
 # ---------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
     from mergekit_ext.cli import main
 
@@ -350,6 +358,7 @@ def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_matrix_classification_matches_the_engine(tiny_family):
     """The learner masks exactly the tensors the mergekit method treats as matrices."""
     result = _learn(tiny_family, steps=0)
@@ -362,6 +371,7 @@ def test_matrix_classification_matches_the_engine(tiny_family):
 # ---------------------------------------------------------------- objectives (issue 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["entropy", "entropy-answer", "distill"])
 @pytest.mark.parametrize("coefficients_only", [False, True])
 def test_zero_steps_is_the_base_method_for_every_objective(tiny_family, objective, coefficients_only):
@@ -398,6 +408,7 @@ def test_distillation_kl_is_the_coarsened_kl():
     assert torch.allclose(distillation_kl(teacher, *log_p.topk(4, dim=-1)), torch.zeros(5), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_teacher_cache_matches_the_expert(tiny_family):
     """Greedy answers equal unbatched greedy decoding; the cached log-probs are the expert's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -420,6 +431,7 @@ def test_teacher_cache_matches_the_expert(tiny_family):
         assert item.sequence.ids == prompt + item.sequence.answer[:-1] and item.sequence.start == len(prompt)
 
 
+@pytest.mark.slow
 def test_distill_lowers_its_loss_on_the_test_zoo_and_masks_stay_binary(test_zoo):
     from mergekit_ext.methods.adarank.learn import zoo_prompts
 
@@ -442,6 +454,7 @@ def test_distill_lowers_its_loss_on_the_test_zoo_and_masks_stay_binary(test_zoo)
     assert set(result.fingerprints) == set(result.masks)
 
 
+@pytest.mark.slow
 def test_coefficients_only_keeps_the_masks(tiny_family):
     result = _learn(tiny_family, steps=10, lr=0.05, objective="distill", coefficients_only=True, max_new_tokens=3)
     assert all(bool(mask.all()) for mask in result.masks.values())  # TA: all on at step 0, still
@@ -449,6 +462,7 @@ def test_coefficients_only_keeps_the_masks(tiny_family):
     assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.4))
 
 
+@pytest.mark.slow
 def test_a_file_applied_to_other_weights_is_refused(tiny_family, tmp_path):
     """The merge recomputes each matrix's SVD: other weights (here one model retrained, at
     another path with check_models false) are refused, naming the tensor."""

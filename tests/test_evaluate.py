@@ -150,3 +150,20 @@ def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "consensus_ta" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_model_holding_nan_is_refused_not_scored_at_chance(test_zoo, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(test_zoo.base, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    task = test_zoo.lm_eval_task(test_zoo.tasks[0])
+    with pytest.raises(EvaluationError, match=f"tensor {name} holds NaN or Inf"):
+        lm_eval_results(broken, [task], test_zoo.task_dir, limit=4)

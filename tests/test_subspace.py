@@ -5,6 +5,7 @@ float64 (zero-padded stacks and all), and decides which tensors are matrices by
 its own per-architecture name patterns, not by mergekit_ext.tensors.
 """
 
+import functools
 import re
 
 import pytest
@@ -28,7 +29,12 @@ from mergekit_ext.tensors import polar_factor
 LLAMA_MATRICES = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 GPT2_MATRICES = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 METHODS = ("tsv_m", "iso_c", "iso_cts")
-KERNELS = {"tsv_m": tsv_merge, "iso_c": iso_c_merge, "iso_cts": iso_cts_merge}
+# The identities are stated at λ = 1 (the defaults come from the benchmark and may move).
+KERNELS = {
+    "tsv_m": functools.partial(tsv_merge, lam=1.0),
+    "iso_c": functools.partial(iso_c_merge, lam=1.0),
+    "iso_cts": functools.partial(iso_cts_merge, lam=1.0),
+}
 
 
 # ---------------------------------------------------------------- independent reference (float64)
@@ -129,13 +135,13 @@ def test_iso_identities_on_kernel():
     base, models = _random_family((18, 26), count=3, seed=3)
     total = sum((m - base).double() for m in models)
     sigma_bar = torch.linalg.svdvals(total).mean()
-    for out in (iso_c_merge(base, models), iso_cts_merge(base, models, common_space_fraction=0.6)):
+    for out in (iso_c_merge(base, models, lam=1.0), iso_cts_merge(base, models, lam=1.0, common_space_fraction=0.6)):
         singular = torch.linalg.svdvals((out - base).double())
         assert torch.allclose(singular, singular[0].expand_as(singular), rtol=1e-4)  # isotropic, full rank
-    iso_c = iso_c_merge(base, models)
+    iso_c = iso_c_merge(base, models, lam=1.0)
     # Iso-C: σ̄ = mean of Δ_TA's σ, so the nuclear norm is preserved.
     torch.testing.assert_close(torch.linalg.svdvals((iso_c - base).double()), sigma_bar.expand(18), rtol=1e-4, atol=0)
-    torch.testing.assert_close(iso_cts_merge(base, models, common_space_fraction=1.0), iso_c)
+    torch.testing.assert_close(iso_cts_merge(base, models, lam=1.0, common_space_fraction=1.0), iso_c)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -290,13 +296,13 @@ def test_engine_iso_cts_fraction_one_is_iso_c_and_order_invariance(tiny_family, 
     names = ("ft0", "ft1", "ft2")
     results = {}
     for label, method, order, parameters in (
-        ("iso_c", "iso_c", names, {}),
-        ("iso_cts_1", "iso_cts", names, {"common_space_fraction": 1.0}),
-        ("iso_c_reversed", "iso_c", names[::-1], {}),
-        ("tsv_m", "tsv_m", names, {}),
-        ("tsv_m_reversed", "tsv_m", names[::-1], {}),
-        ("iso_cts", "iso_cts", names, {}),
-        ("iso_cts_reversed", "iso_cts", names[::-1], {}),
+        ("iso_c", "iso_c", names, {"lambda": 1.0}),
+        ("iso_cts_1", "iso_cts", names, {"lambda": 1.0, "common_space_fraction": 1.0}),
+        ("iso_c_reversed", "iso_c", names[::-1], {"lambda": 1.0}),
+        ("tsv_m", "tsv_m", names, {"lambda": 1.0}),
+        ("tsv_m_reversed", "tsv_m", names[::-1], {"lambda": 1.0}),
+        ("iso_cts", "iso_cts", names, {"lambda": 1.0}),
+        ("iso_cts_reversed", "iso_cts", names[::-1], {"lambda": 1.0}),
     ):
         out = tmp_path / label
         run_merge_in_process(_config(method, tiny_family, order, parameters=parameters), out)

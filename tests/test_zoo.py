@@ -22,6 +22,7 @@ from mergekit_ext.zoo import (
 from mergekit_ext.zoo import format as zoo_format
 
 
+@pytest.mark.slow
 def test_zoo_layout_and_manifest(test_zoo):
     manifest = json.loads((test_zoo.root / "manifest.json").read_text())
     assert manifest["format"] == zoo_format.ZOO_FORMAT
@@ -45,6 +46,7 @@ def test_zoo_layout_and_manifest(test_zoo):
         assert not validation & {d["query"] for d in test_zoo.documents(task, "test")}
 
 
+@pytest.mark.slow
 def test_rebuild_is_a_no_op(test_zoo):
     manifest = test_zoo.root / "manifest.json"
     before = manifest.stat().st_mtime_ns, (test_zoo.base / "model.safetensors").stat().st_mtime_ns
@@ -55,6 +57,7 @@ def test_rebuild_is_a_no_op(test_zoo):
     assert (manifest.stat().st_mtime_ns, (test_zoo.base / "model.safetensors").stat().st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_refuses_other_zoo_or_foreign_folder(test_zoo, tmp_path):
     with pytest.raises(ZooError, match="different zoo"):
         build_zoo(test_zoo.root, preset="demo", progress=False)
@@ -82,6 +85,7 @@ def test_documents_are_deterministic_and_well_formed():
     assert len(PRESETS["bench"].tasks) == 8 and len(PRESETS["demo"].tasks) >= 4
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trip(test_zoo):
     """AutoTokenizer reloads the saved tokenizer as the same tokenizer (no silent re-tokenization)."""
     from transformers import AutoTokenizer
@@ -102,6 +106,7 @@ def test_tokenizer_round_trip(test_zoo):
         assert reloaded.pad_token_id == 0 and reloaded.eos_token == "</s>"
 
 
+@pytest.mark.slow
 def test_experts_beat_base_on_their_own_task(test_zoo):
     """Recomputed from the saved folders, not read from the manifest."""
     from transformers import AutoTokenizer
@@ -121,6 +126,7 @@ def test_experts_beat_base_on_their_own_task(test_zoo):
     assert sum(gains.values()) / len(gains) > 0.15, gains
 
 
+@pytest.mark.slow
 def test_lora_adapters_load_with_peft_and_match_recorded_accuracy(test_zoo):
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -139,6 +145,7 @@ def test_lora_adapters_load_with_peft_and_match_recorded_accuracy(test_zoo):
     assert any(not torch.equal(lora_b[0][k], lora_b[1][k]) for k in lora_b[0])
 
 
+@pytest.mark.slow
 def test_task_arithmetic_at_recorded_lambda_is_reproducible(test_zoo):
     """The build's TA numbers come from mergekit's engine; recompute one independently."""
     from transformers import AutoTokenizer
@@ -157,6 +164,7 @@ def test_task_arithmetic_at_recorded_lambda_is_reproducible(test_zoo):
     assert multiple_choice_accuracy(model, tokenizer, test_zoo.documents(task, "test")) == pytest.approx(recorded)
 
 
+@pytest.mark.slow
 def test_zoo_command_on_a_built_zoo_prints_the_build_report(test_zoo):
     from click.testing import CliRunner
 
@@ -171,6 +179,7 @@ def test_zoo_command_on_a_built_zoo_prints_the_build_report(test_zoo):
     assert refused.exit_code != 0 and "different zoo" in refused.output
 
 
+@pytest.mark.slow
 def test_moved_zoo_rewrites_its_task_yamls(test_zoo, tmp_path):
     import shutil
 
@@ -185,6 +194,7 @@ def test_moved_zoo_rewrites_its_task_yamls(test_zoo, tmp_path):
     assert all(path.startswith(str(test_zoo.root)) for path in original.values())
 
 
+@pytest.mark.slow
 def test_zoo_written_by_0_1_0_still_loads(test_zoo, tmp_path):
     import shutil
 
@@ -244,6 +254,7 @@ def test_generation_tasks_are_deterministic_distinct_and_well_formed():
     assert all(not (a & b) for i, a in enumerate(formats) for b in formats[i + 1 :]), prompts_alphabets
 
 
+@pytest.mark.slow
 def test_hard_preset_builds_with_generation_yamls(hard_zoo):
     manifest = hard_zoo.manifest
     assert manifest["format"] == zoo_format.ZOO_FORMAT  # unchanged format string, the kind is recorded per task
@@ -268,6 +279,7 @@ def test_hard_preset_builds_with_generation_yamls(hard_zoo):
     assert PRESETS["demo"].kind == "multiple_choice"
 
 
+@pytest.mark.slow
 def test_hard_tasks_score_through_lm_eval_generation_path(hard_zoo):
     """lm-eval's generate_until exact_match equals the in-process greedy scorer, per (model, task)."""
     from transformers import AutoTokenizer
@@ -278,7 +290,7 @@ def test_hard_tasks_score_through_lm_eval_generation_path(hard_zoo):
     tokenizer = AutoTokenizer.from_pretrained(str(hard_zoo.base))
     tasks = [hard_zoo.lm_eval_task(t) for t in hard_zoo.tasks]
     nonzero = 0
-    for path in (hard_zoo.base, hard_zoo.expert(hard_zoo.tasks[0]), hard_zoo.expert(hard_zoo.tasks[-1])):
+    for path in (hard_zoo.base, hard_zoo.expert(hard_zoo.tasks[0])):
         results = lm_eval_results(path, tasks, hard_zoo.task_dir)
         model = load_model(path)
         for task, lm_task in zip(hard_zoo.tasks, tasks):
@@ -299,6 +311,7 @@ def test_hard_tasks_score_through_lm_eval_generation_path(hard_zoo):
         assert text == theirs
 
 
+@pytest.mark.slow
 def test_exact_match_is_case_and_whitespace_exact_as_configured(hard_zoo):
     """The task YAML's exact_match, run through lm-eval's own task object, and the in-process scorer agree on near misses."""
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -315,6 +328,7 @@ def test_exact_match_is_case_and_whitespace_exact_as_configured(hard_zoo):
         assert lm_task.process_results(document, [near_miss]) == {"exact_match": 0.0}, repr(near_miss)
 
 
+@pytest.mark.slow
 def test_hard_build_is_deterministic_and_reports_exact_match(hard_zoo, tmp_path):
     again = build_zoo(tmp_path / "again", preset="hard-test", progress=False)
     assert _weight_hashes(again.root) == _weight_hashes(hard_zoo.root)
@@ -330,6 +344,7 @@ def test_hard_build_is_deterministic_and_reports_exact_match(hard_zoo, tmp_path)
     assert _weight_hashes(other.root)["base/model.safetensors"] != _weight_hashes(hard_zoo.root)["base/model.safetensors"]
 
 
+@pytest.mark.slow
 def test_compare_on_hard_zoo_reports_exact_match_without_chance(hard_zoo, tmp_path):
     from mergekit_ext.evaluate import compare_on_zoo, format_table, write_report
 

@@ -80,6 +80,20 @@ class ModelSpec:
         if self.adapter is not None and not (self.adapter / "adapter_config.json").is_file():
             raise EvaluationError(f"not a peft adapter folder (no adapter_config.json): {self.adapter}")
 
+    def check_finite(self) -> None:
+        """Refuse weights holding NaN or Inf (lm-eval would score them at chance without a word)."""
+        import torch
+        from safetensors import safe_open
+
+        folders = [self.path] + ([self.adapter] if self.adapter is not None else [])
+        for folder in folders:
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        tensor = handle.get_tensor(name)
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                            raise EvaluationError(f"{folder}: tensor {name} holds NaN or Inf; refusing to evaluate a broken model")
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256(content_hash(self.path).encode())
         if self.adapter is not None:
@@ -147,6 +161,7 @@ def lm_eval_results(
                 results[task] = json.loads(cache_files[task].read_text(encoding="utf-8"))["lm_eval"]
     todo = [task for task in tasks if task not in results]
     if todo:
+        spec.check_finite()
         import torch
 
         previous_threads = torch.get_num_threads()

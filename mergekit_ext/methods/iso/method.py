@@ -50,7 +50,7 @@ _COMMON_PARAMETERS = [
         SHARED,
         DEFAULT_LAMBDA,
         "final scale α: θ0 + α·Δ on block matrices, θ0 + α·mean_t τt elsewhere (papers tune it on "
-        "validation; 1.0 as in FusionBench until the project's hard-zoo benchmark sets it)",
+        "validation; the default is the hard zoo's validation winner, see the family's __init__)",
     ),
 ]
 
