@@ -174,8 +174,11 @@ def _resolved(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path)))).resolve()
 
 
-def check_output_not_input(out: str | os.PathLike, inputs: Iterable[Optional[str | os.PathLike]]) -> None:
-    """Refuse an output that is, contains or is contained in an input (symlinks followed)."""
+def check_output_not_input(out: str | os.PathLike, inputs: Iterable[Optional[str | os.PathLike]], *, may_contain: bool = False) -> None:
+    """Refuse an output that is, contains or is contained in an input (symlinks followed).
+
+    ``may_contain``: an output folder that only gains files (never replaced) may hold the inputs.
+    """
     target = _resolved(out)
     for item in inputs:
         if item is None:
@@ -185,7 +188,7 @@ def check_output_not_input(out: str | os.PathLike, inputs: Iterable[Optional[str
             raise OutputError(f"the output {out} is one of the inputs ({item}); choose another output path")
         if source in target.parents:
             raise OutputError(f"the output {out} is inside the input {item}; choose a path outside it")
-        if target in source.parents:
+        if target in source.parents and not may_contain:
             raise OutputError(f"the output {out} contains the input {item}; choose another output path")
 
 

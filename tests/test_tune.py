@@ -394,3 +394,12 @@ def test_hopeless_means_significantly_worse_than_the_best_at_the_same_step():
     assert not verdict("ties", 0.75, 0.02)  # within the noise
     assert not verdict("ties", 0.6, 0.2)  # noisy scores (e.g. --limit): not hopeless
     assert not verdict("cart", 0.1, 0.02)  # cart's first trial runs in full
+
+
+@pytest.mark.slow
+def test_output_inside_an_input_model_is_refused_before_anything_is_written(zoo, tmp_path):
+    space = write_space(tmp_path / "space.yml", tiny_space(zoo))
+    inside = zoo.expert(zoo.tasks[0]) / "tune-out"
+    result = CliRunner().invoke(tune_command, [str(space), str(inside), "--limit", "2"])
+    assert result.exit_code != 0 and "inside the input" in result.output
+    assert not inside.exists()

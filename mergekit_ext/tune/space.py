@@ -192,6 +192,16 @@ class TuneSpace:
             ordered["parameters"] = parameters
         return ordered
 
+    def local_inputs(self) -> List[Path]:
+        """Every local folder the search reads: models (and LoRA adapters), base, task YAMLs, references."""
+        config = self.base_config
+        references = [config.get("base_model"), *(entry.get("model") for entry in config.get("models", []))]
+        references += list((self.reference or {}).values())
+        paths = [self.include_path]
+        for reference in filter(None, references):
+            paths += [Path(part) for part in str(reference).split("+") if Path(part).is_absolute() and Path(part).exists()]
+        return paths
+
     def reference_for(self, test_task: str) -> Optional[str]:
         return None if self.reference is None else self.reference.get(test_task)
 

@@ -595,6 +595,7 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
     """Run (or resume) the search until the study holds ``space.target_trials`` finished trials; the study."""
     options = options or RunOptions()
     out_dir = Path(out_dir).absolute()
+    io.check_output_not_input(out_dir, space.local_inputs(), may_contain=True)  # OUT only gains files
     out_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(space, options.storage or default_storage(out_dir), options.study_name, shared=bool(options.storage))
     requeued = recover_interrupted(study)
