@@ -375,7 +375,7 @@ def test_a_study_of_another_space_is_refused(zoo, tmp_path):
 
 
 def test_hopeless_means_significantly_worse_than_the_best_at_the_same_step():
-    """Pruned: more than 2 standard errors of the difference below the best finished trial; never a method's first trial."""
+    """Pruned: more than 2 standard errors of the difference below its method's best finished trial (never its first)."""
     import optuna
 
     from mergekit_ext.tune.study import HopelessPruner
@@ -394,6 +394,9 @@ def test_hopeless_means_significantly_worse_than_the_best_at_the_same_step():
     assert not verdict("ties", 0.75, 0.02)  # within the noise
     assert not verdict("ties", 0.6, 0.2)  # noisy scores (e.g. --limit): not hopeless
     assert not verdict("cart", 0.1, 0.02)  # cart's first trial runs in full
+    study.add_trial(optuna.trial.create_trial(value=0.3, intermediate_values={0: 0.3, 1: 0.3}, user_attrs=attrs("cart", [0.3, 0.3], 0.02)))
+    assert not verdict("cart", 0.3, 0.02)  # far below ties, but as good as cart's best: its method's ordering needs it
+    assert verdict("cart", 0.1, 0.02)  # hopeless against cart's own best
 
 
 @pytest.mark.slow

@@ -47,8 +47,9 @@ mergekit's required ``weight`` is 1.0 unless given. Higher scores are better.
 Protocol: a grid (GridSampler) when every domain is a list, else seeded TPE;
 after each validation task the running mean is reported as an intermediate
 value, and ``study.HopelessPruner`` stops a trial whose running mean falls
-more than 2 standard errors (lm-eval's) below the best finished trial's at
-the same step (a method's first trial is never pruned). Each method's
+more than 2 standard errors (lm-eval's) below the best finished trial of the
+same method at the same step (so a method's first trial is never pruned, and
+each method's choice is the best of its own settings). Each method's
 validation-best setting is scored once on the test tasks, beside the base,
 the reference and plain task arithmetic (weight 1, lambda 1), with lm-eval's
 standard errors. The study (``OUT_DIR/study.db`` or ``--storage``) makes runs
