@@ -64,10 +64,10 @@ def test_bad_inputs_are_named(test_zoo, tmp_path):
 @pytest.mark.slow
 def test_demo_merges_run_through_mergekit_and_report(test_zoo, tmp_path):
     """The demo's merge list through mergekit's engine, evaluated with lm-eval, all reports written."""
-    from mergekit_ext.demo.run import DEMO_MERGES, run_demo
+    from mergekit_ext.demo.run import MULTIPLE_CHOICE_MERGES, run_demo
     from mergekit_ext.modeling import load_state_dict
 
-    merges = [entry for entry in DEMO_MERGES if entry[0] == "task_arithmetic"] + [("missing", "no_such_method", {})]
+    merges = [entry for entry in MULTIPLE_CHOICE_MERGES if entry[0] == "task_arithmetic"] + [("missing", "no_such_method", {})]
     notes = []
     report = run_demo(test_zoo.root, tmp_path / "out", merges=merges, preset="test", progress=False, echo=notes.append)
     assert report["demo"]["skipped"] == ["missing"] and any("no_such_method" in n for n in notes)
@@ -119,19 +119,19 @@ def test_eval_command_uses_cache_and_writes_files(test_zoo, tmp_path):
 
 @pytest.mark.slow
 def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_path):
-    """recipes/<method>.yml is DEMO_MERGES' config with ./zoo paths, and runs as its header says."""
+    """recipes/<method>.yml is MULTIPLE_CHOICE_MERGES' config with ./zoo paths (the `demo` preset), and runs as its header says."""
     import shutil
     import subprocess
 
     import yaml
     from conftest import REPO_ROOT, mergekit_env
 
-    from mergekit_ext.demo.run import DEMO_MERGES, recipe_config
+    from mergekit_ext.demo.run import MULTIPLE_CHOICE_MERGES, recipe_config
     from mergekit_ext.zoo import PRESETS
 
     assert PRESETS["test"].tasks == PRESETS["demo"].tasks  # so the test zoo stands in for ./zoo
     ours = {"task_arithmetic", "ties", "consensus_ta", "consensus_ties"}
-    for label, method, parameters in DEMO_MERGES:
+    for label, method, parameters in MULTIPLE_CHOICE_MERGES:
         if label in ours:
             recipe = yaml.safe_load((REPO_ROOT / "recipes" / f"{label}.yml").read_text())
             assert recipe == recipe_config(method, parameters, PRESETS["demo"].tasks), label
@@ -167,3 +167,23 @@ def test_a_model_holding_nan_is_refused_not_scored_at_chance(test_zoo, tmp_path)
     task = test_zoo.lm_eval_task(test_zoo.tasks[0])
     with pytest.raises(EvaluationError, match=f"tensor {name} holds NaN or Inf"):
         lm_eval_results(broken, [task], test_zoo.task_dir, limit=4)
+
+
+@pytest.mark.slow
+def test_eval_outside_a_git_checkout_prints_no_git_error(test_zoo, tmp_path):
+    """lm-eval asks git for a commit hash; outside a repository that must not reach the user's stderr."""
+    import subprocess
+    import sys
+
+    from conftest import mergekit_env
+
+    task = test_zoo.tasks[0]
+    command = [
+        sys.executable, "-c", "from mergekit_ext.cli import main; main()", "eval", str(test_zoo.expert(task)),
+        "--tasks", f"zoo_{task}_val", "--include-path", str(test_zoo.task_dir),  # no zoo cache: lm-eval really runs
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=mergekit_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"zoo_{task}_val" in result.stdout
+    assert "fatal:" not in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -192,9 +192,21 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
     # datasets' per-split bars for a few hundred local JSON lines are only noise.
     dataset_bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
+    # so are transformers' "Loading weights" bars, one per model and task
+    from transformers.utils import logging as hf_logging
+
+    hf_bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     model_args = f"pretrained={spec.path},dtype=float32"
     if spec.adapter is not None:
         model_args += f",peft={spec.adapter}"
+    import lm_eval.evaluator
+
+    # lm-eval records the current directory's git commit with `git describe --always`,
+    # its stderr inherited: outside a git checkout every run prints "fatal: not a git
+    # repository". The same call with git's stderr discarded (same hash, same fallback).
+    recorded_git_hash = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
     try:
         output = lm_eval.simple_evaluate(
             model="hf",
@@ -207,8 +219,11 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
             log_samples=False,
         )
     finally:
+        lm_eval.evaluator.get_git_commit_hash = recorded_git_hash
         if dataset_bars_were_on:
             datasets.utils.enable_progress_bars()
+        if hf_bars_were_on:
+            hf_logging.enable_progress_bar()
     results = output["results"]
     for task in tasks:
         if task not in results:
@@ -218,6 +233,18 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
         if samples:
             results[task]["n-samples"] = samples
     return {task: results[task] for task in tasks}
+
+
+def _git_commit_hash():
+    """lm-eval's ``loggers.utils.get_git_commit_hash`` with git's stderr discarded (no ``fatal:`` line outside a repository)."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()  # noqa: S607
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
 
 
 # --------------------------------------------------------------------------

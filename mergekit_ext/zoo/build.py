@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -133,7 +134,7 @@ def build_zoo(
     from transformers.utils import logging as hf_logging
 
     previous_threads = torch.get_num_threads()
-    wanted = threads or (1 if preset in ("test", "demo", "hard", "hard-test") else previous_threads)
+    wanted = threads or (1 if preset in ("test", "demo", "hard", "hard-test", "demo-hard") else previous_threads)
     torch.set_num_threads(wanted)
     # transformers' per-load/save bars would drown the build's own bars.
     hf_bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -212,8 +213,15 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     def accuracy(model, task_name: str, split: str) -> float:
         return score(model, tokenizer, documents[task_name][split], kind=settings.kind, device=device)
 
-    def train_args(step_seed: int):
-        return dict(batch_size=settings.batch_size, seed=step_seed, held_out=held_out, device=device, progress=progress)
+    # A bar per expert inside the experts' bar is fine on a terminal; in a log file
+    # nested bars leave cursor-up escape codes, so there only the outer bar runs.
+    nested_progress = progress and sys.stderr.isatty()
+
+    def train_args(step_seed: int, nested: bool = False):
+        return dict(
+            batch_size=settings.batch_size, seed=step_seed, held_out=held_out, device=device,
+            progress=nested_progress if nested else progress,
+        )
 
     # 1. The base: pretrained on the whole mixture.
     config = llama_config(
@@ -272,7 +280,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     phase_started = time.perf_counter()
     for index, task in enumerate(tqdm(tasks, desc="fine-tune experts", disable=not progress)):
         expert = load_causal_lm(base_path, device)
-        train(expert, tokenizer, [task], steps=settings.finetune_steps, lr=settings.finetune_lr, description=f"expert {task.name}", **train_args(seed + 1000 + index))
+        train(expert, tokenizer, [task], steps=settings.finetune_steps, lr=settings.finetune_lr, description=f"expert {task.name}", **train_args(seed + 1000 + index, nested=True))
         metrics["experts"][task.name] = {task.name: {split: accuracy(expert, task.name, split) for split in ("validation", "test")}}
         with io.atomic_output_dir(root / "experts" / task.name, overwrite=True) as staging:
             save_model(expert.cpu(), staging, tokenizer)
@@ -294,7 +302,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     for index, task in enumerate(tqdm(tasks, desc="train LoRA adapters", disable=not progress)):
         torch.manual_seed(seed + 7)  # same LoRA init for every task
         adapted = get_peft_model(load_causal_lm(base_path, device), lora_config)
-        train(adapted, tokenizer, [task], steps=settings.lora_steps, lr=settings.lora_lr, description=f"LoRA {task.name}", **train_args(seed + 2000 + index))
+        train(adapted, tokenizer, [task], steps=settings.lora_steps, lr=settings.lora_lr, description=f"LoRA {task.name}", **train_args(seed + 2000 + index, nested=True))
         metrics["adapters"][task.name] = {split: accuracy(adapted, task.name, split) for split in ("validation", "test")}
         adapted.peft_config["default"].base_model_name_or_path = str(base_path)
         with io.atomic_output_dir(root / "adapters" / task.name, overwrite=True) as staging:
@@ -344,6 +352,10 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         "lora": {"rank": settings.lora_rank, "alpha": 2 * settings.lora_rank, "target_modules": list(LORA_TARGETS), "init_seed": seed + 7},
         "metrics": metrics,
     }
+    # The model card first: the manifest, written last, says the zoo is complete.
+    from mergekit_ext.zoo.card import CARD_NAME, pick_example, render_card
+
+    io.write_text(root / CARD_NAME, render_card(manifest, pick_example(Zoo(root, manifest), tokenizer, device)))
     io.write_json(root / MANIFEST_NAME, manifest)
     marker.unlink(missing_ok=True)
     zoo = load_zoo(root)

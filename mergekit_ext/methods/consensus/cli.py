@@ -19,19 +19,45 @@ def tall_group() -> None:
 @click.option("--tall-lambda", "tall_lambda", multiple=True, type=float, help=f"λt of each task's mask (one value for all, or one per model; default {DEFAULT_TALL_LAMBDA}).")
 @click.option("--names", default=None, help="Comma-separated task names (default: model folder names).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def compress_command(base, models, out, tall_lambda, names, overwrite) -> None:
-    """Compress MODELS (fine-tunes of --base) into the bundle folder OUT."""
-    from mergekit_ext.methods.consensus.format import compress
+@click.option(
+    "--zoo",
+    "zoo_dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="A zoo (`mergekit-ext zoo`) whose experts are MODELS: also score each recovered model against its expert on its own task, with the zoo's scorer.",
+)
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True, help="The zoo split scored with --zoo.")
+def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, split) -> None:
+    """Compress MODELS (fine-tunes of --base) into the bundle folder OUT.
 
+    Prints, per model, the share of its task vector the mask keeps (weights and
+    energy), the error on those weights and overall, and with --zoo the
+    recovered model's score against the model itself: the number to judge a
+    bundle by (good: at least 95 % of the expert).
+    """
+    from pathlib import Path
+
+    from mergekit_ext.methods.consensus.format import (
+        compress,
+        score_recovered,
+        zoo_tasks_of,
+    )
+
+    task_names = names.split(",") if names else None
+    if zoo_dir:  # a zoo that cannot be read, or a model it has no task for, fails before the bundle is written
+        from mergekit_ext.zoo import load_zoo
+
+        zoo_tasks_of(load_zoo(zoo_dir), models, task_names or [Path(m).name for m in models])
     report = compress(
         base,
         models,
         out,
-        names=names.split(",") if names else None,
+        names=task_names,
         tall_lambdas=list(tall_lambda) or None,
         overwrite=overwrite,
     )
     click.echo(f"wrote {out}")
+    if zoo_dir:
+        report.scores, report.metric = score_recovered(out, models, task_names or [Path(m).name for m in models], zoo_dir, split=split)
     for line in report.lines():
         click.echo(line)
 

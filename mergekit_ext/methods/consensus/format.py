@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,6 +45,10 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return bits[: math.prod(shape)].reshape(tuple(shape))
 
 
+# What a good bundle looks like, in one line (the paper keeps ~99 % of every expert).
+GOOD_RECOVERY = 0.95
+
+
 @dataclass
 class CompressionReport:
     bundle_bytes: int
@@ -56,6 +60,9 @@ class CompressionReport:
     kept_fraction: Dict[str, float] = field(default_factory=dict)
     kept_energy: Dict[str, float] = field(default_factory=dict)
     support_errors: Dict[str, float] = field(default_factory=dict)
+    # with a zoo (``score_recovered``): per model {"task", "recovered", "expert"} and the metric's name
+    scores: Dict[str, Dict] = field(default_factory=dict)
+    metric: str = ""
 
     def lines(self) -> List[str]:
         kept = self.base_bytes + self.bundle_bytes
@@ -66,25 +73,40 @@ class CompressionReport:
             f"kept:   base {self.base_bytes / 1e6:.2f} MB + bundle {self.bundle_bytes / 1e6:.2f} MB = "
             f"{kept / 1e6:.2f} MB ({100 * kept / max(total, 1):.1f} % of the inputs)",
         ]
-        if self.kept_fraction:
-            out.append(
-                f"  {'model':<20} {'weights kept':>12} {'of ‖τ‖²':>8} {'error on kept':>13} {'error overall':>13}"
-            )
-            for name, error in self.relative_errors.items():
-                out.append(
-                    f"  {name:<20} {100 * self.kept_fraction[name]:>11.1f}% {100 * self.kept_energy[name]:>7.1f}% "
-                    f"{self.support_errors[name]:>13.3f} {error:>13.3f}"
-                )
-            out += [
-                "weights kept: where the model's mask is on (its task vector is recovered there, the base elsewhere);",
-                "of ‖τ‖²: how much of the task vector's energy those weights carry. Errors are ‖θ̂t − θt‖/‖τt‖: on the kept",
-                "weights (other tasks' vectors leak in there) and overall. Overall errors near or above 1 are normal (TALL",
-                "keeps a few percent of τ and swaps in τMTL); what matters is the recovered model's accuracy against the",
-                "expert (`mergekit-ext tall recover` then `mergekit-ext eval`); a good bundle recovers ~99 % of it (the paper's level).",
-            ]
-        else:
-            out.append("recovery error per model (‖θ̂t − θt‖ / ‖θt − θ0‖):")
+        if not self.kept_fraction:  # a report built from a bundle's manifest: only the overall error is known
+            out.append("relative error per model (‖θ̂t − θt‖ / ‖τt‖; near 1 is normal, see `tall compress`):")
             out += [f"  {name:<24} {error:.4f}" for name, error in self.relative_errors.items()]
+            return out
+        header = f"  {'model':<20} {'weights kept':>12} {'of ‖τ‖²':>8} {'error on kept':>13} {'error overall':>13}"
+        if self.scores:
+            header += f" {'recovered':>9} {'expert':>7} {'rec/exp':>7}"
+        out.append(header)
+        for name, error in self.relative_errors.items():
+            row = (
+                f"  {name:<20} {100 * self.kept_fraction[name]:>11.1f}% {100 * self.kept_energy[name]:>7.1f}% "
+                f"{self.support_errors[name]:>13.3f} {error:>13.3f}"
+            )
+            if name in self.scores:
+                score = self.scores[name]
+                ratio = score["recovered"] / score["expert"] if score["expert"] > 0 else float("nan")
+                flag = "" if ratio >= GOOD_RECOVERY else "  !"
+                row += f" {score['recovered']:>9.3f} {score['expert']:>7.3f} {100 * ratio:>6.1f}%{flag}"
+            out.append(row)
+        out += [
+            "weights kept: where the model's mask is on (τMTL is recovered there, the base elsewhere); of ‖τ‖²: the",
+            "share of the task vector's energy on them; errors ‖θ̂t − θt‖/‖τt‖ on the kept weights (other tasks leak in)",
+            "and overall (near or above 1 is normal: TALL keeps a few percent of τ). They are not a verdict:",
+        ]
+        if self.scores:
+            out.append(
+                f"recovered / expert ({self.metric}, each model on its own task) is. Good: >= {100 * GOOD_RECOVERY:.0f} % "
+                "(the paper keeps ~99 %); below it (marked !) try --tall-lambda 0.2-0.6."
+            )
+        else:
+            out.append(
+                f"the recovered model's score against its expert is. Good: >= {100 * GOOD_RECOVERY:.0f} % (the paper keeps ~99 %); "
+                "measure it with --zoo ZOO, or `tall recover` then `mergekit-ext eval`."
+            )
         return out
 
 
@@ -260,3 +282,57 @@ def recover(
         writer.finalize()
         io.copy_side_files(bundle / "configs" / task, staging)
     return Path(out)
+
+
+def zoo_tasks_of(zoo, models: Sequence[str | os.PathLike], names: Sequence[str]) -> Dict[str, str]:
+    """The zoo task of each model: the task whose expert folder it is, else the task it is named after."""
+    by_folder = {zoo.expert(task).resolve(): task for task in zoo.tasks}
+    tasks = {}
+    for name, model in zip(names, models):
+        task = by_folder.get(Path(model).resolve()) or (name if name in zoo.tasks else None)
+        if task is None:
+            raise ValueError(
+                f"--zoo: model {model} (task name {name!r}) is neither an expert of zoo {zoo.root} nor named like one of its tasks {zoo.tasks}"
+            )
+        tasks[name] = task
+    return tasks
+
+
+def score_recovered(
+    bundle: str | os.PathLike,
+    models: Sequence[str | os.PathLike],
+    names: Sequence[str],
+    zoo_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+) -> Tuple[Dict[str, Dict], str]:
+    """Each model recovered from ``bundle`` against the model itself, on its zoo task.
+
+    A model is matched to a zoo task by being that task's expert folder, or by
+    its task name; both are scored with the zoo's in-process scorer (exact match
+    or accuracy, equal to lm-eval's on the zoo's task YAMLs) on ``split``.
+    Returns ({name: {"task", "recovered", "expert"}}, the metric's name).
+    """
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from mergekit_ext.zoo import load_causal_lm, load_zoo, score
+
+    if split not in ("test", "validation"):
+        raise ValueError(f"--split must be test or validation, not {split!r}")
+    zoo = load_zoo(zoo_dir)
+    tasks = zoo_tasks_of(zoo, models, names)
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    kind = zoo.task_kind
+    results: Dict[str, Dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tall-recovered-") as scratch:
+        for name, model in zip(names, models):
+            documents = zoo.documents(tasks[name], split)
+            recovered = recover(bundle, name, Path(scratch) / name, progress=False)
+            results[name] = {
+                "task": tasks[name],
+                "recovered": score(load_causal_lm(recovered, "cpu"), tokenizer, documents, kind=kind),
+                "expert": score(load_causal_lm(model, "cpu"), tokenizer, documents, kind=kind),
+            }
+    return results, f"{zoo.metric.split(',')[0]}, {split} split"
