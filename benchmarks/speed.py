@@ -282,6 +282,98 @@ def projections(report: Dict[str, Any]) -> List[list]:
     return table
 
 
+def startup_cpu_s() -> float:
+    """CPU s a ``mergekit-yaml`` process spends importing mergekit and registering this package (no merge)."""
+    import subprocess
+
+    code = (
+        "import time, mergekit.scripts.run_yaml, mergekit.merge; from mergekit_ext.registry import register_all; "
+        "register_all(); print(time.process_time())"
+    )
+    output = subprocess.run([sys.executable, "-c", code], env=runner.child_env(1), capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def block_parameters(kernels: Dict[str, Any], size: str) -> int:
+    return sum(shape[0] * shape[1] for _, shape in kernels["blocks"][size]["matrices"])
+
+
+def kernel_projection(report: Dict[str, Any], kernels: Dict[str, Any], startup_cpu_s: float = 0.0, target: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """CPU s at ``target`` (default TARGET: name, T, parameters) per method: the measured TARGET-block kernel time × its layers, plus the rest of a merge.
+
+    At a measured size s and T_s, rest_m = full-pipeline CPU s − layers × block-kernel CPU s
+    (both measured). task_arithmetic's rest, less the start-up (``startup_cpu_s``, imports),
+    is reading T + 1 models and writing one: scaled linearly in parameters N and in T + 1.
+    What a method spends beyond that outside the blocks (ties' sparsification of the
+    embeddings and head, and so on) is scaled in the non-block parameters E and in T:
+
+        CPU = S + L·K_block + (rest_TA − S)·(N/N_s)·(T+1)/(T_s+1) + max(rest_m − rest_TA, 0)·(E/E_s)·(T/T_s)
+
+    from the T nearest TARGET's, then the largest size with both measurements. ``adarank apply``
+    has no pipeline row (the method needs a learned file): its rest is task_arithmetic's.
+    """
+    target = target or TARGET
+    target_size, target_t = target["name"], target["T"]
+    block = {(row["size"], row["T"], row["kernel"]): row["fast_cpu_s"] for row in kernels["rows"]}
+    layers = {size: info["layers"] for size, info in kernels.get("blocks", {}).items()}
+    pipeline = {(row["size"], row["T"], row["label"]): row for row in report["rows"] if row["ok"]}
+    order = list(SIZES)
+
+    def rest(label: str, size: str, count: int) -> Optional[float]:
+        row = pipeline.get((size, count, label))
+        kernel = block.get((size, count, label))
+        if row is None or kernel is None or size not in layers:
+            return None
+        return row["cpu_s"] - layers[size] * kernel
+
+    if target_size not in layers:
+        return []
+    target_parameters = target["parameters"]
+    target_other = target_parameters - layers[target_size] * block_parameters(kernels, target_size)
+    table = []
+    for name in dict.fromkeys(row["kernel"] for row in kernels["rows"]):
+        target_block = block.get((target_size, target_t, name))
+        if target_block is None:
+            continue
+        source = FLOOR if name == ADARANK_KERNEL else name
+        candidates = [
+            (size, count)
+            for (size, count, label) in pipeline
+            if label == source and size in order and rest(source, size, count) is not None and rest(FLOOR, size, count) is not None
+        ]
+        if not candidates:
+            continue
+        # T nearest TARGET's first: the rest's growth in T is the least certain part (on a
+        # machine whose page cache holds the models, reading them costs little per model).
+        size, count = max(candidates, key=lambda key: (-abs(key[1] - target_t), order.index(key[0])))
+        parameters = report["sizes"][size]["parameters"]
+        other = parameters - layers[size] * block_parameters(kernels, size)
+        floor_rest, own_rest = rest(FLOOR, size, count), rest(source, size, count)
+        io = max(floor_rest - startup_cpu_s, 0.0) * target_parameters / parameters * (target_t + 1) / (count + 1)
+        extra = max(own_rest - floor_rest, 0.0) * target_other / other * target_t / count
+        blocks = layers[target_size] * target_block
+        table.append(
+            {
+                "target": f"{target_size} T={target_t}",
+                "method": name,
+                "block_cpu_s": target_block,
+                "blocks_cpu_s": blocks,
+                "rest_from": f"{size} T={count}" + (" (task_arithmetic's)" if name == ADARANK_KERNEL else ""),
+                "rest_cpu_s": own_rest,
+                "io_cpu_s": io,
+                "extra_cpu_s": extra,
+                "startup_cpu_s": startup_cpu_s,
+                "total_cpu_s": startup_cpu_s + blocks + io + extra,
+            }
+        )
+    reference = next((row["total_cpu_s"] for row in table if row["method"] == REFERENCE), None)
+    floor = next((row["total_cpu_s"] for row in table if row["method"] == FLOOR), None)
+    for row in table:
+        row["vs_ties"] = row["total_cpu_s"] / reference if reference else None
+        row["vs_task_arithmetic"] = row["total_cpu_s"] / floor if floor else None
+    return table
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     rows = report["rows"]
     machine = report["machine"]
@@ -369,7 +461,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
     table = projections(report)
     if table:
         lines += [
-            f"## Growth exponents and a projection to {TARGET['name']} × T = {TARGET['T']} (CPU, one thread)",
+            (f"## Growth exponents of the full merges, and an exponent-only projection to {TARGET['name']} × T = {TARGET['T']} "
+            "(CPU: prefer the block-based projection below; peak RSS: this is the memory projection)"),
             "",
             "Exponents are least-squares slopes of log CPU s on log parameters (per T, averaged) and on log T (per size, "
             "averaged), from the rows above; a missing T exponent is taken as 1; methods measured at one size only are left out. "
@@ -380,6 +473,69 @@ def render_markdown(report: Dict[str, Any]) -> str:
             runner.markdown_table(["method", "from", "size exp.", "T exp.", f"{TARGET['name']} T={TARGET['T']} CPU h", "peak RSS GiB"], table),
             "",
         ]
+    projections_by_target: Dict[str, List[Dict[str, Any]]] = {}
+    for row in report.get("projection_from_kernels") or []:
+        projections_by_target.setdefault(row.get("target", f"{TARGET['name']} T={TARGET['T']}"), []).append(row)
+    estimates = {key: rows for key, rows in projections_by_target.items() if not key.startswith(TARGET["name"] + " ")}
+    if estimates:
+        methods = list(dict.fromkeys(row["method"] for rows in estimates.values() for row in rows))
+        lookup = {(key, row["method"]): row for key, rows in estimates.items() for row in rows}
+        lines += [
+            "## Full merges at 1B estimated from the measured 1B blocks (CPU, one thread)",
+            "",
+            ("Not measured end to end in this session (the 2-core machine could not fit 1B × T = 2, 4, 8 for every method "
+            "in the time): the same formula as the 8B projection below, with the 1B blocks' measured CPU s (16 layers) and "
+            "the rest measured with the same T at the largest size measured with that T; only the rest is scaled (in N and E). mergekit's own ties at 1B, T = 2 measured 177 CPU s end to end on this machine on 2026-11-23 (results/local/speed-1B-T2.md; ties is mergekit's code, unchanged since)."),
+            "",
+            runner.markdown_table(
+                ["method"] + [f"{key}: CPU s est. (/ ties)" for key in estimates],
+                [
+                    [method]
+                    + [
+                        "–" if (key, method) not in lookup else f"{lookup[(key, method)]['total_cpu_s']:.0f} ({lookup[(key, method)]['vs_ties']:.2f})"
+                        for key in estimates
+                    ]
+                    for method in methods
+                ],
+            ),
+            "",
+        ]
+    projected = projections_by_target.get(f"{TARGET['name']} T={TARGET['T']}") or []
+    if projected:
+        target = f"{TARGET['name']} × T = {TARGET['T']}"
+        lines += [
+            f"## Projection to {target} from the measured {TARGET['name']} block (CPU, one thread)",
+            "",
+            (f"CPU ≈ S + L·K + (rest_TA − S)·(N/Nₛ)·(T+1)/(Tₛ+1) + max(rest_m − rest_TA, 0)·(E/Eₛ)·(T/Tₛ). "
+            f"K: measured CPU s of one {TARGET['name']} block (speed-kernels.md; hidden 4096, MLP 14336, k/v 1024 × 4096), "
+            f"L = {KERNEL_SIZES[TARGET['name']]['layers']} layers. rest_m: full-pipeline CPU s − layers × block CPU s, both "
+            "measured at size s and Tₛ (T nearest 4 first, then the largest size with both); task_arithmetic's rest is reading T + 1 "
+            "models and writing one, so it scales with all parameters N (8.03B) and T + 1; a method's extra rest is its "
+            "work on the non-block tensors (embeddings, head, norms: E = 1.05B at 8B), scaled with E and T. "
+            f"S = {projected[0]['startup_cpu_s']:.1f} CPU s, the measured import time of `mergekit-yaml` with this package, "
+            "counted once. The block term carries the factorizations' m·n² growth at the real widths; nothing is extrapolated "
+            "in width. `adarank apply` uses task_arithmetic's rest (the method itself needs a learned file)."),
+            "",
+            runner.markdown_table(
+                ["method", f"{TARGET['name']} block CPU s", "× layers, h", "rest from", "rest there, s", "I/O at target, h", "extra at target, h", "total CPU h", "/ ties", "/ task_arithmetic"],
+                [
+                    [
+                        row["method"],
+                        f"{row['block_cpu_s']:.1f}",
+                        f"{row['blocks_cpu_s'] / 3600:.2f}",
+                        row["rest_from"],
+                        f"{row['rest_cpu_s']:.1f}",
+                        f"{row['io_cpu_s'] / 3600:.2f}",
+                        f"{row['extra_cpu_s'] / 3600:.2f}",
+                        f"{row['total_cpu_s'] / 3600:.2f}",
+                        "–" if row["vs_ties"] is None else f"{row['vs_ties']:.2f}",
+                        "–" if row["vs_task_arithmetic"] is None else f"{row['vs_task_arithmetic']:.2f}",
+                    ]
+                    for row in projected
+                ],
+            ),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -388,53 +544,103 @@ def write_results(report: Dict[str, Any], out_dir: Path) -> None:
     runner.save_results(out_dir, "speed", report, render_markdown(report), echo=False)
 
 
-def kernel_times(size: str, counts: Sequence[int], *, layers: int = 1) -> Dict[str, Any]:
-    """CPU seconds of each SVD kernel on ``layers`` transformer block(s) of ``size``, fast path and LAPACK path.
+# Kernel-only shapes (never written as models): Llama-3-8B's block, grouped-query attention
+# with 8 KV heads, so k_proj and v_proj are 1024 × 4096.
+KERNEL_SIZES: Dict[str, Dict[str, int]] = {
+    "8B": dict(hidden_size=4096, layers=32, intermediate_size=14336, heads=32, kv_heads=8, vocab_size=128256),
+}
+KERNEL_REFERENCES = ("ties", "task_arithmetic")  # mergekit's own implementations, timed on the same tensors
+SVD_KERNELS = ("cart", "tsv_m", "iso_c", "iso_cts", "opcm", "adarank apply")
+ADARANK_KERNEL = "adarank apply"
 
-    No files, no mergekit: the kernels alone on random float32 task vectors of
-    the block's seven matrix shapes, so the factorization's share of a merge is
-    visible (mergekit's I/O and ``ties`` are the full benchmark's business).
-    The LAPACK path swaps ``torch.linalg.svd`` in for ``tensors.all_singular_triplets``
-    (OPCM: ``svd="full"``), which is what the kernels ran before issue 15.
-    AdaRank is its apply step (every triplet of every task vector, random mask).
+
+def block_matrices(size: str) -> List[tuple]:
+    """(name, shape) of the 2-D weights of layer 0, from the model's own layout (meta device)."""
+    if size in KERNEL_SIZES:
+        from mergekit_ext.modeling import llama_config
+
+        shape = KERNEL_SIZES[size]
+        config = llama_config(shape["vocab_size"], hidden_size=shape["hidden_size"], layers=1, heads=shape["heads"], intermediate_size=shape["intermediate_size"])
+        config.num_key_value_heads = shape["kv_heads"]  # llama_config has no GQA switch
+    else:
+        config = llama_shape_config(size)
+    return [(name, shape) for name, shape in tensor_layout(config) if ".layers.0." in name and len(shape) == 2]
+
+
+def kernel_parameters(name: str, ids: Sequence[int], base_id: int) -> Dict[str, Any]:
+    """Keyword arguments for ``name``'s ``merge_group``, bound the way mergekit binds them (per-model → {id: value})."""
+    from mergekit.merge_methods.base import MISSING, ParameterScope
+
+    chosen = method_parameters(name)
+    if chosen is None:
+        raise SystemExit(f"{name}: it has a required parameter the kernel benchmark cannot fill")
+    bound: Dict[str, Any] = {}
+    for parameter in runner.method_spec(name).parameters:
+        value = chosen.get(parameter.name, parameter.default)
+        if value is MISSING:
+            raise SystemExit(f"{name}: parameter {parameter.name} has no default and no benchmark value")
+        if parameter.scope == ParameterScope.NON_BASE:
+            value = {index: value for index in ids}
+        elif parameter.scope == ParameterScope.INPUT:
+            value = {index: value for index in (base_id, *ids)}
+        bound[parameter.name] = value
+    return bound
+
+
+def kernel_names() -> List[str]:
+    """mergekit's baselines, then every method this package registers that runs without a file, then AdaRank's apply."""
+    return list(KERNEL_REFERENCES) + [name for name in runner.our_method_names() if name not in KERNEL_REFERENCES] + [ADARANK_KERNEL]
+
+
+def kernel_times(size: str, counts: Sequence[int], *, names: Optional[Sequence[str]] = None, lapack: bool = True, dtype: torch.dtype = torch.bfloat16, on_row=None) -> Dict[str, Any]:
+    """CPU seconds of every method's per-tensor merge on one transformer block of ``size``.
+
+    No files and no mergekit executor: each method's own ``merge_group`` (for
+    ``ties`` and ``task_arithmetic``, mergekit 0.1.5's implementation, through
+    its registry) on the same random tensors of the block's matrix shapes, in
+    ``dtype`` (bf16, what ``mergekit-yaml`` hands a method when the models are
+    bf16). Each distinct shape is timed once and counted as often as the block
+    has it (q/o, k/v and gate/up share shapes). The factorization's share of a
+    merge shows here; reading and writing the models is the full benchmark's
+    business. ``lapack``: also time the SVD methods with ``torch.linalg.svd``
+    in place of ``tensors.all_singular_triplets`` (what they ran before issue 15).
+    AdaRank is its apply step (every triplet of every task vector, a random
+    mask), as its method needs a learned file.
     """
     import time
 
-    import mergekit_ext.tensors as tensors
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    from mergekit_ext import tensors
     from mergekit_ext.methods.adarank import kernel as adarank_kernel
-    from mergekit_ext.methods.cart.kernel import cart_merge
-    from mergekit_ext.methods.iso import kernel as iso_kernel
     from mergekit_ext.methods.opcm import kernel as opcm_kernel
     from mergekit_ext.methods.tsv import kernel as tsv_kernel
 
-    shape = SIZES[size]
-    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
-    matrices = [(hidden, hidden)] * 4 + [(inner, hidden), (inner, hidden), (hidden, inner)]
+    runner.ensure_registered()
+    matrices = block_matrices(size)
+    distinct: Dict[tuple, List[str]] = {}
+    for name, shape in matrices:
+        distinct.setdefault(shape, []).append(name)
+    names = list(names) if names else kernel_names()
 
     def lapack_triplets(matrix):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u, s, vh
+        return torch.linalg.svd(matrix, full_matrices=False)
 
-    def run(name: str, base, models):
-        if name == "opcm":
-            return opcm_kernel.opcm_merge(base, models, project=True)
-        if name == "cart":
-            return cart_merge(models)
-        vectors = torch.stack([model - base for model in models])
-        if name == "tsv_m":
-            return tsv_kernel.tsv_update(vectors)
-        if name == "iso_c":
-            return iso_kernel.iso_c_update(vectors)
-        if name == "iso_cts":
-            return iso_kernel.iso_cts_update(vectors, 0.8)
-        mask = (torch.rand(len(models), min(base.shape), generator=torch.Generator().manual_seed(0)) > 0.3).float()
-        return adarank_kernel.apply_masks(base, models, variant="ta", coefficients=torch.full((len(models),), 0.4), mask=mask)
+    def run(name: str, tensor_name: str, base, models):
+        if name == ADARANK_KERNEL:
+            mask = (torch.rand(len(models), min(base.shape), generator=torch.Generator().manual_seed(0)) > 0.3).float()
+            return adarank_kernel.apply_masks(base, models, variant="ta", coefficients=torch.full((len(models),), 0.4), mask=mask)
+        ids = list(range(1, len(models) + 1))
+        group = TensorGroup.from_tensors([base, *models], ids=[0, *ids], base_index=0, name=tensor_name)
+        return registry.get(name).merge_group(group, **kernel_parameters(name, ids, 0))
 
     rows = []
     for count in counts:
-        for name in ("opcm", "cart", "tsv_m", "iso_c", "iso_cts", "adarank apply"):
+        for name in names:
+            paths = ("fast", "lapack") if lapack and name in SVD_KERNELS else ("fast",)
             times = {}
-            for path in ("fast", "lapack"):
+            for path in paths:
                 patched = []
                 if path == "lapack":
                     for module in (tensors, adarank_kernel, tsv_kernel, opcm_kernel):
@@ -442,27 +648,161 @@ def kernel_times(size: str, counts: Sequence[int], *, layers: int = 1) -> Dict[s
                         module.all_singular_triplets = lapack_triplets
                 try:
                     total = 0.0
-                    for position, (rows_, cols) in enumerate(matrices * layers):
+                    for position, (shape, tensor_names) in enumerate(distinct.items()):
                         generator = torch.Generator().manual_seed(position)
-                        base = torch.randn(rows_, cols, generator=generator) * BASE_STD
-                        models = [base + torch.randn(rows_, cols, generator=generator) * FINETUNE_STD for _ in range(count)]
+                        base = torch.randn(shape, generator=generator) * BASE_STD
+                        models = [(base + torch.randn(shape, generator=generator) * FINETUNE_STD).to(dtype) for _ in range(count)]
+                        base = base.to(dtype)
                         start = time.process_time()
-                        run(name, base, models)
-                        total += time.process_time() - start
+                        merged = run(name, tensor_names[0], base, models)
+                        total += (time.process_time() - start) * len(tensor_names)
+                        if merged.shape != base.shape:
+                            raise RuntimeError(f"{name} returned shape {tuple(merged.shape)} for {shape}")
+                        del base, models, merged
                 finally:
                     for module, original in patched:
                         module.all_singular_triplets = original
                 times[path] = total
-            rows.append({"size": size, "T": count, "kernel": name, "layers": layers, "fast_cpu_s": round(times["fast"], 2), "lapack_cpu_s": round(times["lapack"], 2)})
-            print(json.dumps(rows[-1]), flush=True)
-    return {"machine": runner.machine_description(), "threads": torch.get_num_threads(), "rows": rows}
+            row = {"size": size, "T": count, "kernel": name, "dtype": str(dtype).replace("torch.", ""), "fast_cpu_s": round(times["fast"], 3)}
+            if "lapack" in times:
+                row["lapack_cpu_s"] = round(times["lapack"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if on_row is not None:
+                on_row(row)
+    return {
+        "machine": runner.machine_description(),
+        "threads": torch.get_num_threads(),
+        "blocks": {size: {"matrices": [[name, list(shape)] for name, shape in matrices], "layers": (KERNEL_SIZES.get(size) or SIZES[size])["layers"]}},
+        "rows": rows,
+    }
+
+
+def render_kernels(report: Dict[str, Any]) -> str:
+    """Markdown for speed-kernels.json: CPU s per block, ratios to mergekit's ties and task_arithmetic."""
+    rows = report["rows"]
+    lookup = {(row["size"], row["T"], row["kernel"]): row for row in rows}
+    table = []
+    for row in rows:
+        ratios = []
+        for reference in KERNEL_REFERENCES:
+            other = lookup.get((row["size"], row["T"], reference))
+            ratios.append(f"{row['fast_cpu_s'] / other['fast_cpu_s']:.2f}" if other and other["fast_cpu_s"] > 0 else "–")
+        lapack = row.get("lapack_cpu_s")
+        table.append([row["size"], row["T"], row["kernel"], f"{row['fast_cpu_s']:.3g}", *ratios, "–" if lapack is None else f"{lapack:.3g}", "–" if lapack is None else f"{lapack / max(row['fast_cpu_s'], 1e-9):.2f}"])
+    blocks = "; ".join(
+        f"{size}: " + ", ".join(f"{name.split('.')[-2]} {shape[0]}×{shape[1]}" for name, shape in info["matrices"]) + f" ({info['layers']} layers)"
+        for size, info in report.get("blocks", {}).items()
+    )
+    machine = report["machine"]
+    lines = [
+        "# Per-block merge kernels: CPU s for one transformer block, every method on the same tensors",
+        "",
+        f"{machine['cpu']}, {machine['cores']} cores, {report['threads']} thread(s); torch {machine['torch']}, mergekit {machine['mergekit']}; {machine['date_utc']} UTC.",
+        ("Each method's own per-tensor `merge_group` (mergekit 0.1.5's implementation for `ties` and `task_arithmetic`, "
+        f"settings {FIXED_PARAMETERS}; ours at their defaults) on the same random bf16 tensors of one block's matrices "
+        "(base N(0, 0.02²), fine-tunes base + N(0, 0.002²)); no files, no executor. Each distinct shape is timed once and "
+        "counted as often as the block has it. `adarank apply` is AdaRank's apply step (every singular triplet of every task "
+        "vector, a random mask): the `adarank` method needs a learned file, so the full benchmark skips it. "
+        "LAPACK: the SVD methods with `torch.linalg.svd` in place of the Gram-eigh factorization (what they ran before issue 15)."),
+        "",
+        f"Block matrices: {blocks}.",
+        "",
+        *([report["note"], ""] if report.get("note") else []),
+        runner.markdown_table(["size", "T", "method", "CPU s / block", "/ ties", "/ task_arithmetic", "LAPACK CPU s", "LAPACK / fast"], table),
+        "",
+    ]
+    exponents = kernel_exponents(report)
+    if exponents:
+        ordered = sorted(report.get("blocks", {}), key=lambda size: block_parameters(report, size))
+        sizes_by_t = {count: [size for size in ordered if (size, count, REFERENCE) in lookup] for count in sorted({row["T"] for row in rows})}
+        size_columns = [count for count, sizes in sizes_by_t.items() if len(sizes) > 1]
+        t_columns = [size for size in ordered if len({row["T"] for row in rows if row["size"] == size}) > 1]
+        header = ["method"] + [f"T exp. at {size}" for size in t_columns] + [f"size exp. at T={count} ({', '.join(sizes_by_t[count])})" for count in size_columns]
+        table = [
+            [name]
+            + ["–" if values["T"].get(size) is None else f"{values['T'][size]:.2f}" for size in t_columns]
+            + ["–" if values["size"].get(count) is None else f"{values['size'][count]:.2f}" for count in size_columns]
+            for name, values in exponents.items()
+        ]
+        lines += [
+            "## Growth exponents of the block kernels",
+            "",
+            ("Least-squares slopes of log CPU s on log T (per size) and on log block parameters (per T, over the sizes "
+            "measured at that T). A dense factorization of an m × n block matrix (m ≥ n) costs m·n², so at fixed shape "
+            "ratios its exponent in block parameters is 1.5; ties and the masks are linear (1.0) up to the sort's log factor."),
+            "",
+            runner.markdown_table(header, table),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def kernel_exponents(report: Dict[str, Any]) -> Dict[str, Dict[str, Dict[Any, Optional[float]]]]:
+    """Per kernel: {"T": {size: exponent in T}, "size": {T: exponent in block parameters}}."""
+    rows = [row for row in report["rows"] if row["fast_cpu_s"] > 0]
+    blocks = report.get("blocks", {})
+    result: Dict[str, Dict[str, Dict[Any, Optional[float]]]] = {}
+    for name in dict.fromkeys(row["kernel"] for row in rows):
+        mine = [row for row in rows if row["kernel"] == name]
+        by_t = {size: _fit_exponent([(row["T"], row["fast_cpu_s"]) for row in mine if row["size"] == size]) for size in dict.fromkeys(row["size"] for row in mine)}
+        by_size = {
+            count: _fit_exponent([(block_parameters(report, row["size"]), row["fast_cpu_s"]) for row in mine if row["T"] == count and row["size"] in blocks])
+            for count in sorted({row["T"] for row in mine})
+        }
+        result[name] = {"T": by_t, "size": by_size}
+    return result
+
+
+def merge_kernel_reports(previous: Optional[Dict[str, Any]], current: Dict[str, Any]) -> Dict[str, Any]:
+    """``current`` with ``previous``'s rows (same machine) kept where ``current`` did not measure that (size, T, kernel)."""
+    if not previous:
+        return current
+    keys = {(row["size"], row["T"], row["kernel"]) for row in current["rows"]}
+    kept = [row for row in previous["rows"] if (row["size"], row["T"], row["kernel"]) not in keys]
+    return {**current, "rows": kept + current["rows"], "blocks": {**previous.get("blocks", {}), **current.get("blocks", {})}}
+
+
+def run_kernels(args) -> None:
+    unknown = sorted(set(args.sizes) - set(SIZES) - set(KERNEL_SIZES))
+    if unknown:
+        raise SystemExit(f"unknown sizes {unknown}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = kernel_names()
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown kernels {unknown}; known: {names}")
+        names = [name for name in names if name in args.methods or name in KERNEL_REFERENCES]
+    out_dir = Path(args.out_dir)
+    results_path = out_dir / "speed-kernels.json"
+    previous = json.loads(results_path.read_text()) if args.resume and results_path.exists() else None
+    measured: Dict[str, Any] = {"rows": [], "blocks": {}}
+
+    def save() -> None:
+        # After every row, so an interrupted run keeps what it measured.
+        report = merge_kernel_reports(previous, {**runner_meta, **measured, "note": args.note})
+        runner.save_results(out_dir, "speed-kernels", report, render_kernels(report), echo=False)
+
+    runner_meta = {"machine": runner.machine_description(), "threads": torch.get_num_threads()}
+    for size in args.sizes:
+        measured["blocks"][size] = {"matrices": [[name, list(shape)] for name, shape in block_matrices(size)], "layers": (KERNEL_SIZES.get(size) or SIZES[size])["layers"]}
+
+        def on_row(row) -> None:
+            measured["rows"].append(row)
+            save()
+
+        kernel_times(size, args.T, names=names, lapack=not args.no_lapack, on_row=on_row)
+    report = merge_kernel_reports(previous, {**runner_meta, **measured, "note": args.note})
+    print(render_kernels(report))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["0.1B"], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["0.1B"], choices=list(SIZES) + list(KERNEL_SIZES), help="model sizes (8B: --kernels only)")
     parser.add_argument("--T", nargs="+", type=int, default=[2, 4, 8], help="numbers of models merged")
-    parser.add_argument("--methods", nargs="+", help="subset of methods (ties, the reference, always runs)")
+    parser.add_argument("--methods", nargs="+", help="subset of methods (ties, the reference, always runs; with --kernels, also 'adarank apply')")
     parser.add_argument("--threads", type=int, help="OMP threads per merge process (default: torch's)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per merge; the fastest is reported")
     parser.add_argument("--device", default="cpu", help="mergekit --device (cpu, cuda)")
@@ -470,23 +810,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--work-dir", default=str(runner.WORK_DIR))
     parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
     parser.add_argument("--keep-models", action="store_true", help="keep generated models in the work dir")
-    parser.add_argument("--resume", action="store_true", help="reuse successful rows already in speed.json")
+    parser.add_argument("--resume", action="store_true", help="reuse successful rows already in speed.json (with --kernels: keep speed-kernels.json's other rows)")
     parser.add_argument("--note", help="a line for the report saying what was run and why")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only combine earlier speed.json files (same machine) into one report")
-    parser.add_argument("--kernels", action="store_true", help="only time the SVD kernels on one block per size (fast vs LAPACK path) → speed-kernels.{md,json}")
+    parser.add_argument("--kernels-json", metavar="JSON", help="with --render: speed-kernels.json, for the projection from the measured 8B block")
+    parser.add_argument("--kernels", action="store_true", help="only time every method's per-tensor merge on one block per size (8B allowed) → speed-kernels.{md,json}")
+    parser.add_argument("--no-lapack", action="store_true", help="with --kernels: skip the LAPACK-path comparison of the SVD methods")
     args = parser.parse_args(argv)
     if args.kernels:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        report = {"rows": []}
-        for size in args.sizes:
-            part = kernel_times(size, args.T)
-            report = {**part, "rows": report["rows"] + part["rows"]}
-        table = [[row["size"], row["T"], row["kernel"], row["fast_cpu_s"], row["lapack_cpu_s"], f"{row['lapack_cpu_s'] / max(row['fast_cpu_s'], 1e-9):.2f}"] for row in report["rows"]]
-        markdown = "# SVD kernels alone: CPU s for one transformer block (7 matrices), fast path vs LAPACK path\n\n" + (
-            f"{report['machine']['cpu']}, {report['threads']} thread(s); {report['machine']['date_utc']} UTC. " + (args.note or "") + "\n\n"
-        ) + runner.markdown_table(["size", "T", "kernel", "fast CPU s", "LAPACK CPU s", "speed-up"], table) + "\n"
-        runner.save_results(Path(args.out_dir), "speed-kernels", report, markdown)
+        run_kernels(args)
         return
     if args.render:
         reports = [json.loads(Path(path).read_text()) for path in args.render]
@@ -496,8 +828,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             report["sizes"].update(item["sizes"])
         if args.note:
             report["note"] = args.note
-        write_results(report, Path(args.out_dir))
-        print(render_markdown(report))
+        if args.kernels_json:
+            report["startup_cpu_s"] = startup_cpu_s()
+            kernels = json.loads(Path(args.kernels_json).read_text())
+            one_b = {"name": "1B", "parameters": parameter_count(tensor_layout(llama_shape_config("1B")))}
+            report["projection_from_kernels"] = [
+                row
+                for target in [{**one_b, "T": count} for count in (2, 4, 8)] + [TARGET]
+                for row in kernel_projection(report, kernels, report["startup_cpu_s"], target)
+            ]
+        markdown = render_markdown(report)
+        runner.save_results(Path(args.out_dir), "speed", report, markdown, echo=False)
+        print(markdown)
         return
     print(render_markdown(run_grid(args)))
 
