@@ -1,13 +1,15 @@
 """AdaRank on generation zoos: objectives × base methods × learning schedules (issue 16).
 
 For each zoo (one per seed): the base method's λ is chosen on validation exact match
-(TA: λ grid; CART: rank ``--cart-rank``, λ grid), then AdaRank starts from it and learns
+(TA, TSV-M, Iso-CTS: λ grid; CART: rank ``--cart-rank``, λ grid; step 0 of each AdaRank
+variant is that method exactly), then AdaRank starts from it and learns
 on the validation PROMPTS (no answers), one run per (objective, masks+coefficients or
 coefficients only, lr); validation and test exact match are recorded at every
 checkpoint step. ``--summarise`` picks, per (base, objective, mode), the (lr, steps)
 with the best mean validation exact match over the zoos and reports test there:
-mean ± std over zoos and the share of the base method's gap to the experts closed,
-(AdaRank − base) / (experts − base) on mean exact match.
+mean ± std over zoos, the share of the base method's gap to the experts closed,
+(AdaRank − base) / (experts − base) on mean exact match, and the paired difference to
+task arithmetic (its validation-chosen λ) on each zoo.
 
     python benchmarks/adarank_bench.py /work/scratch/hard-bench/zoo-s0 ... --out benchmarks/results/adarank.json
     python benchmarks/adarank_bench.py --summarise benchmarks/results/adarank.json
@@ -126,8 +128,8 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
         record["experts"] = experts
         save()
     for variant in args.bases:
-        init = 1.0 if variant == "ta" else args.cart_rank
-        grid = args.ta_grid if variant == "ta" else args.cart_grid
+        init = args.cart_rank if variant == "cart" else 1.0
+        grid = {"ta": args.ta_grid, "cart": args.cart_grid, "tsv_m": args.tsv_grid, "iso_cts": args.iso_grid}[variant]
         options = L.LearnOptions(
             variant=variant, objective="distill", init_rank_ratio=init, prior=grid[0], max_rank_ratio=args.max_rank_ratio,
             batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -199,8 +201,8 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
 def summarise(results: Dict) -> str:
     zoos = [key for key in results if isinstance(results[key], dict) and "experts" in results[key]]
     lines = [
-        "| base | objective | mode | lr | steps | val EM | test EM (mean ± std) | base test EM | gap closed (mean ± std) | normalized | zoos |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| base | objective | mode | lr | steps | val EM | test EM (mean ± std) | base test EM | gap closed (mean ± std) | normalized | − TA per zoo | zoos |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     configs = sorted({key.rsplit(":", 1)[0] for zoo in zoos for key in results[zoo]["runs"] if not key.endswith(":base")})
     expert_test = [_mean(results[zoo]["experts"]["test"]) for zoo in zoos]
@@ -213,7 +215,14 @@ def summarise(results: Dict) -> str:
     def stats(values):
         return (_mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
 
-    for variant in ("ta", "cart"):
+    ta_runs = [results[zoo]["runs"].get("ta:base") for zoo in zoos]
+    ta_test = [_mean(run["test"]) for run in ta_runs] if all(ta_runs) else None
+
+    def versus_ta(test):
+        """Test EM minus task arithmetic's on the same zoo, in zoo order (paired by seed)."""
+        return "" if ta_test is None else " ".join(f"{t - a:+.3f}" for t, a in zip(test, ta_test))
+
+    for variant in ("ta", "cart", "tsv_m", "iso_cts"):
         base_runs = [results[zoo]["runs"].get(f"{variant}:base") for zoo in zoos]
         if not all(base_runs):
             continue
@@ -223,7 +232,8 @@ def summarise(results: Dict) -> str:
         lines.append(
             f"| {variant} | (base method, λ {', '.join(str(run['prior']) for run in base_runs)}) | | | 0 | "
             f"{_mean([_mean(run['validation']) for run in base_runs]):.3f} | {m:.3f} ± {s:.3f} | {m:.3f} | 0 | "
-            f"{_mean([_mean([a / max(x, 1e-9) for a, x in zip(run['test'], results[z]['experts']['test'])]) for run, z in zip(base_runs, zoos)]):.3f} | {len(zoos)} |"
+            f"{_mean([_mean([a / max(x, 1e-9) for a, x in zip(run['test'], results[z]['experts']['test'])]) for run, z in zip(base_runs, zoos)]):.3f} | "
+            f"{versus_ta(base_test)} | {len(zoos)} |"
         )
         for config in configs:
             if not config.startswith(variant + ":"):
@@ -249,7 +259,7 @@ def summarise(results: Dict) -> str:
             lines.append(
                 f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'} | {lr} | {step} | "
                 f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
-                f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {len(zoos)} |"
+                f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {versus_ta(test)} | {len(zoos)} |"
             )
     return "\n".join(lines_head + lines)
 
@@ -273,6 +283,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="50,100,200,300")
     parser.add_argument("--ta-grid", default="0.3,0.4,0.5,0.6,0.8")
     parser.add_argument("--cart-grid", default="1.0,1.5,2.0,2.5,3.0")
+    parser.add_argument("--tsv-grid", default="1.0,1.5,2.0,2.5,3.0", help="TSV-M λ grid (the hard zoo's default, 2.0, in the middle)")
+    parser.add_argument("--iso-grid", default="2.0,2.5,3.0,3.5,4.0", help="Iso-CTS λ grid (the hard zoo's default, 3.0, in the middle)")
     parser.add_argument("--cart-rank", type=float, default=0.1)
     parser.add_argument("--max-rank-ratio", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -287,6 +299,7 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     args.bases = args.bases.split(",")
     args.ta_grid, args.cart_grid = _floats(args.ta_grid), _floats(args.cart_grid)
+    args.tsv_grid, args.iso_grid = _floats(args.tsv_grid), _floats(args.iso_grid)
     args.checkpoints = {int(value) for value in args.checkpoints.split(",")}
     plan = []
     for objective in args.objectives.split(","):

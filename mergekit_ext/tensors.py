@@ -380,12 +380,21 @@ def orthogonalized_stack(
 
     TSV-M and Iso-CTS stack this way. Returns K = 0 factors when every σ is zero.
     """
+    left, sigma, right, _ = orthogonalized_stack_kept(left, sigma, right)
+    return left, sigma, right
+
+
+def orthogonalized_stack_kept(
+    left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``orthogonalized_stack`` and the bool [K] of which stacked triplets it kept (AdaRank
+    needs to know which task each orthogonalized column came from)."""
     largest = float(sigma.max()) if sigma.numel() else 0.0
     kept = sigma > singular_value_tolerance((left.shape[0], right.shape[1]), largest, sigma.dtype)
     left, sigma, right = left[:, kept], sigma[kept], right[kept]
     if sigma.numel() == 0:
-        return left, sigma, right
-    return polar_factor(left), sigma, polar_factor(right)
+        return left, sigma, right, kept
+    return polar_factor(left), sigma, polar_factor(right), kept
 
 
 def subspace_merge(

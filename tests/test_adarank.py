@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from conftest import merge_config, run_merge_in_process, run_mergekit_yaml
 
-from mergekit_ext.methods.adarank import MASK_TEMPERATURE
+from mergekit_ext.methods.adarank import MASK_TEMPERATURE, VARIANT_DEFAULTS
 from mergekit_ext.methods.adarank.format import open_learned_file, write_learned_file
 from mergekit_ext.methods.adarank.kernel import (
     apply_masks,
@@ -26,6 +26,8 @@ from mergekit_ext.methods.adarank.kernel import (
     straight_through_mask,
 )
 from mergekit_ext.methods.adarank.learn import LearnOptions, learn, read_prompts
+from mergekit_ext.methods.cart import DEFAULT_LAMBDA as CART_LAMBDA
+from mergekit_ext.methods.cart import DEFAULT_RANK_RATIO as CART_RANK_RATIO
 from mergekit_ext.methods.cart.kernel import cart_merge
 from mergekit_ext.modeling import load_state_dict
 from mergekit_ext.tensors import is_block_matrix
@@ -340,7 +342,7 @@ def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
     assert "on held-out prompts" in result.output and "kept singular components" in result.output
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     info = open_learned_file(file).info
-    assert info["variant"] == "cart" and info["prior"] == 1.3 and info["init_rank_ratio"] == 0.15
+    assert info["variant"] == "cart" and info["prior"] == CART_LAMBDA and info["init_rank_ratio"] == CART_RANK_RATIO
     assert info["training"]["steps"] == 4 and info["tasks"] == 3
     # The stock mergekit-yaml with the same file writes the same model.
     out = tmp_path / "stock"
@@ -379,10 +381,12 @@ def test_zero_steps_is_the_base_method_for_every_objective(tiny_family, objectiv
     file is the base method's (through the engine: test_identity_through_stock_mergekit)."""
     result = _learn(tiny_family, steps=0, variant="cart", objective=objective, coefficients_only=coefficients_only, max_new_tokens=3)
     state = load_state_dict(tiny_family["base"])
+    defaults = VARIANT_DEFAULTS["cart"]
+    assert (defaults["prior"], defaults["init_rank_ratio"]) == (CART_LAMBDA, CART_RANK_RATIO)  # CART's own defaults
     for name, mask in result.masks.items():
-        expected = initial_logits(3, state[name].shape, mask.shape[1], 0.15) > 0
+        expected = initial_logits(3, state[name].shape, mask.shape[1], defaults["init_rank_ratio"]) > 0
         assert mask.dtype == torch.bool and torch.equal(mask, expected), name
-    assert all(torch.equal(row, torch.full((3,), 1.3)) for row in result.coefficients.values())
+    assert all(torch.equal(row, torch.full((3,), defaults["prior"])) for row in result.coefficients.values())
     held = result.info["held_out_objective"]
     assert held["name"] == objective and held["before"] == held["after"]
     assert result.info["training"]["held_out_per_task"] == [8, 8, 8]  # min(batch 8, 24 // 2)
@@ -494,3 +498,37 @@ def test_a_file_applied_to_other_weights_is_refused(tiny_family, tmp_path):
     check_fingerprint("w", recorded, recorded * (1 + 1e-5), 1e-3, "f")
     with pytest.raises(Exception, match=r"tensor w: .*task 1.*relative difference 1\.0[0-9]e-02"):
         check_fingerprint("w", recorded, recorded + torch.tensor([[0.0] * 4, [0.0, 0.03, 0.0, 0.0]]), 1e-3, "f")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["entropy", "distill"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_family, objective):
+    """--gradient-checkpointing rebuilds each decoder layer's weights in the backward pass
+    (counted) and leaves the loss and every gradient unchanged."""
+    from mergekit_ext.methods.adarank.learn import prepare
+
+    setup = prepare(
+        [tiny_family[name] for name in MODELS], _pools(), base=tiny_family["base"],
+        options=LearnOptions(variant="cart", objective=objective, steps=0, batch_size=4, max_new_tokens=3, init_rank_ratio=0.5),
+        progress=False,
+    )  # fmt: skip
+    model = setup.model
+    with torch.no_grad():  # move off the initial point so that the masks' gradients differ by component
+        model.coefficients.add_(torch.linspace(-0.3, 0.3, model.coefficients.numel()).reshape(model.coefficients.shape))
+    batches = [pool[:4] for pool in setup.train_pools]
+    gradients = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.layer_builds = 0
+        for parameter in model.parameters():
+            parameter.grad = None
+        loss, _ = setup.objective(model, batches)
+        loss.backward()
+        gradients.append((float(loss), [parameter.grad.clone() for parameter in model.parameters()]))
+        layers = len(model.skeleton.model.layers)
+        assert model.layer_builds == (2 * layers if checkpointing else 0)  # built in the forward, again in the backward
+    (plain_loss, plain), (checkpointed_loss, checkpointed) = gradients
+    assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6, abs=1e-7)
+    assert any(float(gradient.abs().max()) > 0 for gradient in plain[1:])  # the masks get gradient
+    for first, second in zip(plain, checkpointed):
+        torch.testing.assert_close(second, first, atol=1e-6, rtol=1e-5)

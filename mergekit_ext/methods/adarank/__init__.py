@@ -8,6 +8,27 @@ origin ``o`` = θ0 (variant ``ta``, on top of Task Arithmetic) or θavg (variant
                   W = o + Σt coef[t] · Ut diag(mask[t] ⊙ st) Vtᵀ
     other tensors W = o + Σt coef[t] · vt                 (never masked)
 
+Variants ``tsv_m`` and ``iso_cts`` start from TSV-M and Iso-CTS (METHODS.md §6-7;
+the AdaRank paper's best result is Iso-CTS + AdaRank). Origin θ0; the candidate
+components are the columns of the method's orthogonalized stack (the same code as
+``merge_method: tsv_m`` / ``iso_cts``, ``*_components`` in their kernels):
+
+    tsv_m:   Δ = U⊥ diag(ŝ) V⊥ᵀ, column i from task t(i), its j-th triplet
+             W = θ0 + Σi coef[t(i)] · mask[t(i), j(i)] · ŝi · U⊥[:, i] V⊥ᵀ[i]
+    iso_cts: the same over Iso-CTS's stack, every σ = σ̄ (the mean of the
+             unmasked stack, fixed), task blocks in rows 0…T−1 and the common
+             block in row T: one mask row and one coefficient per tensor for it
+    other tensors W = θ0 + Σt coef[t] · vt / T   (the methods use θ0 + λ·mean τ)
+
+so step 0 (every component on, coefficients λ) is the base method. The common
+block gets its own row because its directions come from Σt τt and belong to no
+task: giving it task t's mask or coefficient would make the result depend on task
+order, and a separate coefficient lets learning weigh shared against
+task-specific directions (the common subspace holds ~80 % of the rank). Iso-C is
+``iso_cts`` with ``common_space_fraction`` 1: every component is in the common row,
+so its masks prune directions of the isotropic Σt τt and its coefficient scales
+them, while the task coefficients act only on non-matrix tensors.
+
 ``mask`` [T, band] is binary and ``coef`` [T] is one scalar per task per
 tensor; both are learned at test time (``mergekit_ext.adarank``) by
 minimising prediction entropy on unlabeled prompts, with a straight-through
@@ -30,8 +51,15 @@ test-time learner) and ``cli.py`` (``mergekit-ext adarank learn / show``).
 This module holds the constants and defaults only and imports nothing heavy.
 """
 
+from mergekit_ext.methods import cart as _cart
+from mergekit_ext.methods import iso as _iso
+from mergekit_ext.methods import tsv as _tsv
+
 PAPER_URL = "https://arxiv.org/abs/2503.22178"
-VARIANTS = ("ta", "cart")
+VARIANTS = ("ta", "cart", "tsv_m", "iso_cts")
+# Origin θ0, components from an orthogonalized stack, mean τ on non-matrix tensors.
+SUBSPACE_VARIANTS = ("tsv_m", "iso_cts")
+DEFAULT_COMMON_SPACE_FRACTION = _iso.DEFAULT_COMMON_SPACE_FRACTION
 # p = sigmoid(logit / MASK_TEMPERATURE); logits start at ±INITIAL_LOGIT (official code).
 MASK_TEMPERATURE = 10.0
 INITIAL_LOGIT = 0.1
@@ -42,13 +70,18 @@ DEFAULT_SVD = "auto"
 FILE_FORMAT = "mergekit-ext/adarank/1"
 
 # Base-method settings each variant starts from (step 0 is that method exactly):
-# Task Arithmetic's lambda from the demo zoo's validation grid (mergekit_ext.demo);
-# for cart, CART's earlier defaults (rank 0.15, λ 1.3). CART's defaults moved to
-# rank 0.1, λ 2.0 on the hard zoo, and the AdaRank benchmark learned on top of that
-# setting: pass --prior 2.0 --init-rank-ratio 0.1 to match it.
+# ta: Task Arithmetic's lambda from the demo zoo's validation grid (mergekit_ext.demo;
+# the hard zoo's AdaRank benchmark chose 0.5, 0.5, 0.6 on its three seeds).
+# cart, tsv_m, iso_cts: the base methods' own defaults, chosen on the hard zoo's
+# validation split (see their __init__): CART rank 0.1 / λ 2.0 (was 0.15 / 1.3, the
+# demo zoo's; the AdaRank benchmark's λ grid chose 2.0 on all three seeds), TSV-M
+# λ 2.0, Iso-CTS λ 3.0 at common_space_fraction 0.8. tsv_m and iso_cts start with
+# every component of the stack on (init_rank_ratio 1, the only value allowed).
 VARIANT_DEFAULTS = {
     "ta": {"prior": 0.4, "init_rank_ratio": 1.0},
-    "cart": {"prior": 1.3, "init_rank_ratio": 0.15},
+    "cart": {"prior": _cart.DEFAULT_LAMBDA, "init_rank_ratio": _cart.DEFAULT_RANK_RATIO},
+    "tsv_m": {"prior": _tsv.DEFAULT_LAMBDA, "init_rank_ratio": 1.0},
+    "iso_cts": {"prior": _iso.DEFAULT_LAMBDA, "init_rank_ratio": 1.0},
 }
 DEFAULT_VARIANT = "cart"
 DEFAULT_MAX_RANK_RATIO = 1.0

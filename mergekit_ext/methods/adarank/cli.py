@@ -10,6 +10,7 @@ import click
 
 from mergekit_ext.methods.adarank import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_COMMON_SPACE_FRACTION,
     DEFAULT_LR,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_RANK_RATIO,
@@ -19,8 +20,13 @@ from mergekit_ext.methods.adarank import (
     DEFAULT_VARIANT,
     FACTOR_DTYPES,
     OBJECTIVES,
+    VARIANT_DEFAULTS,
     VARIANTS,
 )
+
+
+def _defaults(key: str) -> str:
+    return ", ".join(f"{variant} {values[key]}" for variant, values in VARIANT_DEFAULTS.items())
 
 
 def _resolve_inputs(models, base, zoo_dir, prompt_files):
@@ -80,9 +86,10 @@ def adarank_group() -> None:
 @click.option("--base", default=None, type=click.Path(exists=True, file_okay=False), help="θ0, the pretrained model (required for --variant ta; default with --zoo: the zoo's base).")
 @click.option("--zoo", "zoo_dir", default=None, type=click.Path(exists=True, file_okay=False), help="A built zoo: its experts (when no MODELS are given), its base, and each task's validation prompts.")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Prompts, one per line (.txt) or JSONL; once for all tasks, or once per model in order. Added to the zoo's.")
-@click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True, help="Origin: θ0 (ta, Task Arithmetic) or θavg (cart, CART).")
-@click.option("--prior", type=float, default=None, help="Initial coefficient, the base method's λ  [default: ta 0.4, cart 1.3]")
-@click.option("--init-rank-ratio", type=float, default=None, help="Components kept at step 0  [default: ta 1.0, cart 0.15]")
+@click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True, help="The base method step 0 is: ta (Task Arithmetic, origin θ0), cart (CART, origin θavg), tsv_m (TSV-M) or iso_cts (Iso-CTS; Iso-C with --common-space-fraction 1), whose candidate components are the columns of the method's orthogonalized stack.")
+@click.option("--prior", type=float, default=None, help=f"Initial coefficient, the base method's λ  [default: {_defaults('prior')}]")
+@click.option("--init-rank-ratio", type=float, default=None, help=f"Components kept at step 0 (1 for tsv_m / iso_cts)  [default: {_defaults('init_rank_ratio')}]")
+@click.option("--common-space-fraction", type=float, default=DEFAULT_COMMON_SPACE_FRACTION, show_default=True, help="iso_cts: share of each matrix's rank in the common subspace (1: Iso-C).")
 @click.option("--max-rank-ratio", type=float, default=DEFAULT_MAX_RANK_RATIO, show_default=True, help="Candidate band per matrix; components below it are dropped (memory ~ 2·ratio·model per task).")
 @click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True)
 @click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help="Adam learning rate for logits and coefficients.")
@@ -92,9 +99,10 @@ def adarank_group() -> None:
 @click.option("--top-k", type=int, default=DEFAULT_TOP_K, show_default=True, help="distill: teacher log-probabilities kept per answer position (the rest of the mass is one bucket).")
 @click.option("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True, help="Greedy answers (distill, entropy-answer) stop at a newline or EOS, or after this many tokens.")
 @click.option("--held-out", type=int, default=None, help="Prompts per task kept out of training to report the objective before/after  [default: min(batch size, half the prompts)]")
-@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES), default="float32", show_default=True, help="Storage of the learner's singular vectors (bfloat16 halves the learner's largest part; the merge itself always recomputes float32 SVDs).")
+@click.option("--factor-dtype", type=click.Choice(FACTOR_DTYPES), default="float32", show_default=True, help="Storage of the learner's singular vectors and of the non-matrix task vectors (bfloat16 halves the learner's largest parts; the merge itself always recomputes float32 SVDs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--add-special-tokens", is_flag=True, help="Let the tokenizer add BOS/EOS to prompts (off, like lm-eval's log-likelihood requests).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute each decoder layer's merged weights and activations in the backward pass: less memory, about one more forward per step.")
 @click.option("--device", default="cpu", show_default=True, help="Where to learn (e.g. cuda).")
 @click.option("--merge-out", default=None, type=click.Path(file_okay=False), help="Also write the merged model here (mergekit's engine, merge_method adarank).")
 @click.option("--dtype", default=None, help="Output dtype for --merge-out (default: the models').")

@@ -1,7 +1,9 @@
-"""The learned AdaRank file: safetensors with one bool mask [T, band] per matrix, one
-float32 coefficient row [T] per tensor and one float32 fingerprint [T, k] per matrix
-(the top k singular values of each task vector, so a merge can check it factorises the
-same weights); JSON metadata under ``adarank``. Files without fingerprints (earlier
+"""The learned AdaRank file: safetensors with one bool mask [rows, band] per matrix, one
+float32 coefficient row [rows] per tensor and one float32 fingerprint [rows, k] per matrix
+(the top k singular values of each row's components, so a merge can check it factorises
+the same weights); JSON metadata under ``adarank``. rows = T, or T + 1 for ``iso_cts``
+(the last row is the common subspace); band is the variant's (``method.mask_grid``).
+Files without fingerprints or with only the variants ``ta`` / ``cart`` (earlier
 releases) are still read."""
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mergekit_ext import io
-from mergekit_ext.methods.adarank import DEFAULT_SVD, FILE_FORMAT, FINGERPRINT_RTOL
+from mergekit_ext.methods.adarank import (
+    DEFAULT_SVD,
+    FILE_FORMAT,
+    FINGERPRINT_RTOL,
+    VARIANTS,
+)
 
 _MASK_PREFIX = "mask/"
 _COEFFICIENT_PREFIX = "coefficient/"
@@ -199,7 +206,7 @@ def open_learned_file(path: str | os.PathLike) -> LearnedFile:
         missing = [key for key in REQUIRED_KEYS if not isinstance(info, dict) or key not in info]
         if missing:
             raise AdaRankFileError(f"adarank: {path}: metadata lacks {', '.join(missing)} (corrupt or not written by adarank learn)")
-        if info["variant"] not in ("ta", "cart") or not isinstance(info["tasks"], int) or info["tasks"] < 1:
+        if info["variant"] not in VARIANTS or not isinstance(info["tasks"], int) or info["tasks"] < 1:
             raise AdaRankFileError(f"adarank: {path}: bad variant {info['variant']!r} or task count {info['tasks']!r}")
         learned = LearnedFile(path=path, info=info, _handle=handle)
         _OPEN_FILES[key] = learned

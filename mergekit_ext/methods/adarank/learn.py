@@ -6,11 +6,16 @@ unlabeled prompts. The kernels are in ``kernel.py`` and the learned file's
 format in ``format.py``; this module is the learner.
 
 Memory: the factorisation streams from disk tensor by tensor (one tensor of
-each model at a time); the learner then holds one float32 origin, the top
-``max_rank_ratio`` singular triplets of every matrix's task vectors (U, V in
-``factor_dtype``; about 2·ratio·model per task), the task vectors of the
-non-matrix tensors (embeddings, lm_head, norms) and one float32 copy of the
-architecture to run. It trains, with Adam:
+each model at a time; no expert is ever loaded whole, except one at a time for
+the distillation teachers before the learner is built); the learner then holds
+one float32 origin, the candidate components of every matrix (``ta``/``cart``:
+the top ``max_rank_ratio`` singular triplets of each task vector, about
+2·ratio·model per task; ``tsv_m``/``iso_cts``: the method's stack, about 2·model
+for all tasks together), U and V in ``factor_dtype``, and the task vectors of the
+non-matrix tensors (embeddings, lm_head, norms), also in ``factor_dtype``. The
+architecture it runs keeps no weights of its own (every forward passes the merged
+ones in). With ``gradient_checkpointing`` a step keeps one decoder layer's merged
+weights and graph at a time instead of the whole model's. It trains, with Adam:
 
 * mask logits [T, band] per matrix (straight-through binary masks; frozen with
   ``coefficients_only``), and
@@ -54,6 +59,7 @@ import torch
 from mergekit_ext import io
 from mergekit_ext.methods.adarank import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_COMMON_SPACE_FRACTION,
     DEFAULT_LR,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_RANK_RATIO,
@@ -68,16 +74,19 @@ from mergekit_ext.methods.adarank import (
     FINGERPRINT_VALUES,
     MASK_TEMPERATURE,
     OBJECTIVES,
+    SUBSPACE_VARIANTS,
     VARIANT_DEFAULTS,
     VARIANTS,
 )
 from mergekit_ext.methods.adarank.kernel import (
     band_rank,
-    factorize,
-    initial_logits,
-    merge_matrix,
+    initial_grid_logits,
+    mask_rows,
+    matrix_components,
+    merge_components,
     merge_other,
     origin_and_vectors,
+    other_vectors,
     straight_through_mask,
 )
 from mergekit_ext.modeling import pad_right
@@ -106,8 +115,10 @@ class LearnOptions:
     top_k: int = DEFAULT_TOP_K  # distill: teacher log-probs kept per answer position
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # greedy answers (entropy-answer, distill)
     stop: Optional[str] = DEFAULT_STOP  # an answer ends at this token (or EOS); None: EOS only
-    factor_dtype: str = "float32"  # storage of the learner's U, V (bfloat16 halves them)
+    factor_dtype: str = "float32"  # storage of the learner's U, V and non-matrix task vectors (bfloat16 halves them)
     held_out: Optional[int] = None  # prompts per task kept out of training; None: min(batch, pool // 2)
+    common_space_fraction: float = DEFAULT_COMMON_SPACE_FRACTION  # iso_cts only (1: Iso-C)
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
 
     def resolved(self) -> "LearnOptions":
         """The options with the variant's defaults filled in, validated."""
@@ -123,11 +134,18 @@ class LearnOptions:
         for label, value in (("init_rank_ratio", init), ("max_rank_ratio", self.max_rank_ratio)):
             if not 0 < value <= 1:
                 raise ValueError(f"adarank: {label} must be in (0, 1], got {value}")
+        if self.variant in SUBSPACE_VARIANTS and (init != 1.0 or self.max_rank_ratio != 1.0):
+            raise ValueError(
+                f"adarank: variant {self.variant} starts from every component of the method's stack: "
+                f"init_rank_ratio and max_rank_ratio must be 1 (got {init} and {self.max_rank_ratio})"
+            )
         if init > self.max_rank_ratio:
             raise ValueError(
                 f"adarank: init_rank_ratio {init} is above max_rank_ratio {self.max_rank_ratio}: "
                 "step 0 could not be the base method"
             )
+        if not 0 < self.common_space_fraction <= 1:
+            raise ValueError(f"adarank: common_space_fraction must be in (0, 1], got {self.common_space_fraction}")
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("adarank: steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.top_k < 1 or self.max_new_tokens < 1 or (self.held_out is not None and self.held_out < 0):
@@ -140,11 +158,11 @@ class LearnOptions:
 
 @dataclass
 class LearnResult:
-    masks: Dict[str, torch.Tensor]  # bool [T, band] per matrix
-    coefficients: Dict[str, torch.Tensor]  # float32 [T] per tensor
+    masks: Dict[str, torch.Tensor]  # bool [rows, band] per matrix (rows: kernel.mask_rows)
+    coefficients: Dict[str, torch.Tensor]  # float32 [rows] per tensor
     info: Dict = field(default_factory=dict)
     history: List[float] = field(default_factory=list)  # objective per step (training batches)
-    fingerprints: Dict[str, torch.Tensor] = field(default_factory=dict)  # float32 [T, FINGERPRINT_VALUES] per matrix
+    fingerprints: Dict[str, torch.Tensor] = field(default_factory=dict)  # float32 [rows, FINGERPRINT_VALUES] per matrix
 
 
 # ---------------------------------------------------------------------------
@@ -307,15 +325,20 @@ def teacher_cache(expert_path, prompts: Sequence[Sequence[int]], *, stop_ids, op
 
 @dataclass
 class _Entry:
-    """One tensor of the merge: its origin and either its task vectors or their top-band SVD."""
+    """One tensor of the merge: its origin and either its task vectors or its candidate components."""
 
     name: str
     column: int
     origin: torch.Tensor
-    vectors: Optional[torch.Tensor] = None  # non-matrix tensors
-    factors: Optional[tuple] = None  # (U, s, Vh) for matrices
+    vectors: Optional[torch.Tensor] = None  # non-matrix tensors (what the coefficients multiply)
+    factors: Optional[tuple] = None  # matrices: (left [m, K], sigma [K], right [K, n]), kernel.Components
+    slots: Optional[tuple] = None  # (rows [K], positions [K]): each component's mask cell
+    valid: Optional[torch.Tensor] = None  # bool [rows, band]: cells that hold a component
     logits: Optional[torch.nn.Parameter] = None
-    fingerprint: Optional[torch.Tensor] = None  # top singular values [T, FINGERPRINT_VALUES]
+    fingerprint: Optional[torch.Tensor] = None  # top singular values [rows, FINGERPRINT_VALUES]
+
+    def initial_logits(self, init_rank_ratio: float) -> torch.Tensor:
+        return initial_grid_logits(self.valid, self.origin.shape, init_rank_ratio)
 
 
 def _encode(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> List[List[int]]:
@@ -350,7 +373,6 @@ def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptio
     ``options.factor_dtype``), a fingerprint and mask logits."""
     from tqdm.auto import tqdm
 
-    count = len(loaders)
     storage = getattr(torch, options.factor_dtype)
     entries: List[_Entry] = []
     for name in tqdm(io.tensor_names(reference), desc="adarank: factorise task vectors", disable=not progress, leave=False):
@@ -364,13 +386,18 @@ def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptio
         origin, vectors = origin_and_vectors(base_tensor, [t.to(device, torch.float32) for t in tensors], options.variant)
         entry = _Entry(name=name, column=len(entries), origin=origin)
         if is_block_matrix(name, first.shape):
-            band = band_rank(first.shape, options.max_rank_ratio)
-            u, s, vh = factorize(vectors, band, svd=options.svd)
-            entry.fingerprint = s[:, :FINGERPRINT_VALUES].detach().to("cpu", torch.float32).clone()
-            entry.factors = (u.to(storage), s, vh.to(storage))
-            entry.logits = torch.nn.Parameter(initial_logits(count, first.shape, band, options.init_rank_ratio).to(device))
+            parts = matrix_components(
+                vectors, options.variant, band=band_rank(first.shape, options.max_rank_ratio),
+                svd=options.svd, common_space_fraction=options.common_space_fraction,
+            )  # fmt: skip
+            entry.fingerprint = parts.fingerprint
+            entry.factors = (parts.left.to(storage), parts.sigma, parts.right.to(storage))
+            entry.slots = (parts.rows.to(device), parts.positions.to(device))
+            entry.valid = parts.valid()
+            entry.logits = torch.nn.Parameter(entry.initial_logits(options.init_rank_ratio).to(device))
+            del parts
         else:
-            entry.vectors = vectors
+            entry.vectors = other_vectors(options.variant, vectors).to(storage)
         entries.append(entry)
         del tensors, vectors
     if not any(entry.logits is not None for entry in entries):
@@ -378,15 +405,37 @@ def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptio
     return entries
 
 
+def release_parameters(skeleton, names) -> int:
+    """Empty the architecture's own copy of every weight in ``names`` (the checkpoint's: the
+    learner passes all of them in at every forward, so the skeleton keeps only buffers such as
+    rotary frequencies), before the factorisation fills memory. Returns the bytes freed (one
+    float32 model for most checkpoints)."""
+    names = set(names)
+    freed = 0
+    for name, parameter in skeleton.named_parameters():
+        if name in names and parameter.numel():
+            freed += parameter.numel() * parameter.element_size()
+            parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+    return freed
+
+
 class MergedModel:
     """The merged weights as a differentiable function of masks and coefficients, run through one
-    float32 copy of the architecture (``torch.func.functional_call``)."""
+    float32 copy of the architecture (``torch.func.functional_call``).
 
-    def __init__(self, skeleton, entries: List[_Entry], coefficients: torch.nn.Parameter, *, coefficients_only: bool = False):
+    With ``gradient_checkpointing`` (and gradients on), each decoder layer builds its own merged
+    weights inside ``torch.utils.checkpoint`` (non-reentrant): neither those weights, the
+    products that build them, nor the layer's activations are kept for the backward pass,
+    which rebuilds them one layer at a time. The loss and gradients are the same.
+    """
+
+    def __init__(self, skeleton, entries: List[_Entry], coefficients: torch.nn.Parameter, *, coefficients_only: bool = False, gradient_checkpointing: bool = False):
         self.skeleton = skeleton
         self.entries = entries
         self.coefficients = coefficients
         self.coefficients_only = coefficients_only
+        self.gradient_checkpointing = gradient_checkpointing
+        self.layer_builds = 0  # decoder layers whose weights were built under checkpointing (tests)
         self._module_keys = set(skeleton.state_dict().keys())
 
     def parameters(self) -> List[torch.nn.Parameter]:
@@ -394,20 +443,67 @@ class MergedModel:
             return [self.coefficients]
         return [self.coefficients] + [entry.logits for entry in self.entries if entry.logits is not None]
 
-    def weights(self) -> Dict[str, torch.Tensor]:
-        weights = {}
+    def _weight(self, entry: _Entry) -> torch.Tensor:
+        column = self.coefficients[:, entry.column]
+        if entry.factors is not None:
+            left, sigma, right = entry.factors
+            logits = entry.logits.detach() if self.coefficients_only else entry.logits
+            mask = straight_through_mask(logits, MASK_TEMPERATURE)
+            return merge_components(entry.origin, left.to(sigma.dtype), sigma, right.to(sigma.dtype), *entry.slots, mask, column)
+        tasks = entry.vectors.shape[0]  # iso_cts' common row has no part in non-matrix tensors
+        return merge_other(entry.origin, entry.vectors.to(entry.origin.dtype), column[:tasks])
+
+    def weights(self, skip=frozenset()) -> Dict[str, torch.Tensor]:
+        # A tensor in the checkpoint but not in the module keeps its prior coefficient.
+        return {entry.name: self._weight(entry) for entry in self.entries if entry.name in self._module_keys and entry.name not in skip}
+
+    def _decoder_layers(self) -> Dict[str, List[_Entry]]:
+        """The entries of each decoder layer (a child of the model's largest ModuleList), by the layer's module name."""
+        lists = [(name, module) for name, module in self.skeleton.named_modules() if isinstance(module, torch.nn.ModuleList)]
+        if not lists:
+            return {}
+        prefix, blocks = max(lists, key=lambda item: len(item[1]))
+        layers: Dict[str, List[_Entry]] = {f"{prefix}.{index}": [] for index in range(len(blocks))}
         for entry in self.entries:
-            if entry.name not in self._module_keys:
-                continue  # in the checkpoint but not in the module: keeps its prior coefficient
-            column = self.coefficients[:, entry.column]
-            if entry.factors is not None:
-                u, s, vh = entry.factors
-                logits = entry.logits.detach() if self.coefficients_only else entry.logits
-                mask = straight_through_mask(logits, MASK_TEMPERATURE)
-                weights[entry.name] = merge_matrix(entry.origin, u.to(s.dtype), s, vh.to(s.dtype), mask, column)
-            else:
-                weights[entry.name] = merge_other(entry.origin, entry.vectors, column)
-        return weights
+            if entry.name in self._module_keys:
+                head = entry.name[len(prefix) + 1 :].split(".", 1)[0] if entry.name.startswith(prefix + ".") else None
+                if head is not None and f"{prefix}.{head}" in layers:
+                    layers[f"{prefix}.{head}"].append(entry)
+        return layers
+
+    def _checkpointed_logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        from torch.nn.utils.stateless import _reparametrize_module
+        from torch.utils.checkpoint import checkpoint
+
+        layers = self._decoder_layers()
+        inside = {entry.name for entries in layers.values() for entry in entries}
+        installed = []
+        for layer_name, entries in layers.items():
+            layer = self.skeleton.get_submodule(layer_name)
+            original = layer.forward
+            local = [(entry.name[len(layer_name) + 1 :], entry) for entry in entries]
+
+            def forward(*args, _layer=layer, _original=original, _local=local, **kwargs):
+                def build_and_run():
+                    # Runs again in the backward pass: the weights are rebuilt, not stored.
+                    self.layer_builds += 1
+                    weights = {name: self._weight(entry) for name, entry in _local}
+                    with _reparametrize_module(_layer, weights):
+                        return _original(*args, **kwargs)
+
+                return checkpoint(build_and_run, use_reentrant=False)
+
+            layer.forward = forward
+            installed.append(layer)
+        try:
+            output = torch.func.functional_call(
+                self.skeleton, self.weights(skip=inside), args=(),
+                kwargs={"input_ids": ids, "attention_mask": attention, "use_cache": False},
+            )  # fmt: skip
+        finally:
+            for layer in installed:
+                del layer.forward  # back to the class's forward
+        return output.logits
 
     def hard_weights(self) -> Dict[str, torch.Tensor]:
         """The merged weights now (hard masks), detached: what the learned file would give."""
@@ -415,6 +511,8 @@ class MergedModel:
             return {name: tensor.detach() for name, tensor in self.weights().items()}
 
     def logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._checkpointed_logits(ids, attention)
         output = torch.func.functional_call(self.skeleton, self.weights(), args=(), kwargs={"input_ids": ids, "attention_mask": attention})
         return output.logits
 
@@ -558,27 +656,34 @@ def layer_type(name: str) -> str:
     return ".".join(parts) or name
 
 
+def mask_row_names(variant: str, task_names: Sequence[str]) -> List[str]:
+    """Names of the mask / coefficient rows: the tasks, and ``common`` for iso_cts."""
+    return list(task_names) + ["common"] * (mask_rows(variant, len(task_names)) - len(task_names))
+
+
 def _hard_masks(entries: List[_Entry], options: "LearnOptions", task_names: Sequence[str]) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """The binary masks and how many components were kept at step 0 and now, of how many
     candidates: in total, per task and per layer type."""
     masks, kept = {}, {"before": 0, "after": 0, "band": 0}
-    by_task = {name: {"before": 0, "after": 0, "band": 0} for name in task_names}
+    row_names = mask_row_names(options.variant, task_names)
+    by_task = {name: {"before": 0, "after": 0, "band": 0} for name in row_names}
     by_type: Dict[str, Dict[str, int]] = {}
     for entry in entries:
         if entry.logits is None:
             continue
-        hard = torch.sigmoid(entry.logits.detach() / MASK_TEMPERATURE) > 0.5
-        masks[entry.name] = hard.cpu()
-        start = initial_logits(hard.shape[0], entry.origin.shape, hard.shape[1], options.init_rank_ratio) > 0
+        # Cells that hold no component (tsv_m / iso_cts rows shorter than the grid) are off.
+        hard = (torch.sigmoid(entry.logits.detach() / MASK_TEMPERATURE) > 0.5).cpu() & entry.valid
+        masks[entry.name] = hard
+        start = entry.initial_logits(options.init_rank_ratio) > 0
         kind = by_type.setdefault(layer_type(entry.name), {"before": 0, "after": 0, "band": 0})
         for target in (kept, kind):
             target["before"] += int(start.sum())
             target["after"] += int(hard.sum())
-            target["band"] += hard.numel()
-        for task, row_start, row_hard in zip(task_names, start, hard.cpu()):
+            target["band"] += int(entry.valid.sum())
+        for task, row_start, row_hard, row_valid in zip(row_names, start, hard, entry.valid):
             by_task[task]["before"] += int(row_start.sum())
             by_task[task]["after"] += int(row_hard.sum())
-            by_task[task]["band"] += row_hard.numel()
+            by_task[task]["band"] += int(row_valid.sum())
     kept["by_task"], kept["by_type"] = by_task, by_type
     return masks, kept
 
@@ -608,9 +713,9 @@ class Setup:
             self.model.coefficients.fill_(options.prior)
             for entry in self.model.entries:
                 if entry.logits is not None:
-                    count, band = entry.logits.shape
-                    entry.logits.copy_(initial_logits(count, entry.origin.shape, band, options.init_rank_ratio))
+                    entry.logits.copy_(entry.initial_logits(options.init_rank_ratio))
         self.model.coefficients_only = options.coefficients_only
+        self.model.gradient_checkpointing = options.gradient_checkpointing
 
     def measure(self, pools=None) -> Tuple[float, List[float]]:
         with torch.no_grad():
@@ -652,8 +757,8 @@ def prepare(
         raise ValueError("adarank: no models to merge")
     if len(prompts) != count:
         raise ValueError(f"adarank: need one prompt pool per model ({count}), got {len(prompts)}")
-    if options.variant == "ta" and base_path is None:
-        raise ValueError("adarank: variant 'ta' needs --base (θ0)")
+    if options.variant in ("ta", *SUBSPACE_VARIANTS) and base_path is None:
+        raise ValueError(f"adarank: variant '{options.variant}' needs --base (θ0)")
     task_names = list(task_names) if task_names is not None else [path.name for path in model_paths]
     device = torch.device(options.device)
     torch.manual_seed(options.seed)
@@ -688,10 +793,15 @@ def prepare(
     skeleton = AutoModelForCausalLM.from_pretrained(str(reference_path), dtype=torch.float32).to(device).eval()
     for parameter in skeleton.parameters():
         parameter.requires_grad_(False)
+    release_parameters(skeleton, io.tensor_names(reference))
     entries = factorise(reference, loaders, model_paths, reference if base_path is not None else None, options, device, progress=progress)
     seconds["factorise"] = time.perf_counter() - clock
-    coefficients = torch.nn.Parameter(torch.full((count, len(entries)), options.prior, device=device))
-    model = MergedModel(skeleton, entries, coefficients, coefficients_only=options.coefficients_only)
+    rows = mask_rows(options.variant, count)
+    coefficients = torch.nn.Parameter(torch.full((rows, len(entries)), options.prior, device=device))
+    model = MergedModel(
+        skeleton, entries, coefficients, coefficients_only=options.coefficients_only,
+        gradient_checkpointing=options.gradient_checkpointing,
+    )  # fmt: skip
     return Setup(
         options=options,
         model=model,
@@ -757,6 +867,8 @@ def run(setup: Setup, *, progress: bool = False, started: Optional[float] = None
         "prior": options.prior,
         "init_rank_ratio": options.init_rank_ratio,
         "max_rank_ratio": options.max_rank_ratio,
+        **({"common_space_fraction": options.common_space_fraction} if options.variant == "iso_cts" else {}),
+        "mask_rows": mask_rows(options.variant, count),
         "svd": options.svd,
         "mask_temperature": MASK_TEMPERATURE,
         "tasks": count,
@@ -780,6 +892,7 @@ def run(setup: Setup, *, progress: bool = False, started: Optional[float] = None
             "max_new_tokens": options.max_new_tokens,
             "stop": options.stop,
             "factor_dtype": options.factor_dtype,
+            "gradient_checkpointing": options.gradient_checkpointing,
             "device": str(setup.device),
         },
         "held_out_objective": {
@@ -799,7 +912,7 @@ def run(setup: Setup, *, progress: bool = False, started: Optional[float] = None
             "max": float(final.max()),
             "by_task": {
                 name: {"mean": float(row.mean()), "min": float(row.min()), "max": float(row.max())}
-                for name, row in zip(task_names, final)
+                for name, row in zip(mask_row_names(options.variant, task_names), final)
             },
         },
         "learner_bytes": learner_bytes(model),
@@ -856,7 +969,8 @@ def describe(info: Dict) -> List[str]:
     mode = "coefficients only (masks frozen)" if training.get("coefficients_only") else "masks and coefficients"
     lines = [
         f"variant {info['variant']}  prior {info['prior']}  init_rank_ratio {info['init_rank_ratio']}  "
-        f"max_rank_ratio {info['max_rank_ratio']}",
+        f"max_rank_ratio {info['max_rank_ratio']}"
+        + (f"  common_space_fraction {info['common_space_fraction']}" if "common_space_fraction" in info else ""),
         f"training: objective {objective}, {mode}, {training['steps']} steps, lr {training['lr']}, "
         f"batch {training['batch_size']} per task, seed {training['seed']}",
         f"kept singular components: {_kept(kept)} candidates",

@@ -8,8 +8,15 @@ from typing import Any, Optional
 
 import torch
 from mergekit.merge_methods.base import MISSING, BasePolicy, TensorGroup
+from pydantic import AfterValidator
+from typing_extensions import Annotated
 
-from mergekit_ext.methods.adarank import DEFAULT_SVD, PAPER_URL
+from mergekit_ext.methods.adarank import (
+    DEFAULT_COMMON_SPACE_FRACTION,
+    DEFAULT_SVD,
+    PAPER_URL,
+    SUBSPACE_VARIANTS,
+)
 from mergekit_ext.methods.adarank.format import (
     AdaRankFileError,
     LearnedFile,
@@ -19,14 +26,13 @@ from mergekit_ext.methods.adarank.format import (
 from mergekit_ext.methods.adarank.kernel import (
     apply_masks,
     band_rank,
-    factorize,
-    merge_matrix,
+    mask_rows,
+    matrix_components,
+    merge_parts,
     origin_and_vectors,
 )
 from mergekit_ext.methods.declaration import SHARED, declare
 from mergekit_ext.tensors import SVD_METHODS, is_block_matrix
-from pydantic import AfterValidator
-from typing_extensions import Annotated
 
 
 def _entry_path(entry_id: Any) -> Optional[str]:
@@ -79,14 +85,16 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
     first = models[0].tensor
     if not first.is_floating_point():
         return (group.base or models[0]).tensor
-    if learned.variant == "ta" and group.base is None:
-        raise AdaRankFileError(f"adarank: {learned.path} was learned with variant 'ta', which needs base_model")
-    order = _task_order(learned, group, check_models)
+    if learned.variant in ("ta", *SUBSPACE_VARIANTS) and group.base is None:
+        raise AdaRankFileError(f"adarank: {learned.path} was learned with variant '{learned.variant}', which needs base_model")
+    rows = mask_rows(learned.variant, learned.task_count)
+    # The tasks' rows follow the group's model order; iso_cts' common row stays last.
+    order = _task_order(learned, group, check_models) + list(range(learned.task_count, rows))
     coefficients = learned.coefficients(name)
-    if coefficients.shape != (learned.task_count,):
+    if coefficients.shape != (rows,):
         raise AdaRankFileError(
             f"adarank: {learned.path}: coefficients of tensor {name} have shape {list(coefficients.shape)}, "
-            f"expected [{learned.task_count}]"
+            f"expected [{rows}]"
         )
     mask = learned.mask(name)
     is_matrix = is_block_matrix(name, first.shape, group.metadata.vocabulary_axis)
@@ -95,10 +103,11 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
         if mask is None:
             raise AdaRankFileError(f"adarank: {learned.path} has no mask for matrix {name}: it was learned for other models")
         band = band_rank(first.shape, float(learned.info["max_rank_ratio"]))
-        if tuple(mask.shape) != (learned.task_count, band):
+        expected = mask_grid(learned.variant, first.shape, learned.task_count, band, _fraction(learned))
+        if tuple(mask.shape) != expected:
             raise AdaRankFileError(
                 f"adarank: {learned.path}: mask of {name} has shape {list(mask.shape)}, but a tensor of shape "
-                f"{list(first.shape)} needs [{learned.task_count}, {band}]: it was learned for other models"
+                f"{list(first.shape)} needs {list(expected)}: it was learned for other models"
             )
         mask = mask[order]
         fingerprint = learned.fingerprint(name)
@@ -116,7 +125,25 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
         mask=mask,
         band=band,
         svd=learned.svd if learned.svd in SVD_METHODS else DEFAULT_SVD,
+        common_space_fraction=_fraction(learned),
     )
+
+
+def _fraction(learned: LearnedFile) -> float:
+    return float(learned.info.get("common_space_fraction", DEFAULT_COMMON_SPACE_FRACTION))
+
+
+def mask_grid(variant: str, shape, count: int, band: int, common_space_fraction: float) -> tuple:
+    """The mask shape a matrix of ``shape`` needs: [T, band] (ta, cart), [T, max(1, r // T)]
+    (tsv_m), [T + 1, max(common, per task)] (iso_cts)."""
+    rank = min(shape[-2], shape[-1])
+    if variant == "tsv_m":
+        return (count, max(1, rank // count))
+    if variant == "iso_cts":
+        from mergekit_ext.methods.iso.kernel import iso_cts_split
+
+        return (count + 1, max(iso_cts_split(rank, count, common_space_fraction)))
+    return (count, band)
 
 
 def check_fingerprint(name: str, recorded: torch.Tensor, singular_values: torch.Tensor, rtol: float, path) -> None:
@@ -142,15 +169,13 @@ def _apply_checked(group: TensorGroup, learned: LearnedFile, name: str, mask, co
     """``apply_masks`` for a matrix, checking the recomputed factorisation against the file's fingerprint."""
     models = [entry.tensor for entry in group.non_base]
     origin, vectors = origin_and_vectors(group.base.tensor if group.base is not None else None, models, learned.variant)
-    u, s, vh = factorize(vectors, band, svd=learned.svd if learned.svd in SVD_METHODS else DEFAULT_SVD)
-    del vectors
-    check_fingerprint(name, fingerprint, s, learned.fingerprint_rtol, learned.path)
-    merged = merge_matrix(
-        origin, u, s, vh,
-        mask.to(device=origin.device, dtype=origin.dtype),
-        coefficients.to(device=origin.device, dtype=origin.dtype),
+    parts = matrix_components(
+        vectors, learned.variant, band=band, svd=learned.svd if learned.svd in SVD_METHODS else DEFAULT_SVD,
+        common_space_fraction=_fraction(learned),
     )  # fmt: skip
-    return merged.to(models[0].dtype)
+    del vectors
+    check_fingerprint(name, fingerprint, parts.fingerprint, learned.fingerprint_rtol, learned.path)
+    return merge_parts(origin, parts, mask, coefficients).to(models[0].dtype)
 
 
 adarank = declare(

@@ -27,7 +27,7 @@ Conventions where the paper is silent:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -37,13 +37,12 @@ from mergekit_ext.methods.iso import (
     SVD_METHOD,
 )
 from mergekit_ext.tensors import (
-    orthogonalized_stack,
+    orthogonalized_stack_kept,
     polar_factor,
     singular_value_tolerance,
     subspace_merge,
     truncated_svd,
 )
-
 
 # "auto" in __init__ means the exact truncation; the kernels take the fast exact
 # one (tensors.truncated_svd "fast": all_singular_triplets for wide cuts).
@@ -71,15 +70,26 @@ def iso_cts_split(rank: int, count: int, common_space_fraction: float) -> tuple[
     return rank - count * specific, specific
 
 
-def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
-    """Δ of Iso-CTS for task vectors stacked [T, m, n] (compute dtype)."""
+def iso_cts_components(
+    vectors: torch.Tensor, common_space_fraction: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iso-CTS's orthogonalized stack for task vectors [T, m, n]: ``U⊥`` [m, K], ``ŝ`` [K]
+    (before flattening: Δ = mean(ŝ) · U⊥ V⊥ᵀ), ``V⊥ᵀ`` [K, n], and for each column its
+    block (task t < T, or T for the common subspace) and its rank within that block
+    (long [K] each). AdaRank's ``iso_cts`` variant masks these columns block by block.
+
+    With no task-specific room (``iso_cts_split`` gives s = 0) this is Iso-C's
+    factorisation: the numerically nonzero triplets of Δ_TA, all in the common block
+    (U diag(σ̄) Vᵀ is ``iso_c_update``, which gets the same product from one polar factor).
+    """
     count, rows, cols = vectors.shape
     keep_common, specific = iso_cts_split(min(rows, cols), count, common_space_fraction)
-    if specific == 0:
-        return iso_c_update(vectors)
     u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=_SVD)
     significant = int((s > singular_value_tolerance((rows, cols), float(s[0]), s.dtype)).sum())
     u, s, vh = u[:, :significant], s[:significant], vh[:significant]
+    if specific == 0:
+        owner = torch.full((significant,), count, dtype=torch.long)
+        return u, s, vh, owner, torch.arange(significant, dtype=torch.long)
     lefts, sigmas, rights = [], [], []
     for vector in vectors:
         residual = vector - u @ (u.mT @ vector)  # left projection only, as in the paper
@@ -87,9 +97,23 @@ def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch
         lefts.append(ut)
         sigmas.append(st)
         rights.append(vht)
-    left, sigma, right = orthogonalized_stack(
+    sizes = [part.numel() for part in sigmas] + [significant]
+    owner = torch.cat([torch.full((size,), block, dtype=torch.long) for block, size in enumerate(sizes)])
+    position = torch.cat([torch.arange(size, dtype=torch.long) for size in sizes])
+    left, sigma, right, kept = orthogonalized_stack_kept(
         torch.cat([*lefts, u], dim=1), torch.cat([*sigmas, s]), torch.cat([*rights, vh], dim=0)
     )
+    kept = kept.cpu()
+    return left, sigma, right, owner[kept], position[kept]
+
+
+def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
+    """Δ of Iso-CTS for task vectors stacked [T, m, n] (compute dtype)."""
+    count, rows, cols = vectors.shape
+    _, specific = iso_cts_split(min(rows, cols), count, common_space_fraction)
+    if specific == 0:
+        return iso_c_update(vectors)
+    left, sigma, right, _, _ = iso_cts_components(vectors, common_space_fraction)
     if sigma.numel() == 0:
         return torch.zeros_like(vectors[0])
     return (left * sigma.mean()) @ right

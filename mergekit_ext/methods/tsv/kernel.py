@@ -23,16 +23,24 @@ Conventions where the paper is silent:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_ext.methods.tsv import DEFAULT_LAMBDA, SVD_METHOD
-from mergekit_ext.tensors import all_singular_triplets, orthogonalized_stack, subspace_merge, truncated_svd
+from mergekit_ext.tensors import (
+    all_singular_triplets,
+    orthogonalized_stack_kept,
+    subspace_merge,
+    truncated_svd,
+)
 
 
-def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
-    """Δ of TSV-M for task vectors stacked [T, m, n] (compute dtype)."""
+def tsv_components(vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TSV-M's orthogonalized stack for task vectors [T, m, n]: ``U⊥`` [m, K], ``ŝ`` [K],
+    ``V⊥ᵀ`` [K, n], and for each column the task it came from and its rank within that
+    task's top-k (long [K] each); Δ = U⊥ diag(ŝ) V⊥ᵀ. AdaRank's ``tsv_m`` variant masks
+    these columns task by task."""
     count, rows, cols = vectors.shape
     rank = min(rows, cols)
     per_task = max(1, rank // count)
@@ -43,6 +51,7 @@ def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
         left = u[..., :per_task].permute(1, 0, 2).reshape(rows, count * per_task)
         sigma = s[..., :per_task].reshape(-1)
         right = vh[..., :per_task, :].reshape(count * per_task, cols)
+        sizes = [per_task] * count
         del u, s, vh
     else:
         lefts, sigmas, rights = [], [], []
@@ -52,10 +61,21 @@ def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
             sigmas.append(s)
             rights.append(vh)
         left, sigma, right = torch.cat(lefts, dim=1), torch.cat(sigmas), torch.cat(rights, dim=0)
+        sizes = [part.numel() for part in sigmas]
+    owner = torch.cat([torch.full((size,), task, dtype=torch.long) for task, size in enumerate(sizes)])
+    position = torch.cat([torch.arange(size, dtype=torch.long) for size in sizes])
     if sigma.numel() > rank:  # only when T > r: keep the r largest (stable sort: task order breaks ties)
         chosen = torch.argsort(sigma, descending=True, stable=True)[:rank]
         left, sigma, right = left[:, chosen], sigma[chosen], right[chosen]
-    left, sigma, right = orthogonalized_stack(left, sigma, right)
+        owner, position = owner[chosen.cpu()], position[chosen.cpu()]
+    left, sigma, right, kept = orthogonalized_stack_kept(left, sigma, right)
+    kept = kept.cpu()
+    return left, sigma, right, owner[kept], position[kept]
+
+
+def tsv_update(vectors: torch.Tensor) -> torch.Tensor:
+    """Δ of TSV-M for task vectors stacked [T, m, n] (compute dtype)."""
+    left, sigma, right, _, _ = tsv_components(vectors)
     if sigma.numel() == 0:
         return torch.zeros_like(vectors[0])
     return (left * sigma) @ right
