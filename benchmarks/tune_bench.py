@@ -164,14 +164,14 @@ def summarise(report: Dict[str, Any]) -> str:
         "",
     ]
     if len(rows) > 1:
-        def stat(values: List[float]) -> str:
-            return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+        def stat(values: List[float], digits: int = 3) -> str:
+            return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
         diffs = [row["tune"]["best"]["test"] - row["hand"]["best"]["test"] for row in rows]
         lines += [
             f"Over {len(rows)} seeds (mean ± std): hand grid test {stat([r['hand']['best']['test'] for r in rows])} "
-            f"in {stat([r['hand']['wall_s'] for r in rows])} s wall; tune test {stat([r['tune']['best']['test'] for r in rows])} "
-            f"in {stat([r['tune']['wall_s'] for r in rows])} s wall; paired tune − hand {stat(diffs)}.",
+            f"in {stat([r['hand']['wall_s'] for r in rows], 0)} s wall; tune test {stat([r['tune']['best']['test'] for r in rows])} "
+            f"in {stat([r['tune']['wall_s'] for r in rows], 0)} s wall; paired tune − hand {stat(diffs)}.",
             "",
         ]
     lines += ["## Per method: chosen setting, validation → test", ""]
