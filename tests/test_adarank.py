@@ -230,7 +230,7 @@ def test_learner_lowers_entropy_is_deterministic_and_file_reproduces_it(tiny_fam
     kept = info["kept_components"]
     assert kept["after"] != kept["before"]  # some masks flipped
     coefficients = torch.stack(list(result.coefficients.values()))
-    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.4))
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, VARIANT_DEFAULTS["ta"]["prior"]))
     again = _learn(tiny_family, steps=25, lr=0.02, seed=3, objective="entropy")
     assert again.history == result.history
     for name in result.masks:
@@ -463,7 +463,7 @@ def test_coefficients_only_keeps_the_masks(tiny_family):
     result = _learn(tiny_family, steps=10, lr=0.05, objective="distill", coefficients_only=True, max_new_tokens=3)
     assert all(bool(mask.all()) for mask in result.masks.values())  # TA: all on at step 0, still
     coefficients = torch.stack(list(result.coefficients.values()))
-    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.4))
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, VARIANT_DEFAULTS["ta"]["prior"]))
 
 
 @pytest.mark.slow
