@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -226,8 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         seed = json.loads((zoo / "manifest.json").read_text()).get("seed")
         work = args.work_dir / f"seed{seed}"
         if work.exists():
-            import shutil
-
+            # Only a folder this benchmark made (its first write is hand.log) is cleared.
+            if any(work.iterdir()) and not (work / "hand.log").is_file():
+                raise SystemExit(f"{work} exists and was not made by this benchmark; give another --work-dir")
             shutil.rmtree(work)
         work.mkdir(parents=True)
         print(f"seed {seed}: hand grid …", flush=True)

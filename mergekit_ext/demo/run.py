@@ -83,8 +83,9 @@ MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
     ("tsv_m", "tsv_m", {"weight": 1.0, "lambda": 1.0}),
     ("iso_c", "iso_c", {"weight": 1.0, "lambda": 1.5}),
     ("iso_cts", "iso_cts", {"weight": 1.0, "lambda": 1.5, "common_space_fraction": 0.8}),
+    # on CART at its setting above (AdaRank's cart defaults are now the hard zoo's 2.0 / 0.1);
     # 4 answer tokens: a multiple-choice answer is a few characters
-    ("adarank", "adarank", {"variant": "cart", "objective": "distill", "lr": 3e-3, "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
+    ("adarank", "adarank", {"variant": "cart", "prior": 1.3, "init_rank_ratio": 0.15, "objective": "distill", "lr": 3e-3, "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
 ]
 
 MULTIPLE_CHOICE_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {

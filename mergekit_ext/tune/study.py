@@ -279,8 +279,9 @@ class HopelessPruner(optuna.pruners.BasePruner):
     own settings, which keeps the per-method report (the ordering users read)
     honest. Comparing with the best trial of any method pruned more, but then a
     weaker method's best setting could be stopped once a stronger method had
-    finished: on the hard zoo (benchmarks/results/tune-hard.md) task arithmetic
-    was reported at λ 0.7 (test 0.547) because λ 0.5 (0.609) was pruned.
+    finished: on hard zoo seed 0 (the first run of benchmarks/tune_bench.py, since
+    replaced) task arithmetic was reported at λ 0.7 (test 0.547) because λ 0.5
+    (test 0.609 in the hand grid) was pruned.
     Optuna's median/percentile pruners compare with finished trials only, so
     on coarse scores the bar ratchets up as survivors accumulate: on the
     default space they pruned most trials, whole methods included.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -253,9 +253,13 @@ def apply_masks(
     band: Optional[int] = None,
     svd: str = DEFAULT_SVD,
     common_space_fraction: float = DEFAULT_COMMON_SPACE_FRACTION,
+    check: Optional[Callable[[Components], None]] = None,
 ) -> torch.Tensor:
     """One tensor of the final merge from a hard ``mask`` [rows, band] (None: not a matrix) and
-    ``coefficients`` [rows] (``mask_rows``). Returns a tensor in the dtype of ``models[0]``."""
+    ``coefficients`` [rows] (``mask_rows``). Returns a tensor in the dtype of ``models[0]``.
+
+    ``check`` sees a matrix's recomputed components before they are used (the mergekit
+    method compares their fingerprint with the learned file's) and may raise."""
     out_dtype = models[0].dtype
     origin, vectors = origin_and_vectors(base, models, variant)
     # The learned file's masks and coefficients are read on the host: move them
@@ -267,6 +271,8 @@ def apply_masks(
         band = mask.shape[-1]
     parts = matrix_components(vectors, variant, band=band, svd=svd, common_space_fraction=common_space_fraction)
     del vectors
+    if check is not None:
+        check(parts)
     return merge_parts(origin, parts, mask, coefficients).to(out_dtype)
 
 

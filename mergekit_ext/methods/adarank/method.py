@@ -27,9 +27,6 @@ from mergekit_ext.methods.adarank.kernel import (
     apply_masks,
     band_rank,
     mask_rows,
-    matrix_components,
-    merge_parts,
-    origin_and_vectors,
 )
 from mergekit_ext.methods.declaration import SHARED, declare
 from mergekit_ext.tensors import SVD_METHODS, is_block_matrix
@@ -99,6 +96,7 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
     mask = learned.mask(name)
     is_matrix = is_block_matrix(name, first.shape, group.metadata.vocabulary_axis)
     band = None
+    check = None
     if is_matrix:
         if mask is None:
             raise AdaRankFileError(f"adarank: {learned.path} has no mask for matrix {name}: it was learned for other models")
@@ -112,7 +110,11 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
         mask = mask[order]
         fingerprint = learned.fingerprint(name)
         if fingerprint is not None:
-            return _apply_checked(group, learned, name, mask, coefficients[order], fingerprint[order], band)
+            expected = fingerprint[order]
+
+            def check(parts) -> None:
+                check_fingerprint(name, expected, parts.fingerprint, learned.fingerprint_rtol, learned.path)
+
     elif mask is not None:
         raise AdaRankFileError(
             f"adarank: {learned.path} has a mask for {name}, which is not a matrix here (shape {list(first.shape)})"
@@ -126,6 +128,7 @@ def _merge_group(group: TensorGroup, *, file: str, check_models: bool) -> torch.
         band=band,
         svd=learned.svd if learned.svd in SVD_METHODS else DEFAULT_SVD,
         common_space_fraction=_fraction(learned),
+        check=check,
     )
 
 
@@ -163,19 +166,6 @@ def check_fingerprint(name: str, recorded: torch.Tensor, singular_values: torch.
             f"{float(difference[worst]):.2e} > {rtol:.0e}): the file was learned on other weights "
             "(another model, base, dtype or quantisation); learn it again for these"
         )
-
-
-def _apply_checked(group: TensorGroup, learned: LearnedFile, name: str, mask, coefficients, fingerprint, band: int) -> torch.Tensor:
-    """``apply_masks`` for a matrix, checking the recomputed factorisation against the file's fingerprint."""
-    models = [entry.tensor for entry in group.non_base]
-    origin, vectors = origin_and_vectors(group.base.tensor if group.base is not None else None, models, learned.variant)
-    parts = matrix_components(
-        vectors, learned.variant, band=band, svd=learned.svd if learned.svd in SVD_METHODS else DEFAULT_SVD,
-        common_space_fraction=_fraction(learned),
-    )  # fmt: skip
-    del vectors
-    check_fingerprint(name, fingerprint, parts.fingerprint, learned.fingerprint_rtol, learned.path)
-    return merge_parts(origin, parts, mask, coefficients).to(models[0].dtype)
 
 
 adarank = declare(

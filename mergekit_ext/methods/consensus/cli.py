@@ -43,10 +43,11 @@ def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, 
     )
 
     task_names = names.split(",") if names else None
+    model_names = task_names or [Path(m).name for m in models]  # compress names them the same way
     if zoo_dir:  # a zoo that cannot be read, or a model it has no task for, fails before the bundle is written
         from mergekit_ext.zoo import load_zoo
 
-        zoo_tasks_of(load_zoo(zoo_dir), models, task_names or [Path(m).name for m in models])
+        zoo_tasks_of(load_zoo(zoo_dir), models, model_names)
     report = compress(
         base,
         models,
@@ -57,7 +58,7 @@ def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, 
     )
     click.echo(f"wrote {out}")
     if zoo_dir:
-        report.scores, report.metric = score_recovered(out, models, task_names or [Path(m).name for m in models], zoo_dir, split=split)
+        report.scores, report.metric = score_recovered(out, models, model_names, zoo_dir, split=split)
     for line in report.lines():
         click.echo(line)
 
