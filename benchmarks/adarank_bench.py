@@ -90,6 +90,33 @@ class Scorer:
         return scores
 
 
+def unlabeled_prompts(tasks: List[str], documents: Dict, count: int, zoo_key: str) -> List[List[str]]:
+    """``count`` more prompts per task from the zoo's own task generators (no answers kept),
+    none of them a validation or test prompt: the in-domain unlabeled text a user would have.
+    Seeded by the zoo's path, so a rerun draws the same prompts."""
+    import random
+
+    from mergekit_ext.zoo.tasks import GENERATION_TASKS, document_key, make_item
+
+    pools = []
+    for index, task_name in enumerate(tasks):
+        task = GENERATION_TASKS[task_name]
+        held_out = {document_key(task, doc) for split in ("validation", "test") for doc in documents[split][index]}
+        rng = random.Random(f"{zoo_key}-{task_name}-unlabeled")
+        pool: List[str] = []
+        for _ in range(100 * count + 1000):
+            if len(pool) == count:
+                break
+            prompt = document_key(task, make_item(task, rng))
+            if prompt not in held_out:
+                held_out.add(prompt)
+                pool.append(prompt)
+        if len(pool) < count:
+            raise SystemExit(f"adarank_bench: task {task_name} has fewer than {count} unused prompts")
+        pools.append(pool)
+    return pools
+
+
 def _model_forward(path, device):
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +140,11 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
     tasks = zoo["tasks"]
     device = torch.device(args.device)
     prompts = [[doc["prompt"] for doc in docs] for docs in zoo["documents"]["validation"]]
+    # Learning prompts: validation's, plus --unlabeled more per task (their runs get a ":uN" key).
+    suffix = f":u{args.unlabeled}" if args.unlabeled else ""
+    if args.unlabeled:
+        extra = unlabeled_prompts(tasks, zoo["documents"], args.unlabeled, path.name)
+        prompts = [pool + more for pool, more in zip(prompts, extra)]
     if "experts" not in record:
         from transformers import AutoTokenizer
 
@@ -160,7 +192,7 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
         teacher_pools = (setup.train_pools, setup.held_out_pools)
         prompt_pools = tuple([[item.sequence.ids[: item.sequence.start] for item in pool] for pool in pools] for pools in teacher_pools)
         for objective, mode, lr, steps in args.plan:
-            key = f"{variant}:{objective}:{mode}:{lr}"
+            key = f"{variant}:{objective}:{mode}{suffix}:{lr}"
             if key in record["runs"]:
                 continue
             run_options = L.LearnOptions(
@@ -238,7 +270,7 @@ def summarise(results: Dict) -> str:
         for config in configs:
             if not config.startswith(variant + ":"):
                 continue
-            _, objective, mode = config.split(":")
+            _, objective, mode, *unlabeled = config.split(":")
             candidates = {}
             for zoo in zoos:
                 for key, run in results[zoo]["runs"].items():
@@ -257,7 +289,8 @@ def summarise(results: Dict) -> str:
             tm, ts = stats(test)
             cm, cs = stats(closed)
             lines.append(
-                f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'} | {lr} | {step} | "
+                f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'}"
+                f"{f' + {unlabeled[0][1:]} unlabeled prompts/task' if unlabeled else ''} | {lr} | {step} | "
                 f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
                 f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {versus_ta(test)} | {len(zoos)} |"
             )
@@ -289,6 +322,7 @@ def main() -> None:
     parser.add_argument("--max-rank-ratio", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unlabeled", type=int, default=0, help="Learn on this many more prompts per task, drawn from the zoo's task generators (never a validation or test prompt).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

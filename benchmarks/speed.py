@@ -624,8 +624,9 @@ def kernel_times(size: str, counts: Sequence[int], *, names: Optional[Sequence[s
         distinct.setdefault(shape, []).append(name)
     names = list(names) if names else kernel_names()
 
-    def lapack_triplets(matrix):
-        return torch.linalg.svd(matrix, full_matrices=False)
+    def lapack_triplets(matrix, needed=None):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return (u, s, vh) if needed is None else (u[..., :needed], s[..., :needed], vh[..., :needed, :])
 
     def run(name: str, tensor_name: str, base, models):
         if name == ADARANK_KERNEL:

@@ -109,7 +109,7 @@ def truncated_svd(
         wide_method = "eigh" if method == "fast" else "full"
         method = wide_method if sketch_size >= exact_above * full_rank else "gram"
     if method == "eigh":
-        u, s, vh = all_singular_triplets(matrix)
+        u, s, vh = all_singular_triplets(matrix, needed=rank)
         return u[:, :rank], s[:rank], vh[:rank]
     if method == "full":
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -153,8 +153,14 @@ REFINE_RATIO = 0.1
 LAPACK_BELOW = 64
 
 
-def all_singular_triplets(matrix: torch.Tensor, *, lapack_below: int = LAPACK_BELOW) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def all_singular_triplets(
+    matrix: torch.Tensor, *, lapack_below: int = LAPACK_BELOW, needed: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``U [m, k], s [k], Vᴴ [k, n]`` (k = min(m, n)) of a matrix, or of a batch [..., m, n].
+
+    ``needed``: only the top ``needed`` triplets are wanted (TSV-M's r/T per task,
+    a truncation); k = min(needed, min(m, n)) and the refinement below stops once
+    those are resolved, as the directions past them never reach the caller.
 
     Exact, not approximate: the eigendecomposition of the smaller Gram matrix
     (one GEMM and one symmetric eigensolver, batched over leading dimensions),
@@ -181,12 +187,14 @@ def all_singular_triplets(matrix: torch.Tensor, *, lapack_below: int = LAPACK_BE
     dtype = compute_dtype(matrix)
     matrix = matrix.to(dtype)
     rows, cols = matrix.shape[-2], matrix.shape[-1]
+    width = min(rows, cols) if needed is None else max(1, min(needed, rows, cols))
     if min(rows, cols) < lapack_below:
         # Small matrices: LAPACK, with the same numerical-rank convention.
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         largest = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s
         keep = s > max(rows, cols) * torch.finfo(dtype).eps * largest
-        return u * keep[..., None, :], s * keep, vh * keep[..., :, None]
+        u, s, vh = u * keep[..., None, :], s * keep, vh * keep[..., :, None]
+        return u[..., :width], s[..., :width], vh[..., :width, :]
     wide = rows < cols
     tall = matrix.mT if wide else matrix  # [..., M, N], M >= N
     gram = tall.mT @ tall
@@ -200,19 +208,24 @@ def all_singular_triplets(matrix: torch.Tensor, *, lapack_below: int = LAPACK_BE
     flat_w = columns.reshape(-1, *columns.shape[-2:])
     lefts, values, rights = [], [], []
     for a, v, w in zip(flat_tall, flat_v, flat_w):
-        u, s, v = _refine_triplets(a, v, w)
+        u, s, v, _ = _refine_triplets(a, v, w, width)
         lefts.append(u)
         values.append(s)
         rights.append(v)
-    u = torch.stack(lefts).reshape(*batch_shape, *columns.shape[-2:])
-    s = torch.stack(values).reshape(*batch_shape, columns.shape[-1])
-    v = torch.stack(rights).reshape(*batch_shape, *vectors.shape[-2:])
+    u = torch.stack(lefts).reshape(*batch_shape, columns.shape[-2], width)
+    s = torch.stack(values).reshape(*batch_shape, width)
+    v = torch.stack(rights).reshape(*batch_shape, vectors.shape[-2], width)
     # tall = U s Vᵀ; for a wide matrix, A = tallᵀ = V s Uᵀ.
     return (v, s, u.mT) if wide else (u, s, v.mT)
 
 
-def _refine_triplets(tall: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, s, V`` of one tall matrix from its Gram eigenvectors ``v`` and ``w = tall @ v`` (see ``all_singular_triplets``)."""
+def _refine_triplets(
+    tall: torch.Tensor, v: torch.Tensor, w: torch.Tensor, width: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``width`` of ``U, s, V`` of one tall matrix from its Gram eigenvectors ``v`` and
+    ``w = tall @ v`` (see ``all_singular_triplets``), and the other columns of ``v``: an
+    orthonormal basis of the complement of the top ``width`` right singular vectors
+    (never zeroed; the refinement only rotates and decouples, which keeps them orthogonal)."""
     s = torch.linalg.vector_norm(w, dim=0)
     order = torch.argsort(s, descending=True, stable=True)
     v, w, s = v[:, order], w[:, order], s[order]
@@ -238,6 +251,8 @@ def _refine_triplets(tall: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> Tu
         w[:, rest] -= w[:, resolved] @ step
         v[:, resolved] += v_rest @ step.mT
         w[:, resolved] += w_rest @ step.mT
+        if cut >= width:
+            break  # the wanted directions are resolved; the rest is cut off below
         # Re-resolve S on the Gram matrix of its own columns (scale σ_S, not σ1).
         _, rotation = torch.linalg.eigh(w[:, rest].mT @ w[:, rest])
         rotation = rotation.flip(-1)
@@ -247,12 +262,42 @@ def _refine_triplets(tall: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> Tu
         order = torch.argsort(s[rest], descending=True, stable=True) + cut
         v[:, rest], w[:, rest], s[rest] = v[:, order], w[:, order], s[order]
         start = cut
+    rest = v[:, width:]
+    v, w, s = v[:, :width], w[:, :width], s[:width]
     significant = s > tolerance
     s = torch.where(significant, s, torch.zeros_like(s))
     safe = torch.where(significant, s, torch.ones_like(s))
     u = w / safe * significant
     v = v * significant
-    return u, s, v
+    return u, s, v, rest
+
+
+def top_triplets_with_complement(
+    matrix: torch.Tensor, rank: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` triplets of a wide or square matrix [m, n] (m ≤ n), as
+    ``all_singular_triplets(matrix, needed=rank)``, and an orthonormal basis [m, m − rank] of
+    the orthogonal complement of their left singular vectors.
+
+    The complement is the rest of the left Gram eigenbasis (LAPACK's completion below
+    ``lapack_below``), orthonormal even past the numerical rank, where the singular
+    vectors themselves are zeroed. Iso-CTS projects task vectors onto it.
+    """
+    dtype = compute_dtype(matrix)
+    matrix = matrix.to(dtype)
+    rows, cols = matrix.shape
+    if rows > cols:
+        raise ValueError(f"top_triplets_with_complement: needs m <= n, got shape {tuple(matrix.shape)}")
+    rank = max(1, min(rank, rows))
+    if rows < LAPACK_BELOW:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # U is square: a complete basis
+        keep = s > singular_value_tolerance(matrix.shape, float(s[0]), dtype)
+        return (u * keep)[:, :rank], (s * keep)[:rank], (vh * keep[:, None])[:rank], u[:, rank:]
+    tall = matrix.mT
+    _, vectors = torch.linalg.eigh(matrix @ tall)
+    vectors = vectors.flip(-1)  # eigh sorts ascending
+    u, s, v, complement = _refine_triplets(tall, vectors, tall @ vectors, rank)
+    return v, s, u.mT, complement
 
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

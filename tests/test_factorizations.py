@@ -30,8 +30,8 @@ def gram_path_everywhere(monkeypatch):
     monkeypatch.setattr(tensors, "LAPACK_BELOW", 0)
     original = tensors.all_singular_triplets.__wrapped__ if hasattr(tensors.all_singular_triplets, "__wrapped__") else tensors.all_singular_triplets
 
-    def gram_only(matrix, *, lapack_below=0):
-        return original(matrix, lapack_below=lapack_below)
+    def gram_only(matrix, *, lapack_below=0, needed=None):
+        return original(matrix, lapack_below=lapack_below, needed=needed)
 
     for module in (tensors, adarank_kernel, opcm_kernel, tsv_kernel):
         monkeypatch.setattr(module, "all_singular_triplets", gram_only)
@@ -86,13 +86,14 @@ def structured() -> dict:
 MATRICES = structured()
 
 
-def lapack_triplets(matrix: torch.Tensor):
+def lapack_triplets(matrix: torch.Tensor, needed=None):
     """The reference: LAPACK's SVD, with the same numerical-rank convention (σ ≤ tolerance → zero triplet)."""
     u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
     largest = s.amax(dim=-1, keepdim=True)
     tolerance = max(matrix.shape[-2:]) * torch.finfo(torch.float32).eps * largest
     keep = s > tolerance
-    return u * keep[..., None, :], s * keep, vh * keep[..., :, None]
+    width = s.shape[-1] if needed is None else needed
+    return (u * keep[..., None, :])[..., :width], (s * keep)[..., :width], (vh * keep[..., :, None])[..., :width, :]
 
 
 @pytest.fixture
@@ -129,6 +130,22 @@ def test_triplets_match_lapack(name):
         assert (u[:, kept].mT @ u[:, kept] - eye).abs().max() <= 1e-4
         assert (vh[kept] @ vh[kept].mT - eye).abs().max() <= 1e-4
     assert torch.all(u[:, ~kept] == 0) and torch.all(vh[~kept] == 0)
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+@pytest.mark.parametrize("share", (0.25, 0.5, 0.9))
+def test_needed_triplets_match_the_full_call(name, share):
+    """``needed=k`` stops refining once the top k are resolved: the same top k, to LAPACK's precision."""
+    matrix = MATRICES[name]
+    k = max(1, int(share * min(matrix.shape)))
+    u, s, vh = tensors.all_singular_triplets(matrix, needed=k)
+    assert u.shape == (matrix.shape[0], k) and s.shape == (k,) and vh.shape == (k, matrix.shape[1])
+    full_u, full_s, full_vh = tensors.all_singular_triplets(matrix)
+    exact = torch.linalg.svd(matrix.double(), full_matrices=False)
+    reference = (exact.U[:, :k] * exact.S[:k]) @ exact.Vh[:k]
+    if float(reference.norm()) > 0:
+        assert relative((u * s) @ vh, reference) <= max(TOLERANCE, 2 * relative((full_u[:, :k] * full_s[:k]) @ full_vh[:k], reference))
+    assert relative(s, full_s[:k]) <= TOLERANCE or float(full_s[:k].norm()) == 0
 
 
 def test_triplets_batched_and_deterministic():

@@ -110,6 +110,28 @@ def test_kernels_match_reference_with_weights(method):
     )
 
 
+@pytest.mark.parametrize("shape", ((96, 96), (80, 150), (150, 80)))
+@pytest.mark.parametrize("count,fraction", ((2, 0.8), (3, 0.5), (5, 0.8)))
+def test_iso_cts_complement_path_matches_reference(shape, count, fraction, monkeypatch):
+    """Square and wide matrices take the complement-subspace path (issue 15); tall ones the general one."""
+    from mergekit_ext.methods.iso import kernel as iso_kernel
+
+    base, models = _random_family(shape, count=count, seed=count)
+    vectors = torch.stack([model - base for model in models])
+    keep_common, specific = iso_kernel.iso_cts_split(min(shape), count, fraction)
+    assert (iso_kernel._complement_stack(vectors, keep_common, specific) is not None) == (shape[0] <= shape[1])
+    out = iso_cts_merge(base, models, lam=1.0, common_space_fraction=fraction).double()
+    monkeypatch.setattr(iso_kernel, "_complement_stack", lambda *args: None)
+    general = iso_cts_merge(base, models, lam=1.0, common_space_fraction=fraction).double()
+    size = torch.linalg.norm(general - base.double())
+    assert torch.linalg.norm(out - general) <= 1e-4 * size
+    if (count, fraction) != (3, 0.5):
+        # At 96 × 96, T = 3, f = 0.5 the stacked V̂ᵀ has σmin ≈ 1e-6 σmax: float32's numerical
+        # rank drops that direction and float64 keeps it (10 % apart, for both paths alike).
+        expected = _reference("iso_cts", base, models, matrix=True, fraction=fraction)
+        assert torch.linalg.norm(out - expected) <= 1e-4 * size
+
+
 def test_tsv_singular_values_are_the_kept_ones():
     base, models = _random_family((20, 30), count=3, seed=1)
     out = tsv_merge(base, models, lam=1.0)

@@ -69,7 +69,7 @@ def factorize(vectors: torch.Tensor, band: int, *, svd: str = DEFAULT_SVD) -> Tu
     if svd == "eigh" or (svd in ("auto", "fast") and band + 10 >= 0.25 * min(vectors.shape[-2:])):
         # Every task at once (batched Gram eigensolver): the same triplets as
         # truncated_svd's "eigh", which "auto" picks for a band this wide.
-        u, s, vh = all_singular_triplets(vectors)
+        u, s, vh = all_singular_triplets(vectors, needed=band)
         return u[..., :band], s[..., :band], vh[..., :band, :]
     factors = [truncated_svd(vector, band, method=svd) for vector in vectors]
     return tuple(torch.stack(part) for part in zip(*factors))  # type: ignore[return-value]

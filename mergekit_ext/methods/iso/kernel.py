@@ -41,6 +41,7 @@ from mergekit_ext.tensors import (
     polar_factor,
     singular_value_tolerance,
     subspace_merge,
+    top_triplets_with_complement,
     truncated_svd,
 )
 
@@ -84,6 +85,10 @@ def iso_cts_components(
     """
     count, rows, cols = vectors.shape
     keep_common, specific = iso_cts_split(min(rows, cols), count, common_space_fraction)
+    if specific > 0 and _SVD == "fast":
+        stack = _complement_stack(vectors, keep_common, specific)
+        if stack is not None:
+            return stack
     u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=_SVD)
     significant = int((s > singular_value_tolerance((rows, cols), float(s[0]), s.dtype)).sum())
     u, s, vh = u[:, :significant], s[:significant], vh[:significant]
@@ -105,6 +110,47 @@ def iso_cts_components(
     )
     kept = kept.cpu()
     return left, sigma, right, owner[kept], position[kept]
+
+
+def _complement_stack(
+    vectors: torch.Tensor, keep_common: int, specific: int
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``iso_cts_components`` for m ≤ n, in the left complement of the common subspace (exact).
+
+    The rest of Δ_TA's left singular basis, U⊥ [m, m − k], is an orthonormal basis of the
+    complement of Uk, so τ̃t = U⊥ U⊥ᵀ τt: task t's top-s triplets
+    are U⊥ × those of the (m − k)×n matrix U⊥ᵀ τt (one small Gram eigensolver, not m×m).
+    Every task column is then orthogonal to Uk, so polar([U_tasks | Uk]) =
+    [U⊥ polar(B) | Uk] with B the small stacked left factors: the left polar factor needs
+    no m×m eigensolver either. Same result as the general path (tests/test_subspace.py);
+    None for a tall matrix (the complement is then not small) and when Δ_TA's rank is
+    below k (the general path drops those directions).
+    """
+    count, rows, cols = vectors.shape
+    if rows > cols:
+        return None
+    u, s, vh, complement = top_triplets_with_complement(vectors.sum(dim=0), keep_common)
+    if not bool((s > 0).all()):  # zeroed past the numerical rank: the general path drops those
+        return None
+    smalls, sigmas, rights = [], [], []
+    for vector in vectors:
+        small, st, vht = truncated_svd(complement.mT @ vector, specific, method=_SVD)
+        smalls.append(small)
+        sigmas.append(st)
+        rights.append(vht)
+    sizes = [part.numel() for part in sigmas] + [keep_common]
+    owner = torch.cat([torch.full((size,), block, dtype=torch.long) for block, size in enumerate(sizes)])
+    position = torch.cat([torch.arange(size, dtype=torch.long) for size in sizes])
+    sigma = torch.cat([*sigmas, s])
+    # The same numerical-zero rule as orthogonalized_stack_kept.
+    largest = float(sigma.max())
+    kept = sigma > singular_value_tolerance((rows, cols), largest, sigma.dtype)
+    task_kept, common_kept = kept[: sigma.numel() - keep_common], kept[sigma.numel() - keep_common :]
+    small = torch.cat(smalls, dim=1)[:, task_kept]
+    left = torch.cat([complement @ polar_factor(small), u[:, common_kept]], dim=1)
+    right = polar_factor(torch.cat([*rights, vh], dim=0)[kept])
+    kept = kept.cpu()
+    return left, sigma[kept], right, owner[kept], position[kept]
 
 
 def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:

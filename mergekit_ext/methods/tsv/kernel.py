@@ -47,7 +47,7 @@ def tsv_components(vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, t
     if SVD_METHOD == "auto" and per_task + 10 >= 0.25 * rank:
         # A wide cut (T ≤ 3): every task's triplets at once (batched Gram
         # eigensolver), as truncated_svd's "auto" would pick task by task.
-        u, s, vh = all_singular_triplets(vectors)
+        u, s, vh = all_singular_triplets(vectors, needed=per_task)
         left = u[..., :per_task].permute(1, 0, 2).reshape(rows, count * per_task)
         sigma = s[..., :per_task].reshape(-1)
         right = vh[..., :per_task, :].reshape(count * per_task, cols)
