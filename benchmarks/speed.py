@@ -552,6 +552,10 @@ KERNEL_SIZES: Dict[str, Dict[str, int]] = {
 KERNEL_REFERENCES = ("ties", "task_arithmetic")  # mergekit's own implementations, timed on the same tensors
 SVD_KERNELS = ("cart", "tsv_m", "iso_c", "iso_cts", "opcm", "adarank apply")
 ADARANK_KERNEL = "adarank apply"
+# Not a method: the T Gram matrices and their eigensolvers alone, the first step of every
+# exact full-spectrum factorization of the task vectors (TSV-M, AdaRank's apply, CART at
+# T >= 4). Its ratio to ties bounds from below what any such method can reach on a CPU.
+GRAM_FLOOR = "gram floor"
 
 
 def block_matrices(size: str) -> List[tuple]:
@@ -589,7 +593,7 @@ def kernel_parameters(name: str, ids: Sequence[int], base_id: int) -> Dict[str, 
 
 def kernel_names() -> List[str]:
     """mergekit's baselines, then every method this package registers that runs without a file, then AdaRank's apply."""
-    return list(KERNEL_REFERENCES) + [name for name in runner.our_method_names() if name not in KERNEL_REFERENCES] + [ADARANK_KERNEL]
+    return list(KERNEL_REFERENCES) + [name for name in runner.our_method_names() if name not in KERNEL_REFERENCES] + [ADARANK_KERNEL, GRAM_FLOOR]
 
 
 def kernel_times(size: str, counts: Sequence[int], *, names: Optional[Sequence[str]] = None, lapack: bool = True, dtype: torch.dtype = torch.bfloat16, on_row=None) -> Dict[str, Any]:
@@ -629,6 +633,11 @@ def kernel_times(size: str, counts: Sequence[int], *, names: Optional[Sequence[s
         return (u, s, vh) if needed is None else (u[..., :needed], s[..., :needed], vh[..., :needed, :])
 
     def run(name: str, tensor_name: str, base, models):
+        if name == GRAM_FLOOR:
+            vectors = tensors.task_vectors(base, models)
+            short = vectors if vectors.shape[-2] <= vectors.shape[-1] else vectors.mT
+            torch.linalg.eigh(short @ short.mT)
+            return base
         if name == ADARANK_KERNEL:
             mask = (torch.rand(len(models), min(base.shape), generator=torch.Generator().manual_seed(0)) > 0.3).float()
             return adarank_kernel.apply_masks(base, models, variant="ta", coefficients=torch.full((len(models),), 0.4), mask=mask)
@@ -705,6 +714,8 @@ def render_kernels(report: Dict[str, Any]) -> str:
         "(base N(0, 0.02²), fine-tunes base + N(0, 0.002²)); no files, no executor. Each distinct shape is timed once and "
         "counted as often as the block has it. `adarank apply` is AdaRank's apply step (every singular triplet of every task "
         "vector, a random mask): the `adarank` method needs a learned file, so the full benchmark skips it. "
+        "`gram floor` is no method: the T task vectors' Gram matrices and eigensolvers alone, the first step of every "
+        "exact full-spectrum factorization (TSV-M, AdaRank's apply, CART at T ≥ 4), so its ratio to ties bounds theirs from below. "
         "LAPACK: the SVD methods with `torch.linalg.svd` in place of the Gram-eigh factorization (what they ran before issue 15)."),
         "",
         f"Block matrices: {blocks}.",

@@ -113,15 +113,16 @@ def test_kernels_match_reference_with_weights(method):
 @pytest.mark.parametrize("shape", ((96, 96), (80, 150), (150, 80)))
 @pytest.mark.parametrize("count,fraction", ((2, 0.8), (3, 0.5), (5, 0.8)))
 def test_iso_cts_complement_path_matches_reference(shape, count, fraction, monkeypatch):
-    """Square and wide matrices take the complement-subspace path (issue 15); tall ones the general one."""
+    """Square and wide matrices take the complement-subspace path (issue 15); tall ones the general one.
+    Both use the block-wise left polar factor; the reference is a plain float64 implementation."""
     from mergekit_ext.methods.iso import kernel as iso_kernel
 
     base, models = _random_family(shape, count=count, seed=count)
     vectors = torch.stack([model - base for model in models])
     keep_common, specific = iso_kernel.iso_cts_split(min(shape), count, fraction)
-    assert (iso_kernel._complement_stack(vectors, keep_common, specific) is not None) == (shape[0] <= shape[1])
+    assert (iso_kernel._task_triplets_in_complement(vectors, keep_common, specific) is not None) == (shape[0] <= shape[1])
     out = iso_cts_merge(base, models, lam=1.0, common_space_fraction=fraction).double()
-    monkeypatch.setattr(iso_kernel, "_complement_stack", lambda *args: None)
+    monkeypatch.setattr(iso_kernel, "_task_triplets_in_complement", lambda *args: None)
     general = iso_cts_merge(base, models, lam=1.0, common_space_fraction=fraction).double()
     size = torch.linalg.norm(general - base.double())
     assert torch.linalg.norm(out - general) <= 1e-4 * size

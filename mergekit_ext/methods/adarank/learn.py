@@ -13,8 +13,8 @@ the top ``max_rank_ratio`` singular triplets of each task vector, about
 2·ratio·model per task; ``tsv_m``/``iso_cts``: the method's stack, about 2·model
 for all tasks together), U and V in ``factor_dtype``, and the task vectors of the
 non-matrix tensors (embeddings, lm_head, norms), also in ``factor_dtype``. The
-architecture it runs keeps no weights of its own (every forward passes the merged
-ones in). With ``gradient_checkpointing`` a step keeps one decoder layer's merged
+architecture it runs is built with no weights at all (meta parameters: every forward
+passes the merged ones in), so no float32 copy of the checkpoint is ever loaded. With ``gradient_checkpointing`` a step keeps one decoder layer's merged
 weights and graph at a time instead of the whole model's. It trains, with Adam:
 
 * mask logits [T, band] per matrix (straight-through binary masks; frozen with
@@ -405,18 +405,30 @@ def factorise(reference, loaders, model_paths, base_loader, options: "LearnOptio
     return entries
 
 
-def release_parameters(skeleton, names) -> int:
-    """Empty the architecture's own copy of every weight in ``names`` (the checkpoint's: the
-    learner passes all of them in at every forward, so the skeleton keeps only buffers such as
-    rotary frequencies), before the factorisation fills memory. Returns the bytes freed (one
-    float32 model for most checkpoints)."""
-    names = set(names)
-    freed = 0
-    for name, parameter in skeleton.named_parameters():
-        if name in names and parameter.numel():
-            freed += parameter.numel() * parameter.element_size()
-            parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
-    return freed
+def empty_architecture(reference_path: Path, names: Sequence[str], device):
+    """The checkpoint's architecture with no weights of its own: parameters on the meta device
+    (accelerate's ``init_empty_weights``), buffers such as rotary frequencies real, on ``device``.
+
+    The learner passes every weight in at each forward (``functional_call``), so loading the
+    checkpoint here would only add one transient float32 copy of the model to the peak.
+    A parameter the checkpoint lacks (and no tied one covers) is refused by name.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(reference_path))
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    missing = sorted({name for name, _ in skeleton.named_parameters()} - set(names))
+    if missing:
+        raise ValueError(f"adarank: {reference_path}: the architecture needs weights the checkpoint lacks: {', '.join(missing[:5])}")
+    for module in skeleton.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+    for parameter in skeleton.parameters():
+        parameter.requires_grad_(False)
+    return skeleton.eval()
 
 
 class MergedModel:
@@ -540,7 +552,7 @@ def learner_bytes(model: MergedModel) -> Dict[str, int]:
             parts["factors"] += sum(size(part) for part in entry.factors)
         if entry.vectors is not None:
             parts["other_task_vectors"] += size(entry.vectors)
-    parts["architecture"] = sum(size(tensor) for tensor in model.skeleton.state_dict().values())
+    parts["architecture"] = sum(size(tensor) for tensor in model.skeleton.state_dict().values() if not tensor.is_meta)
     parts["model_float32"] = sum(entry.origin.numel() * 4 for entry in model.entries)
     return parts
 
@@ -790,10 +802,7 @@ def prepare(
     train_pools = [pool[k:] for pool, k in zip(encoded, held)]
 
     clock = time.perf_counter()
-    skeleton = AutoModelForCausalLM.from_pretrained(str(reference_path), dtype=torch.float32).to(device).eval()
-    for parameter in skeleton.parameters():
-        parameter.requires_grad_(False)
-    release_parameters(skeleton, io.tensor_names(reference))
+    skeleton = empty_architecture(reference_path, io.tensor_names(reference), device)
     entries = factorise(reference, loaders, model_paths, reference if base_path is not None else None, options, device, progress=progress)
     seconds["factorise"] = time.perf_counter() - clock
     rows = mask_rows(options.variant, count)

@@ -37,7 +37,6 @@ from mergekit_ext.methods.iso import (
     SVD_METHOD,
 )
 from mergekit_ext.tensors import (
-    orthogonalized_stack_kept,
     polar_factor,
     singular_value_tolerance,
     subspace_merge,
@@ -82,75 +81,62 @@ def iso_cts_components(
     With no task-specific room (``iso_cts_split`` gives s = 0) this is Iso-C's
     factorisation: the numerically nonzero triplets of Δ_TA, all in the common block
     (U diag(σ̄) Vᵀ is ``iso_c_update``, which gets the same product from one polar factor).
+
+    Every task-specific left vector lies in the complement of the common Uk, so
+    polar([U_tasks | Uk]) = [polar(U_tasks) | Uk]: the left polar factor is that of the
+    T·s task columns only (a (T·s)² eigensolver, not r²). For m ≤ n the task triplets
+    themselves come from the complement basis (``_task_triplets_in_complement``).
     """
     count, rows, cols = vectors.shape
     keep_common, specific = iso_cts_split(min(rows, cols), count, common_space_fraction)
-    if specific > 0 and _SVD == "fast":
-        stack = _complement_stack(vectors, keep_common, specific)
-        if stack is not None:
-            return stack
-    u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=_SVD)
-    significant = int((s > singular_value_tolerance((rows, cols), float(s[0]), s.dtype)).sum())
-    u, s, vh = u[:, :significant], s[:significant], vh[:significant]
-    if specific == 0:
-        owner = torch.full((significant,), count, dtype=torch.long)
-        return u, s, vh, owner, torch.arange(significant, dtype=torch.long)
-    lefts, sigmas, rights = [], [], []
-    for vector in vectors:
-        residual = vector - u @ (u.mT @ vector)  # left projection only, as in the paper
-        ut, st, vht = truncated_svd(residual, specific, method=_SVD)
-        lefts.append(ut)
-        sigmas.append(st)
-        rights.append(vht)
-    sizes = [part.numel() for part in sigmas] + [significant]
+    parts = _task_triplets_in_complement(vectors, keep_common, specific) if specific > 0 and _SVD == "fast" else None
+    if parts is None:
+        u, s, vh = truncated_svd(vectors.sum(dim=0), keep_common, method=_SVD)
+        significant = int((s > singular_value_tolerance((rows, cols), float(s[0]), s.dtype)).sum())
+        u, s, vh = u[:, :significant], s[:significant], vh[:significant]
+        if specific == 0:
+            owner = torch.full((significant,), count, dtype=torch.long)
+            return u, s, vh, owner, torch.arange(significant, dtype=torch.long)
+        tasks = []
+        for vector in vectors:
+            residual = vector - u @ (u.mT @ vector)  # left projection only, as in the paper
+            tasks.append(truncated_svd(residual, specific, method=_SVD))
+        parts = (u, s, vh), tasks, None
+    (u, s, vh), tasks, complement = parts
+    sizes = [part[1].numel() for part in tasks] + [s.numel()]
     owner = torch.cat([torch.full((size,), block, dtype=torch.long) for block, size in enumerate(sizes)])
     position = torch.cat([torch.arange(size, dtype=torch.long) for size in sizes])
-    left, sigma, right, kept = orthogonalized_stack_kept(
-        torch.cat([*lefts, u], dim=1), torch.cat([*sigmas, s]), torch.cat([*rights, vh], dim=0)
-    )
+    sigma = torch.cat([*(part[1] for part in tasks), s])
+    # Numerically zero σ are dropped, as in tensors.orthogonalized_stack_kept.
+    kept = sigma > singular_value_tolerance((rows, cols), float(sigma.max()), sigma.dtype)
+    task_kept, common_kept = kept[: -s.numel() or None], kept[sigma.numel() - s.numel() :]
+    task_left = polar_factor(torch.cat([part[0] for part in tasks], dim=1)[:, task_kept])
+    if complement is not None:
+        task_left = complement @ task_left
+    left = torch.cat([task_left, u[:, common_kept]], dim=1)
+    right = polar_factor(torch.cat([*(part[2] for part in tasks), vh], dim=0)[kept])
     kept = kept.cpu()
-    return left, sigma, right, owner[kept], position[kept]
+    return left, sigma[kept], right, owner[kept], position[kept]
 
 
-def _complement_stack(
-    vectors: torch.Tensor, keep_common: int, specific: int
-) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``iso_cts_components`` for m ≤ n, in the left complement of the common subspace (exact).
+def _task_triplets_in_complement(vectors: torch.Tensor, keep_common: int, specific: int):
+    """For m ≤ n: Δ_TA's top-k triplets, each task's top-s triplets of τ̃t in the basis of
+    the complement, and that basis U⊥ [m, m − k] (exact; see tests/test_subspace.py).
 
-    The rest of Δ_TA's left singular basis, U⊥ [m, m − k], is an orthonormal basis of the
-    complement of Uk, so τ̃t = U⊥ U⊥ᵀ τt: task t's top-s triplets
-    are U⊥ × those of the (m − k)×n matrix U⊥ᵀ τt (one small Gram eigensolver, not m×m).
-    Every task column is then orthogonal to Uk, so polar([U_tasks | Uk]) =
-    [U⊥ polar(B) | Uk] with B the small stacked left factors: the left polar factor needs
-    no m×m eigensolver either. Same result as the general path (tests/test_subspace.py);
-    None for a tall matrix (the complement is then not small) and when Δ_TA's rank is
-    below k (the general path drops those directions).
+    The rest of Δ_TA's left singular basis is an orthonormal basis U⊥ of the complement of
+    Uk, so τ̃t = U⊥ U⊥ᵀ τt and task t's top-s triplets are U⊥ × those of the (m − k)×n
+    matrix U⊥ᵀ τt: one small Gram eigensolver per task instead of an m×m one. None for a
+    tall matrix (its complement is not small) and when Δ_TA's rank is below k (the general
+    path drops those directions).
     """
     count, rows, cols = vectors.shape
     if rows > cols:
         return None
     u, s, vh, complement = top_triplets_with_complement(vectors.sum(dim=0), keep_common)
-    if not bool((s > 0).all()):  # zeroed past the numerical rank: the general path drops those
+    if not bool((s > 0).all()):  # zeroed past the numerical rank
         return None
-    smalls, sigmas, rights = [], [], []
-    for vector in vectors:
-        small, st, vht = truncated_svd(complement.mT @ vector, specific, method=_SVD)
-        smalls.append(small)
-        sigmas.append(st)
-        rights.append(vht)
-    sizes = [part.numel() for part in sigmas] + [keep_common]
-    owner = torch.cat([torch.full((size,), block, dtype=torch.long) for block, size in enumerate(sizes)])
-    position = torch.cat([torch.arange(size, dtype=torch.long) for size in sizes])
-    sigma = torch.cat([*sigmas, s])
-    # The same numerical-zero rule as orthogonalized_stack_kept.
-    largest = float(sigma.max())
-    kept = sigma > singular_value_tolerance((rows, cols), largest, sigma.dtype)
-    task_kept, common_kept = kept[: sigma.numel() - keep_common], kept[sigma.numel() - keep_common :]
-    small = torch.cat(smalls, dim=1)[:, task_kept]
-    left = torch.cat([complement @ polar_factor(small), u[:, common_kept]], dim=1)
-    right = polar_factor(torch.cat([*rights, vh], dim=0)[kept])
-    kept = kept.cpu()
-    return left, sigma[kept], right, owner[kept], position[kept]
+    tasks = [truncated_svd(complement.mT @ vector, specific, method=_SVD) for vector in vectors]
+    return (u, s, vh), tasks, complement
 
 
 def iso_cts_update(vectors: torch.Tensor, common_space_fraction: float) -> torch.Tensor:
