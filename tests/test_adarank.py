@@ -25,7 +25,7 @@ from mergekit_ext.methods.adarank.kernel import (
     origin_and_vectors,
     straight_through_mask,
 )
-from mergekit_ext.methods.adarank.learn import LearnOptions, learn, read_prompts
+from mergekit_ext.methods.adarank.learn import LearnOptions, learn, prepare, read_prompts
 from mergekit_ext.methods.cart import DEFAULT_LAMBDA as CART_LAMBDA
 from mergekit_ext.methods.cart import DEFAULT_RANK_RATIO as CART_RANK_RATIO
 from mergekit_ext.methods.cart.kernel import cart_merge
@@ -308,6 +308,35 @@ def test_learner_refuses_bad_options(tiny_family):
         learn([tiny_family["ft0"]], _pools(), base=tiny_family["base"], progress=False)
     with pytest.raises(ValueError, match="needs --base"):
         learn([tiny_family["ft0"]], _pools()[:1], options=LearnOptions(variant="ta"), progress=False)
+
+
+def test_learner_architecture_holds_no_weights_and_needs_every_one(tiny_family, tmp_path):
+    """The learner's architecture is built on the meta device (no float32 copy of the
+    checkpoint); a checkpoint without a weight the architecture needs is refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_ext.methods.adarank.learn import empty_architecture, learner_bytes
+
+    setup = prepare(
+        [tiny_family[name] for name in MODELS], _pools(), base=tiny_family["base"],
+        options=LearnOptions(variant="ta", steps=0, batch_size=8), progress=False,
+    )  # fmt: skip
+    assert all(parameter.is_meta for parameter in setup.model.skeleton.parameters())
+    buffers = sum(buffer.numel() * buffer.element_size() for buffer in setup.model.skeleton.buffers())
+    assert buffers < learner_bytes(setup.model)["model_float32"] / 100  # rotary frequencies only
+    assert learner_bytes(setup.model)["architecture"] <= buffers
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_family["base"], broken)
+    files = sorted(broken.glob("*.safetensors"))
+    tensors = load_file(str(files[0]))
+    dropped = next(name for name in tensors if name.endswith("mlp.down_proj.weight"))
+    del tensors[dropped]
+    save_file(tensors, str(files[0]), metadata={"format": "pt"})
+    names = [name for file in files for name in load_file(str(file))]
+    with pytest.raises(ValueError, match=f"checkpoint lacks: .*{dropped}"):
+        empty_architecture(broken, names, torch.device("cpu"))
 
 
 def test_read_prompts(tmp_path):
