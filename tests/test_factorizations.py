@@ -148,6 +148,23 @@ def test_needed_triplets_match_the_full_call(name, share):
     assert relative(s, full_s[:k]) <= TOLERANCE or float(full_s[:k].norm()) == 0
 
 
+@pytest.mark.parametrize("shape", ((40, 70), (96, 96), (120, 300)))
+def test_top_triplets_with_complement(shape):
+    """Iso-CTS's split: the top k triplets (as all_singular_triplets gives them) and an
+    orthonormal basis of the rest of the left space, also past the numerical rank."""
+    low_rank = random(shape[0], 30, seed=3) @ random(30, shape[1], seed=4)  # rank 30 < m
+    for matrix in (random(*shape, seed=2), low_rank):
+        k = shape[0] // 3
+        u, s, vh, complement = tensors.top_triplets_with_complement(matrix, k)
+        assert u.shape == (shape[0], k) and complement.shape == (shape[0], shape[0] - k)
+        reference = tensors.all_singular_triplets(matrix, needed=k)
+        assert relative((u * s) @ vh, (reference[0] * reference[1]) @ reference[2]) <= TOLERANCE
+        basis = torch.cat([u[:, s > 0], complement], dim=1)
+        assert (basis.mT @ basis - torch.eye(basis.shape[1])).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="needs m <= n"):
+        tensors.top_triplets_with_complement(random(70, 40), 5)
+
+
 def test_triplets_batched_and_deterministic():
     batch = torch.stack([random(90, 60, seed=seed) for seed in range(3)])
     u, s, vh = all_singular_triplets(batch)
