@@ -90,33 +90,6 @@ class Scorer:
         return scores
 
 
-def unlabeled_prompts(tasks: List[str], documents: Dict, count: int, zoo_key: str) -> List[List[str]]:
-    """``count`` more prompts per task from the zoo's own task generators (no answers kept),
-    none of them a validation or test prompt: the in-domain unlabeled text a user would have.
-    Seeded by the zoo's path, so a rerun draws the same prompts."""
-    import random
-
-    from mergekit_ext.zoo.tasks import GENERATION_TASKS, document_key, make_item
-
-    pools = []
-    for index, task_name in enumerate(tasks):
-        task = GENERATION_TASKS[task_name]
-        held_out = {document_key(task, doc) for split in ("validation", "test") for doc in documents[split][index]}
-        rng = random.Random(f"{zoo_key}-{task_name}-unlabeled")
-        pool: List[str] = []
-        for _ in range(100 * count + 1000):
-            if len(pool) == count:
-                break
-            prompt = document_key(task, make_item(task, rng))
-            if prompt not in held_out:
-                held_out.add(prompt)
-                pool.append(prompt)
-        if len(pool) < count:
-            raise SystemExit(f"adarank_bench: task {task_name} has fewer than {count} unused prompts")
-        pools.append(pool)
-    return pools
-
-
 def _model_forward(path, device):
     from transformers import AutoModelForCausalLM
 
@@ -143,8 +116,10 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
     # Learning prompts: validation's, plus --unlabeled more per task (their runs get a ":uN" key).
     suffix = f":u{args.unlabeled}" if args.unlabeled else ""
     if args.unlabeled:
-        extra = unlabeled_prompts(tasks, zoo["documents"], args.unlabeled, path.name)
-        prompts = [pool + more for pool, more in zip(prompts, extra)]
+        from mergekit_ext.zoo import load_zoo
+
+        built = load_zoo(path)  # the task generators are named in a built zoo's manifest
+        prompts = [L.zoo_prompts(built, task, unlabeled=args.unlabeled) for task in tasks]
     if "experts" not in record:
         from transformers import AutoTokenizer
 

@@ -168,7 +168,7 @@ def summarise(report: Dict) -> str:
         lines += [
             "",
             f"Projected to Llama-3-8B shapes ({first['parameters'] / 1e9:.2f}B parameters) with {first['tasks']} experts "
-            "(shapes exact; the rest of the measured peak, above what the learner holds: memory-mapped checkpoint pages, the transient float32 architecture load, a step's graph, scaled as a share of the float32 model from the size named):",
+            "(shapes exact; the rest of the measured peak, above what the learner holds: the memory-mapped checkpoint pages (T + 1 bfloat16 models), the merged weights a step builds with their gradients, a step's graph, scaled as a share of the float32 model from the size named):",
             "",
             "| band | factors | checkpointing | from | origin GiB | factors GiB | other τ GiB | rest of the peak (× fp32 model) | total GiB |",
             "|---|---|---|---|---|---|---|---|---|",

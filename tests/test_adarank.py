@@ -390,6 +390,20 @@ def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_learn_on_a_zoo_adds_unlabeled_prompts(test_zoo, tmp_path):
+    """`learn --zoo` learns on each task's validation prompts plus --unlabeled fresh ones."""
+    from mergekit_ext.cli import main
+
+    file = tmp_path / "zoo.safetensors"
+    arguments = ["adarank", "learn", "--zoo", str(test_zoo.root), "--objective", "entropy", "--steps", "0", "--out", str(file), "--quiet"]
+    result = CliRunner().invoke(main, [*arguments, "--unlabeled", "6"])
+    assert result.exit_code == 0, result.output
+    training = open_learned_file(file).info["training"]
+    pools = [train + held for train, held in zip(training["prompts_per_task"], training["held_out_per_task"])]
+    assert pools == [len(test_zoo.documents(task, "validation")) + 6 for task in test_zoo.tasks]
+
+
+@pytest.mark.slow
 def test_matrix_classification_matches_the_engine(tiny_family):
     """The learner masks exactly the tensors the mergekit method treats as matrices."""
     result = _learn(tiny_family, steps=0)

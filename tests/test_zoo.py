@@ -356,3 +356,23 @@ def test_compare_on_hard_zoo_reports_exact_match_without_chance(hard_zoo, tmp_pa
     assert "exact match" in format_table(report).splitlines()[0]
     paths = write_report(report, tmp_path / "r")
     assert paths["chart"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("zoo_fixture", ["test_zoo", "hard_zoo"])
+def test_unlabeled_documents_are_fresh_and_reproducible(zoo_fixture, request):
+    """`adarank learn --zoo --unlabeled N`: N generator prompts per task, none of them a
+    validation or test prompt, none repeated, the same ones on every load of the zoo."""
+    from mergekit_ext.methods.adarank.learn import zoo_prompts
+    from mergekit_ext.zoo.tasks import TASKS_BY_KIND, document_key
+
+    zoo = load_zoo(request.getfixturevalue(zoo_fixture).root)
+    for task in zoo.tasks:
+        generator = TASKS_BY_KIND[zoo.kind(task)][task]
+        drawn = zoo.unlabeled_documents(task, 40)
+        keys = [document_key(generator, document) for document in drawn]
+        held_out = {document_key(generator, doc) for split in ("validation", "test") for doc in zoo.documents(task, split)}
+        assert len(keys) == 40 and len(set(keys)) == 40 and not held_out & set(keys)
+        assert drawn == load_zoo(zoo.root).unlabeled_documents(task, 40)
+        prompts = zoo_prompts(zoo, task, unlabeled=40)
+        assert prompts[: len(zoo.documents(task, "validation"))] == zoo_prompts(zoo, task)
+        assert len(prompts) == len(zoo.documents(task, "validation")) + 40

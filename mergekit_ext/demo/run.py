@@ -50,7 +50,7 @@ DEMO_MERGES: List[DemoMerge] = [
     ("iso_cts", "iso_cts", {"weight": 1.0, "lambda": 3.0, "common_space_fraction": 0.8}),  # 0.790
     # AdaRank learns its masks and coefficients first (``learn_adarank``), on the zoo's
     # unlabeled validation prompts; these are LearnOptions: the default objective (distill)
-    # on CART at its setting above, a short schedule (100 of the default 300 steps).
+    # on CART at its setting above, a short schedule (100 of the default 600 steps).
     ("adarank", "adarank", {"variant": "cart", "prior": 1.5, "init_rank_ratio": 0.05, "objective": "distill", "lr": 3e-3, "steps": 100, "batch_size": 8}),
 ]
 

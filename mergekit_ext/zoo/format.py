@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
 from mergekit_ext import io
-from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, LM_EVAL_MAX_GEN_TOKS, MULTIPLE_CHOICE, TASKS_BY_KIND
+from mergekit_ext.zoo.tasks import (
+    GENERATION,
+    GENERATION_STOP,
+    LM_EVAL_MAX_GEN_TOKS,
+    MULTIPLE_CHOICE,
+    TASKS_BY_KIND,
+    document_key,
+    make_item,
+)
 
 ZOO_FORMAT = "mergekit-ext/zoo/1"
 ZOO_FORMATS = (ZOO_FORMAT, "mergekit-ext-zoo/1")  # the second was written by 0.1.0; read the same
@@ -51,6 +60,24 @@ class Zoo:
 
     def documents(self, task: str, split: str) -> List[Dict]:
         return io.read_jsonl(self.root / self.manifest["tasks"][task][split])
+
+    def unlabeled_documents(self, task: str, count: int) -> List[Dict]:
+        """``count`` fresh documents of a task from its generator, none of them a validation
+        or test prompt: in-domain unlabeled text, as a user would have (their answers are
+        for no one to read). Seeded by the zoo folder's name, so the same zoo draws the same ones."""
+        generator = TASKS_BY_KIND[self.kind(task)][task]
+        held_out = {document_key(generator, doc) for split in ("validation", "test") for doc in self.documents(task, split)}
+        rng = random.Random(f"{self.root.name}-{task}-unlabeled")
+        drawn: List[Dict] = []
+        for _ in range(100 * count + 1000):  # a generator with few distinct prompts runs dry: say so
+            if len(drawn) == count:
+                return drawn
+            document = make_item(generator, rng)
+            key = document_key(generator, document)
+            if key not in held_out:
+                held_out.add(key)
+                drawn.append(document)
+        raise ZooError(f"{self.root}: task {task} has fewer than {count} prompts outside its validation and test splits")
 
     @property
     def eval_cache(self) -> Path:

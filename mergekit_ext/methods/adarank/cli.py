@@ -18,6 +18,7 @@ from mergekit_ext.methods.adarank import (
     DEFAULT_STEPS,
     DEFAULT_TOP_K,
     DEFAULT_VARIANT,
+    DEFAULT_ZOO_UNLABELED,
     FACTOR_DTYPES,
     OBJECTIVES,
     VARIANT_DEFAULTS,
@@ -29,7 +30,7 @@ def _defaults(key: str) -> str:
     return ", ".join(f"{variant} {values[key]}" for variant, values in VARIANT_DEFAULTS.items())
 
 
-def _resolve_inputs(models, base, zoo_dir, prompt_files):
+def _resolve_inputs(models, base, zoo_dir, prompt_files, unlabeled=0):
     """Models, base, task names and one prompt pool per model from the command's options."""
     from mergekit_ext.methods.adarank import learn
 
@@ -49,7 +50,7 @@ def _resolve_inputs(models, base, zoo_dir, prompt_files):
             if missing:
                 raise ValueError(f"adarank: not experts of the zoo {zoo.root}: {', '.join(missing)}; give --prompts instead")
             names = [experts[model] for model in models]
-        pools = [learn.zoo_prompts(zoo, name) for name in names]
+        pools = [learn.zoo_prompts(zoo, name, unlabeled=unlabeled) for name in names]
         base = base if base is not None else zoo.base
     if not models:
         raise ValueError("adarank: give the models to merge (or --zoo to use a zoo's experts)")
@@ -85,6 +86,7 @@ def adarank_group() -> None:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The learned file to write (.safetensors).")
 @click.option("--base", default=None, type=click.Path(exists=True, file_okay=False), help="θ0, the pretrained model (required for --variant ta; default with --zoo: the zoo's base).")
 @click.option("--zoo", "zoo_dir", default=None, type=click.Path(exists=True, file_okay=False), help="A built zoo: its experts (when no MODELS are given), its base, and each task's validation prompts.")
+@click.option("--unlabeled", type=int, default=DEFAULT_ZOO_UNLABELED, show_default=True, help="With --zoo: this many more prompts per task from the zoo's task generators (never a validation or test prompt; answers unused).")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Prompts, one per line (.txt) or JSONL; once for all tasks, or once per model in order. Added to the zoo's.")
 @click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True, help="The base method step 0 is: ta (Task Arithmetic, origin θ0), cart (CART, origin θavg), tsv_m (TSV-M) or iso_cts (Iso-CTS; Iso-C with --common-space-fraction 1), whose candidate components are the columns of the method's orthogonalized stack.")
 @click.option("--prior", type=float, default=None, help=f"Initial coefficient, the base method's λ  [default: {_defaults('prior')}]")
@@ -108,7 +110,7 @@ def adarank_group() -> None:
 @click.option("--dtype", default=None, help="Output dtype for --merge-out (default: the models').")
 @click.option("--overwrite", is_flag=True, help="Replace --out and --merge-out if they exist.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def learn_command(models, out, base, zoo_dir, prompt_files, merge_out, dtype, overwrite, quiet, **learn_options) -> None:
+def learn_command(models, out, base, zoo_dir, unlabeled, prompt_files, merge_out, dtype, overwrite, quiet, **learn_options) -> None:
     """Learn AdaRank masks and coefficients for MODELS and write them to --out."""
     from mergekit_ext import io
     from mergekit_ext.methods.adarank.format import is_learned_file
@@ -126,7 +128,7 @@ def learn_command(models, out, base, zoo_dir, prompt_files, merge_out, dtype, ov
     from mergekit_ext.methods.adarank import learn
     from mergekit_ext.methods.adarank.format import write_learned_file
 
-    models, base, names, pools = _resolve_inputs(models, base, zoo_dir, prompt_files)
+    models, base, names, pools = _resolve_inputs(models, base, zoo_dir, prompt_files, unlabeled)
     options = learn.LearnOptions(**learn_options)  # the remaining options are LearnOptions' fields, by name
     result = learn.learn(models, pools, base=base, options=options, task_names=names, progress=not quiet)
     write_learned_file(out_path, result.masks, result.coefficients, result.info, result.fingerprints)

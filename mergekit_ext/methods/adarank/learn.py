@@ -190,12 +190,14 @@ def read_prompts(path: str | os.PathLike) -> List[str]:
     return prompts
 
 
-def zoo_prompts(zoo, task: str, split: str = "validation") -> List[str]:
+def zoo_prompts(zoo, task: str, split: str = "validation", unlabeled: int = 0) -> List[str]:
     """A zoo task's prompts (never its answers): a generation task's ``prompt``, or a
-    multiple-choice ``query`` followed by lm-eval's target delimiter (where the answer starts)."""
+    multiple-choice ``query`` followed by lm-eval's target delimiter (where the answer starts);
+    then ``unlabeled`` more from the task's generator, none of them a validation or test prompt."""
+    documents = zoo.documents(task, split) + (zoo.unlabeled_documents(task, unlabeled) if unlabeled else [])
     return [
         document["prompt"] if "prompt" in document else document["query"] + ZOO_TARGET_DELIMITER
-        for document in zoo.documents(task, split)
+        for document in documents
     ]
 
 
@@ -759,7 +761,7 @@ def prepare(
     progress: bool = True,
 ) -> Setup:
     """Tokenise, split held-out prompts, build the teacher cache (distill), factorise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     options = options.resolved()
     model_paths = [Path(model).absolute() for model in models]
