@@ -387,6 +387,10 @@ def test_cli_learn_show_merge_end_to_end(tiny_family, tmp_path):
     bad = CliRunner().invoke(main, ["adarank", "learn", str(tiny_family["ft0"]), "--out", str(tmp_path / "x.safetensors")])
     assert bad.exit_code != 0 and "no prompts" in bad.output
     assert not (tmp_path / "x.safetensors").exists()
+    # --unlabeled draws from a zoo's generators: without --zoo it is refused by name, before learning.
+    stray = CliRunner().invoke(main, [*arguments[:-5], "--unlabeled", "5", "--out", str(tmp_path / "x.safetensors")])
+    assert stray.exit_code != 0 and "--unlabeled" in stray.output and "--zoo" in stray.output
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.slow

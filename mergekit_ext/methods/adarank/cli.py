@@ -86,7 +86,7 @@ def adarank_group() -> None:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The learned file to write (.safetensors).")
 @click.option("--base", default=None, type=click.Path(exists=True, file_okay=False), help="θ0, the pretrained model (required for --variant ta; default with --zoo: the zoo's base).")
 @click.option("--zoo", "zoo_dir", default=None, type=click.Path(exists=True, file_okay=False), help="A built zoo: its experts (when no MODELS are given), its base, and each task's validation prompts.")
-@click.option("--unlabeled", type=int, default=DEFAULT_ZOO_UNLABELED, show_default=True, help="With --zoo: this many more prompts per task from the zoo's task generators (never a validation or test prompt; answers unused).")
+@click.option("--unlabeled", type=click.IntRange(min=0), default=DEFAULT_ZOO_UNLABELED, show_default=True, help="With --zoo: this many more prompts per task from the zoo's task generators (never a validation or test prompt; answers unused).")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Prompts, one per line (.txt) or JSONL; once for all tasks, or once per model in order. Added to the zoo's.")
 @click.option("--variant", type=click.Choice(VARIANTS), default=DEFAULT_VARIANT, show_default=True, help="The base method step 0 is: ta (Task Arithmetic, origin θ0), cart (CART, origin θavg), tsv_m (TSV-M) or iso_cts (Iso-CTS; Iso-C with --common-space-fraction 1), whose candidate components are the columns of the method's orthogonalized stack.")
 @click.option("--prior", type=float, default=None, help=f"Initial coefficient, the base method's λ  [default: {_defaults('prior')}]")
@@ -125,6 +125,8 @@ def learn_command(models, out, base, zoo_dir, unlabeled, prompt_files, merge_out
         io.check_output_not_input(merge_out, [*inputs, out_path])
         io.check_replaceable(merge_out, overwrite=overwrite)
     io.check_dtype_name(dtype)
+    if zoo_dir is None and click.get_current_context().get_parameter_source("unlabeled") is not click.core.ParameterSource.DEFAULT:
+        raise click.BadParameter("draws prompts from a zoo's task generators: give --zoo too (or more prompts with --prompts)", param_hint="--unlabeled")
     from mergekit_ext.methods.adarank import learn
     from mergekit_ext.methods.adarank.format import write_learned_file
 
