@@ -90,6 +90,11 @@ class Scorer:
         return scores
 
 
+# Prompts per task per step in every run recorded before runs were keyed by batch (`learn`'s
+# own default is adarank.DEFAULT_BATCH_SIZE).
+BENCH_BATCH_SIZE = 16
+
+
 def _model_forward(path, device):
     from transformers import AutoModelForCausalLM
 
@@ -113,8 +118,9 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
     tasks = zoo["tasks"]
     device = torch.device(args.device)
     prompts = [[doc["prompt"] for doc in docs] for docs in zoo["documents"]["validation"]]
-    # Learning prompts: validation's, plus --unlabeled more per task (their runs get a ":uN" key).
-    suffix = f":u{args.unlabeled}" if args.unlabeled else ""
+    # Learning prompts: validation's, plus --unlabeled more per task (their runs get a ":uN" key);
+    # a batch other than the bench's default gets ":bN" (runs of different batches never collide).
+    suffix = (f":u{args.unlabeled}" if args.unlabeled else "") + (f":b{args.batch_size}" if args.batch_size != BENCH_BATCH_SIZE else "")
     if args.unlabeled:
         from mergekit_ext.zoo import load_zoo
 
@@ -245,7 +251,8 @@ def summarise(results: Dict) -> str:
         for config in configs:
             if not config.startswith(variant + ":"):
                 continue
-            _, objective, mode, *unlabeled = config.split(":")
+            _, objective, mode, *extras = config.split(":")
+            settings = {extra[0]: extra[1:] for extra in extras}  # u: unlabeled prompts per task, b: batch per task
             candidates = {}
             for zoo in zoos:
                 for key, run in results[zoo]["runs"].items():
@@ -263,9 +270,10 @@ def summarise(results: Dict) -> str:
             normalized = [_mean([a / max(x, 1e-9) for a, x in zip(points[zoo]["test"], results[zoo]["experts"]["test"])]) for zoo in zoos]
             tm, ts = stats(test)
             cm, cs = stats(closed)
+            unlabeled_text = f" + {settings['u']} unlabeled prompts/task" if "u" in settings else ""
             lines.append(
                 f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'}"
-                f"{f' + {unlabeled[0][1:]} unlabeled prompts/task' if unlabeled else ''} | {lr} | {step} | "
+                f"{unlabeled_text}, batch {settings.get('b', BENCH_BATCH_SIZE)}/task | {lr} | {step} | "
                 f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
                 f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {versus_ta(test)} | {len(zoos)} |"
             )
@@ -295,7 +303,7 @@ def main() -> None:
     parser.add_argument("--iso-grid", default="2.0,2.5,3.0,3.5,4.0", help="Iso-CTS λ grid (the hard zoo's default, 3.0, in the middle)")
     parser.add_argument("--cart-rank", type=float, default=0.1)
     parser.add_argument("--max-rank-ratio", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=BENCH_BATCH_SIZE, help="prompts per task per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unlabeled", type=int, default=0, help="Learn on this many more prompts per task, drawn from the zoo's task generators (never a validation or test prompt).")
     parser.add_argument("--device", default="cpu")
