@@ -55,7 +55,7 @@ from mergekit_ext.zoo.format import (
     write_task_yamls,
 )
 from mergekit_ext.zoo.presets import LATER_FIELDS, PRESETS, Preset
-from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, LM_EVAL_MAX_GEN_TOKS, document_key, make_item
+from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, LM_EVAL_MAX_GEN_TOKS, document_key, draw_distinct, make_item
 from mergekit_ext.zoo.train import (
     LORA_TARGETS,
     load_causal_lm,
@@ -180,17 +180,9 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         seen: set = set()
         splits: Dict[str, List[Dict]] = {"validation": [], "test": []}
         for split, count in (("validation", settings.validation_items), ("test", settings.test_items)):
-            tries = 0
-            while len(splits[split]) < count:
-                tries += 1
-                if tries > 100 * count + 1000:
-                    raise ZooError(f"task {task.name}: cannot draw {count} distinct {split} prompts")
-                document = make_item(task, rng)
-                key = document_key(task, document)
-                if key in seen:
-                    continue
-                seen.add(key)
-                splits[split].append(document)
+            splits[split] = draw_distinct(task, rng, count, seen)
+            if len(splits[split]) < count:
+                raise ZooError(f"task {task.name}: cannot draw {count} distinct {split} prompts")
         held_out |= seen
         documents[task.name] = splits
         data_dir = root / "data" / task.name

@@ -16,7 +16,7 @@ from mergekit_ext.zoo.tasks import (
     MULTIPLE_CHOICE,
     TASKS_BY_KIND,
     document_key,
-    make_item,
+    draw_distinct,
 )
 
 ZOO_FORMAT = "mergekit-ext/zoo/1"
@@ -67,17 +67,10 @@ class Zoo:
         for no one to read). Seeded by the zoo folder's name, so the same zoo draws the same ones."""
         generator = TASKS_BY_KIND[self.kind(task)][task]
         held_out = {document_key(generator, doc) for split in ("validation", "test") for doc in self.documents(task, split)}
-        rng = random.Random(f"{self.root.name}-{task}-unlabeled")
-        drawn: List[Dict] = []
-        for _ in range(100 * count + 1000):  # a generator with few distinct prompts runs dry: say so
-            if len(drawn) == count:
-                return drawn
-            document = make_item(generator, rng)
-            key = document_key(generator, document)
-            if key not in held_out:
-                held_out.add(key)
-                drawn.append(document)
-        raise ZooError(f"{self.root}: task {task} has fewer than {count} prompts outside its validation and test splits")
+        drawn = draw_distinct(generator, random.Random(f"{self.root.name}-{task}-unlabeled"), count, held_out)
+        if len(drawn) < count:
+            raise ZooError(f"{self.root}: task {task} has fewer than {count} prompts outside its validation and test splits")
+        return drawn
 
     @property
     def eval_cache(self) -> Path:

@@ -272,6 +272,22 @@ def document_key(task, document: Dict) -> str:
     return document["prompt"] if task_kind(task) == GENERATION else document["query"]
 
 
+def draw_distinct(task, rng: random.Random, count: int, taken: set) -> List[Dict]:
+    """Up to ``count`` documents whose prompts are not in ``taken`` and not repeated (each one
+    drawn is added to ``taken``). Fewer only when the generator runs dry: 100·count + 1000
+    draws are tried, and the caller says what that means."""
+    drawn: List[Dict] = []
+    for _ in range(100 * count + 1000):
+        if len(drawn) == count:
+            break
+        document = make_item(task, rng)
+        key = document_key(task, document)
+        if key not in taken:
+            taken.add(key)
+            drawn.append(document)
+    return drawn
+
+
 def training_pair(task, rng: random.Random) -> Tuple[str, str]:
     """(context, continuation) of one training sequence; loss is on the continuation only.
 
