@@ -121,6 +121,7 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
     # Learning prompts: validation's, plus --unlabeled more per task (their runs get a ":uN" key);
     # a batch other than the bench's default gets ":bN" (runs of different batches never collide).
     suffix = (f":u{args.unlabeled}" if args.unlabeled else "") + (f":b{args.batch_size}" if args.batch_size != BENCH_BATCH_SIZE else "")
+    suffix += f":s{args.lr_schedule}" if args.lr_schedule != "constant" else ""  # runs before schedules existed were constant
     if args.unlabeled:
         from mergekit_ext.zoo import load_zoo
 
@@ -177,7 +178,7 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
             if key in record["runs"]:
                 continue
             run_options = L.LearnOptions(
-                **{**asdict(options), "prior": prior, "objective": objective, "lr": lr, "steps": steps, "coefficients_only": mode == "coef"}
+                **{**asdict(options), "prior": prior, "objective": objective, "lr": lr, "lr_schedule": args.lr_schedule, "steps": steps, "coefficients_only": mode == "coef"}
             )
             setup.reset(run_options)
             setup.objective = L.make_objective(setup.options, setup.tokenizer.pad_token_id or 0, device, setup.stop_ids)
@@ -252,7 +253,7 @@ def summarise(results: Dict) -> str:
             if not config.startswith(variant + ":"):
                 continue
             _, objective, mode, *extras = config.split(":")
-            settings = {extra[0]: extra[1:] for extra in extras}  # u: unlabeled prompts per task, b: batch per task
+            settings = {extra[0]: extra[1:] for extra in extras}  # u: unlabeled prompts per task, b: batch per task, s: lr schedule
             candidates = {}
             for zoo in zoos:
                 for key, run in results[zoo]["runs"].items():
@@ -273,7 +274,7 @@ def summarise(results: Dict) -> str:
             unlabeled_text = f" + {settings['u']} unlabeled prompts/task" if "u" in settings else ""
             lines.append(
                 f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'}"
-                f"{unlabeled_text}, batch {settings.get('b', BENCH_BATCH_SIZE)}/task | {lr} | {step} | "
+                f"{unlabeled_text}, batch {settings.get('b', BENCH_BATCH_SIZE)}/task | {lr} {settings.get('s', 'constant')} | {step} | "
                 f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
                 f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {versus_ta(test)} | {len(zoos)} |"
             )
@@ -294,6 +295,7 @@ def main() -> None:
     parser.add_argument("--modes", default="full,coef")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="lr grid for distill masks+coef; the others use --other-lr")
     parser.add_argument("--other-lr", type=float, default=1e-3)
+    parser.add_argument("--lr-schedule", default="constant", help="constant or cosine (runs get a :s<schedule> key)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--entropy-steps", type=int, default=200)
     parser.add_argument("--checkpoints", default="50,100,200,300")

@@ -579,3 +579,27 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_family, o
     assert any(float(gradient.abs().max()) > 0 for gradient in plain[1:])  # the masks get gradient
     for first, second in zip(plain, checkpointed):
         torch.testing.assert_close(second, first, atol=1e-6, rtol=1e-5)
+
+
+def test_cosine_schedule_settles_the_last_steps(tiny_family):
+    """--lr-schedule cosine decays Adam's rate to ~0: the last update moves the coefficients far
+    less than the first, and far less than the last update of a constant rate does."""
+    from mergekit_ext.methods.adarank.learn import run
+
+    setup = prepare(
+        [tiny_family[name] for name in MODELS], _pools(), base=tiny_family["base"],
+        options=LearnOptions(variant="ta", objective="entropy", steps=12, lr=0.05, batch_size=8, max_new_tokens=3),
+        progress=False,
+    )  # fmt: skip
+    last_moves = {}
+    for schedule in ("constant", "cosine"):
+        setup.reset(LearnOptions(**{**setup.options.__dict__, "lr_schedule": schedule}))
+        snapshots = [setup.model.coefficients.detach().clone()]
+        result = run(setup, on_step=lambda step: snapshots.append(setup.model.coefficients.detach().clone()))
+        moves = [float((after - before).abs().max()) for before, after in zip(snapshots, snapshots[1:])]
+        assert len(moves) == 12 and moves[0] > 0.02  # Adam's first step moves by about lr
+        assert result.info["training"]["lr_schedule"] == schedule
+        last_moves[schedule] = moves[-1]
+    assert last_moves["cosine"] < 0.1 * last_moves["constant"]
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
+        LearnOptions(lr_schedule="linear").resolved()

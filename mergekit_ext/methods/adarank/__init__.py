@@ -109,6 +109,11 @@ DEFAULT_MAX_RANK_RATIO = 1.0
 DEFAULT_STEPS = 600
 DEFAULT_LR = 3e-3
 DEFAULT_BATCH_SIZE = 8
+# How the learning rate moves over the steps: constant, or a cosine decay to 0 (the mask
+# logits stop crossing 0 at the end, so the last step is a settled merge, not a sample
+# of the noise a constant rate keeps up; evidence: results/adarank-schedule.md).
+LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_LR_SCHEDULE = "constant"
 # `learn --zoo`: unlabeled prompts per task drawn from the zoo's task generators on top of
 # its validation prompts (the 384 above).
 DEFAULT_ZOO_UNLABELED = 384

@@ -12,6 +12,7 @@ from mergekit_ext.methods.adarank import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_COMMON_SPACE_FRACTION,
     DEFAULT_LR,
+    DEFAULT_LR_SCHEDULE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_RANK_RATIO,
     DEFAULT_OBJECTIVE,
@@ -20,6 +21,7 @@ from mergekit_ext.methods.adarank import (
     DEFAULT_VARIANT,
     DEFAULT_ZOO_UNLABELED,
     FACTOR_DTYPES,
+    LR_SCHEDULES,
     OBJECTIVES,
     VARIANT_DEFAULTS,
     VARIANTS,
@@ -95,6 +97,7 @@ def adarank_group() -> None:
 @click.option("--max-rank-ratio", type=float, default=DEFAULT_MAX_RANK_RATIO, show_default=True, help="Candidate band per matrix; components below it are dropped (memory ~ 2·ratio·model per task).")
 @click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True)
 @click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help="Adam learning rate for logits and coefficients.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=DEFAULT_LR_SCHEDULE, show_default=True, help="Learning rate over the steps: constant, or cosine decay to 0.")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Prompts per task per step.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=DEFAULT_OBJECTIVE, show_default=True, help="Label-free loss: entropy after each prompt, entropy over the merged model's own greedy answer, or distill (KL from each expert's greedy answers to its task's prompts; teacher outputs cached once).")
 @click.option("--coefficients-only", is_flag=True, help="Freeze the masks at the base method's and learn only the coefficients (AdaMerging-style).")

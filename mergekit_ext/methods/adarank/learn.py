@@ -61,6 +61,7 @@ from mergekit_ext.methods.adarank import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_COMMON_SPACE_FRACTION,
     DEFAULT_LR,
+    DEFAULT_LR_SCHEDULE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_RANK_RATIO,
     DEFAULT_OBJECTIVE,
@@ -72,6 +73,7 @@ from mergekit_ext.methods.adarank import (
     FACTOR_DTYPES,
     FINGERPRINT_RTOL,
     FINGERPRINT_VALUES,
+    LR_SCHEDULES,
     MASK_TEMPERATURE,
     OBJECTIVES,
     SUBSPACE_VARIANTS,
@@ -105,6 +107,7 @@ class LearnOptions:
     max_rank_ratio: float = DEFAULT_MAX_RANK_RATIO
     steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
+    lr_schedule: str = DEFAULT_LR_SCHEDULE  # constant, or cosine decay to 0 over the steps
     batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     svd: str = DEFAULT_SVD
@@ -126,6 +129,8 @@ class LearnOptions:
             raise ValueError(f"adarank: unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"adarank: unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"adarank: unknown lr_schedule {self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"adarank: factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         defaults = VARIANT_DEFAULTS[self.variant]
@@ -648,6 +653,10 @@ def _train(model: MergedModel, objective, pools, options: "LearnOptions", *, pro
 
     rng = random.Random(options.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+    scheduler = None
+    if options.lr_schedule == "cosine":
+        # lr · ½(1 + cos(π·step/steps)): full rate on the first step, ~0 on the last.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, options.steps))))
     history: List[float] = []
     bar = tqdm(range(options.steps), desc=f"adarank ({options.variant}, {objective.name})", disable=not progress)
     for step in bar:
@@ -656,6 +665,8 @@ def _train(model: MergedModel, objective, pools, options: "LearnOptions", *, pro
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         history.append(loss.item())
         if step % 10 == 0 or step == options.steps - 1:
             bar.set_postfix({objective.name: f"{history[-1]:.4f}"})
@@ -894,6 +905,7 @@ def run(setup: Setup, *, progress: bool = False, started: Optional[float] = None
             "coefficients_only": options.coefficients_only,
             "steps": options.steps,
             "lr": options.lr,
+            "lr_schedule": options.lr_schedule,
             "batch_size": options.batch_size,
             "seed": options.seed,
             "prompts_per_task": [len(pool) for pool in setup.train_pools],
