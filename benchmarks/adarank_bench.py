@@ -90,6 +90,8 @@ class Scorer:
         return scores
 
 
+MODE_LABELS = {"full": "masks+coef", "coef": "coef only", "weights": "all weights (reference, not AdaRank)"}
+
 # Prompts per task per step in every run recorded before runs were keyed by batch (`learn`'s
 # own default is adarank.DEFAULT_BATCH_SIZE).
 BENCH_BATCH_SIZE = 16
@@ -154,8 +156,11 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
         scorer = Scorer(setup.tokenizer, zoo["documents"], setup.stop_ids, device)
         model = setup.model
 
+        def score_with(weights, split):
+            return scorer(model.forward_with(weights), split)
+
         def score(split):
-            return scorer(model.forward_with(model.hard_weights()), split)
+            return score_with(model.hard_weights(), split)
 
         base_key = f"{variant}:base"
         if base_key not in record["runs"]:
@@ -191,6 +196,12 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
                         checkpoints[str(step)] = {"validation": score("validation"), "test": score("test")}
 
             clock = time.perf_counter()
+            if mode == "weights":
+                record["runs"][key] = train_all_weights(setup, steps, args.checkpoints, checkpoints, score_with)
+                record["runs"][key]["seconds"] = time.perf_counter() - clock
+                print(f"{path.name} {key}: test {_mean(checkpoints[str(steps)]['test']):.3f}; {record['runs'][key]['seconds']:.0f} s", flush=True)
+                save()
+                continue
             result = L.run(setup, on_step=on_step)
             kept = result.info["kept_components"]
             record["runs"][key] = {
@@ -210,6 +221,49 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
             )
             save()
         setup.train_pools, setup.held_out_pools = teacher_pools
+
+
+class AllWeights:
+    """A reference, not AdaRank: every weight of the base method's merge is a free parameter,
+    trained on the same objective, prompts and teachers (a full fine-tune from the merge). It
+    shows what one model of this size reaches with this data, the bound under which a learner
+    of masks and coefficients works."""
+
+    def __init__(self, model):
+        self.skeleton = model.skeleton
+        self.weights = {name: tensor.clone().requires_grad_(True) for name, tensor in model.hard_weights().items()}
+
+    def parameters(self):
+        return list(self.weights.values())
+
+    def logits(self, ids, attention):
+        kwargs = {"input_ids": ids, "attention_mask": attention}
+        return torch.func.functional_call(self.skeleton, self.weights, args=(), kwargs=kwargs).logits
+
+
+def train_all_weights(setup, steps, wanted, checkpoints, score_with) -> Dict:
+    """Train AllWeights from the setup's current state (the base method) with the learner's own
+    loop and options; the held-out objective before and after."""
+    from mergekit_ext.methods.adarank import learn as L
+
+    reference = AllWeights(setup.model)
+    with torch.no_grad():
+        before = float(setup.objective(reference, setup.held_out_pools)[0])
+
+    def on_reference_step(step):
+        if step in wanted or step == steps:
+            with torch.no_grad():
+                weights = {name: tensor.detach() for name, tensor in reference.weights.items()}
+                checkpoints[str(step)] = {"validation": score_with(weights, "validation"), "test": score_with(weights, "test")}
+
+    history = L._train(reference, setup.objective, setup.train_pools, setup.options, progress=False, on_step=on_reference_step)
+    with torch.no_grad():
+        after = float(setup.objective(reference, setup.held_out_pools)[0])
+    return {
+        "checkpoints": checkpoints,
+        "history": history[:: max(1, steps // 50)],
+        "held_out_objective": {"name": setup.objective.name, "before": {"total": before}, "after": {"total": after}},
+    }
 
 
 def summarise(results: Dict) -> str:
@@ -273,7 +327,7 @@ def summarise(results: Dict) -> str:
             cm, cs = stats(closed)
             unlabeled_text = f" + {settings['u']} unlabeled prompts/task" if "u" in settings else ""
             lines.append(
-                f"| {variant} | {objective} | {'masks+coef' if mode == 'full' else 'coef only'}"
+                f"| {variant} | {objective} | {MODE_LABELS[mode]}"
                 f"{unlabeled_text}, batch {settings.get('b', BENCH_BATCH_SIZE)}/task | {lr} {settings.get('s', 'constant')} | {step} | "
                 f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
                 f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {versus_ta(test)} | {len(zoos)} |"
@@ -295,6 +349,7 @@ def main() -> None:
     parser.add_argument("--modes", default="full,coef")
     parser.add_argument("--lrs", default="1e-3,3e-3", help="lr grid for distill masks+coef; the others use --other-lr")
     parser.add_argument("--other-lr", type=float, default=1e-3)
+    parser.add_argument("--weights-lr", type=float, default=3e-4, help="lr of --modes weights (the reference that trains every weight; the zoo's fine-tuning lr)")
     parser.add_argument("--lr-schedule", default="constant", help="constant or cosine (runs get a :s<schedule> key)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--entropy-steps", type=int, default=200)
@@ -325,6 +380,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             if objective == "distill" and mode == "full":
                 plan += [(objective, mode, lr, args.steps) for lr in _floats(args.lrs)]
+            elif mode == "weights":
+                plan.append((objective, mode, args.weights_lr, args.steps))
             else:
                 steps = args.steps if objective == "distill" else args.entropy_steps
                 plan.append((objective, mode, args.other_lr if objective != "distill" else max(_floats(args.lrs)), steps))
