@@ -14,6 +14,12 @@ task arithmetic (its validation-chosen λ) on each zoo.
     python benchmarks/adarank_bench.py /work/scratch/hard-bench/zoo-s0 ... --out benchmarks/results/adarank.json
     python benchmarks/adarank_bench.py --summarise benchmarks/results/adarank.json
 
+``--lr-schedule cosine`` runs decay the rate to 0 over ``--steps`` (keyed ``:scosine``;
+give ``--checkpoints`` only the last step: an earlier step of a cosine run is not a shorter
+cosine run). ``--modes weights`` is a reference, not AdaRank: every weight of the base
+method's merge trained on the same objective, prompts and teachers (``--weights-lr``),
+which says how far one model of this size gets with this data.
+
 Results are appended to ``--out`` after every run (a stopped benchmark keeps what it
 measured and resumes where it stopped). Scoring is in process: greedy decoding, cut at
 the first newline, exact match (the zoo scorer's definition).

@@ -994,7 +994,8 @@ def describe(info: Dict) -> List[str]:
         f"variant {info['variant']}  prior {info['prior']}  init_rank_ratio {info['init_rank_ratio']}  "
         f"max_rank_ratio {info['max_rank_ratio']}"
         + (f"  common_space_fraction {info['common_space_fraction']}" if "common_space_fraction" in info else ""),
-        f"training: objective {objective}, {mode}, {training['steps']} steps, lr {training['lr']}, "
+        f"training: objective {objective}, {mode}, {training['steps']} steps, lr {training['lr']} "
+        f"({training.get('lr_schedule', 'constant')}), "
         f"batch {training['batch_size']} per task, seed {training['seed']}",
         f"kept singular components: {_kept(kept)} candidates",
     ]
