@@ -338,7 +338,35 @@ def summarise(results: Dict) -> str:
                 f"{_mean([_mean(points[z]['validation']) for z in zoos]):.3f} | {tm:.3f} ± {ts:.3f} | {_mean(base_test):.3f} | "
                 f"{cm:+.2f} ± {cs:.2f} | {_mean(normalized):.3f} | {versus_ta(test)} | {len(zoos)} |"
             )
-    return "\n".join(lines_head + lines)
+    return "\n".join(lines_head + lines + every_run(results, zoos, expert_test))
+
+
+def every_run(results: Dict, zoos: List[str], expert_test: List[float]) -> List[str]:
+    """Every run complete on all zoos at its last checkpoint (the table above keeps the best lr
+    per configuration): how each lr and schedule did, with the paired difference to its base."""
+    lines = [
+        "",
+        "Every run at its last step (test EM per zoo in zoo order; gap closed of its own base method):",
+        "",
+        "| run | steps | val EM | test EM (mean ± std) | per zoo | gap closed (mean ± std) | − its base, per zoo |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({key for zoo in zoos for key in results[zoo]["runs"] if not key.endswith(":base")})
+    for key in keys:
+        runs = [results[zoo]["runs"].get(key) for zoo in zoos]
+        bases = [results[zoo]["runs"].get(key.split(":", 1)[0] + ":base") for zoo in zoos]
+        if not all(runs) or not all(bases):
+            continue
+        last = [run["checkpoints"][max(run["checkpoints"], key=int)] for run in runs]
+        test = [_mean(point["test"]) for point in last]
+        base_test = [_mean(base["test"]) for base in bases]
+        closed = [(t - b) / (e - b) for t, b, e in zip(test, base_test, expert_test)]
+        lines.append(
+            f"| `{key}` | {max(runs[0]['checkpoints'], key=int)} | {_mean([_mean(point['validation']) for point in last]):.3f} | "
+            f"{_mean(test):.3f} ± {statistics.pstdev(test):.3f} | {' '.join(f'{t:.3f}' for t in test)} | "
+            f"{_mean(closed):+.2f} ± {statistics.pstdev(closed):.2f} | {' '.join(f'{t - b:+.3f}' for t, b in zip(test, base_test))} |"
+        )
+    return lines
 
 
 def _floats(text):

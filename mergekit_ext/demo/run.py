@@ -51,7 +51,7 @@ DEMO_MERGES: List[DemoMerge] = [
     # AdaRank learns its masks and coefficients first (``learn_adarank``), on the zoo's
     # unlabeled validation prompts; these are LearnOptions: the default objective (distill)
     # on CART at its setting above, a short schedule (100 of the default 600 steps).
-    ("adarank", "adarank", {"variant": "cart", "prior": 1.5, "init_rank_ratio": 0.05, "objective": "distill", "lr": 3e-3, "steps": 100, "batch_size": 8}),
+    ("adarank", "adarank", {"variant": "cart", "prior": 1.5, "init_rank_ratio": 0.05, "objective": "distill", "steps": 100, "batch_size": 8}),
 ]
 
 # Per-method grids for `demo --tune`; parameters not listed keep DEMO_MERGES' value.
@@ -85,7 +85,7 @@ MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
     ("iso_cts", "iso_cts", {"weight": 1.0, "lambda": 1.5, "common_space_fraction": 0.8}),
     # on CART at its setting above (AdaRank's cart defaults are now the hard zoo's 2.0 / 0.1);
     # 4 answer tokens: a multiple-choice answer is a few characters
-    ("adarank", "adarank", {"variant": "cart", "prior": 1.3, "init_rank_ratio": 0.15, "objective": "distill", "lr": 3e-3, "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
+    ("adarank", "adarank", {"variant": "cart", "prior": 1.3, "init_rank_ratio": 0.15, "objective": "distill", "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
 ]
 
 MULTIPLE_CHOICE_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
