@@ -6,6 +6,7 @@ engine tests run mergekit's own engine (stock ``mergekit-yaml`` where noted).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -581,6 +582,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_family, o
         torch.testing.assert_close(second, first, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_settles_the_last_steps(tiny_family):
     """--lr-schedule cosine decays Adam's rate to ~0: the last update moves the coefficients far
     less than the first, and far less than the last update of a constant rate does."""
@@ -593,7 +595,7 @@ def test_cosine_schedule_settles_the_last_steps(tiny_family):
     )  # fmt: skip
     last_moves = {}
     for schedule in ("constant", "cosine"):
-        setup.reset(LearnOptions(**{**setup.options.__dict__, "lr_schedule": schedule}))
+        setup.reset(dataclasses.replace(setup.options, lr_schedule=schedule))
         snapshots = [setup.model.coefficients.detach().clone()]
         result = run(setup, on_step=lambda step: snapshots.append(setup.model.coefficients.detach().clone()))
         moves = [float((after - before).abs().max()) for before, after in zip(snapshots, snapshots[1:])]
