@@ -107,9 +107,9 @@ DEFAULT_MAX_RANK_RATIO = 1.0
 #   the time (~165 s vs ~285 s a run); lr 1e-2 on CART chose fewer steps on validation
 #   (0.804 vs 0.813) and scored 0.803 on test.
 # - benchmarks/results/adarank-schedule.{json,md} (the same zoos, one run, 600 steps, batch
-#   8, every run scored at its last step): a cosine decay of the rate to 0 (the mask logits
-#   stop crossing 0 at the end, so the last step is a settled merge rather than a sample of
-#   the noise a constant rate keeps up) lets a 10x larger rate work. Validation / test on
+#   8, every run scored at its last step): a cosine decay of the rate to 0 lets a 10x larger
+#   rate work (our reading: the mask logits stop crossing 0 at the end, so the last step is
+#   a settled merge rather than a sample of the noise a constant rate keeps up). Validation / test on
 #   CART: constant 3e-3 0.807 / 0.806 ± 0.009 (65 % of its gap); cosine 3e-3 0.815, 1e-2
 #   0.829, 3e-2 0.831 / 0.828 ± 0.021 (76 ± 1 %), 1e-1 0.833 / 0.829 (flat past 3e-2).
 #   On TA: constant 3e-3 0.812 / 0.810 (73 %); cosine 1e-2 0.823, 3e-2 0.828 / 0.830 ± 0.019
