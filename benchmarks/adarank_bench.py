@@ -203,9 +203,9 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
 
             clock = time.perf_counter()
             if mode == "weights":
-                record["runs"][key] = train_all_weights(setup, steps, args.checkpoints, checkpoints, score_with)
-                record["runs"][key]["seconds"] = time.perf_counter() - clock
-                print(f"{path.name} {key}: test {_mean(checkpoints[str(steps)]['test']):.3f}; {record['runs'][key]['seconds']:.0f} s", flush=True)
+                run = record["runs"][key] = train_all_weights(setup, steps, args.checkpoints, score_with)
+                run["seconds"] = time.perf_counter() - clock
+                print(f"{path.name} {key}: test {_mean(run['checkpoints'][str(steps)]['test']):.3f}; {run['seconds']:.0f} s", flush=True)
                 save()
                 continue
             result = L.run(setup, on_step=on_step)
@@ -247,12 +247,13 @@ class AllWeights:
         return torch.func.functional_call(self.skeleton, self.weights, args=(), kwargs=kwargs).logits
 
 
-def train_all_weights(setup, steps, wanted, checkpoints, score_with) -> Dict:
+def train_all_weights(setup, steps, wanted, score_with) -> Dict:
     """Train AllWeights from the setup's current state (the base method) with the learner's own
     loop and options; the held-out objective before and after."""
     from mergekit_ext.methods.adarank import learn as L
 
     reference = AllWeights(setup.model)
+    checkpoints = {}
     with torch.no_grad():
         before = float(setup.objective(reference, setup.held_out_pools)[0])
 
