@@ -216,6 +216,65 @@ def test_truncated_eigh_method_and_auto():
     assert relative((u * s) @ vh, (lu * ls) @ lvh) <= TOLERANCE
 
 
+@pytest.mark.parametrize("share", (0.1, 0.3, 1.0))
+@pytest.mark.parametrize("name", [name for name in MATRICES if min(MATRICES[name].shape) >= 48])
+def test_cpu_gram_eigensolvers_match_torch(name, share, monkeypatch):
+    """tensors.gram_eigenvectors's CPU path (scipy's ?syrk, then ?syevd, or ?syevr for only the
+    top eigenvectors) spans what torch.linalg.eigh's tail spans, in eigh's ascending order, and
+    the "gram" truncated SVD built on it still matches LAPACK. The size threshold is lowered so
+    that these small matrices take the CPU path."""
+    monkeypatch.setattr(tensors, "CPU_GRAM_FROM", 0)
+    matrix = MATRICES[name]
+    short = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.mT
+    for rows in (short, short.contiguous(), short.mT.contiguous().mT):  # C, F and strided layouts
+        size = rows.shape[0]
+        count = max(1, int(share * size))
+        vectors = tensors.gram_eigenvectors(rows, count)
+        gram = rows.double() @ rows.double().mT
+        values, exact = torch.linalg.eigh(gram)
+        exact = exact[:, -count:]
+        assert vectors.shape == (size, count) and vectors.dtype == rows.dtype
+        assert (vectors.mT @ vectors - torch.eye(count)).abs().max() <= 1e-4
+        # The same invariant subspace where the cut falls in a gap (vectors inside a cluster may rotate).
+        if count == size or float(values[-count] - values[-count - 1]) > 1e-3 * float(values[-1]):
+            assert relative(vectors.double() @ vectors.double().mT, exact @ exact.mT) <= 1e-3
+        # Ascending, like eigh's tail: the Rayleigh quotients increase.
+        quotients = ((vectors.double().mT @ gram) * vectors.double().mT).sum(dim=1)
+        assert torch.all(quotients[1:] >= quotients[:-1] - 1e-5 * float(values[-1]))
+    # The truncated SVD on top: as close to float64 LAPACK as the torch path is (the Gram
+    # method's error grows as the gap at the cut shrinks, whichever eigensolver it uses).
+    exact = torch.linalg.svd(matrix.double(), full_matrices=False)
+    for rank in (1, max(1, int(share * min(matrix.shape)) - 10)):
+        reference = (exact.U[:, :rank] * exact.S[:rank]) @ exact.Vh[:rank]
+        u, s, vh = tensors.truncated_svd(matrix, rank, method="gram")
+        monkeypatch.setattr(tensors, "CPU_GRAM_FROM", 10**9)
+        tu, ts, tvh = tensors.truncated_svd(matrix, rank, method="gram")
+        monkeypatch.setattr(tensors, "CPU_GRAM_FROM", 0)
+        assert relative((u * s) @ vh, reference) <= 2 * relative((tu * ts) @ tvh, reference) + 2e-5
+
+
+def test_cpu_gram_eigensolver_choice(monkeypatch):
+    """?syevr for a narrow cut, ?syevd otherwise, torch below CPU_GRAM_FROM; batches solve each matrix."""
+    import scipy.linalg
+
+    calls = []
+    original = scipy.linalg.eigh
+    monkeypatch.setattr(scipy.linalg, "eigh", lambda *a, **k: calls.append((k["driver"], k["subset_by_index"])) or original(*a, **k))
+    rows = random(300, 700)
+    tensors.gram_eigenvectors(rows[:100], 10)  # below CPU_GRAM_FROM: torch
+    assert calls == []
+    tensors.gram_eigenvectors(rows, 300)
+    tensors.gram_eigenvectors(rows, 90)
+    tensors.gram_eigenvectors(rows, 91)
+    assert calls == [("evd", None), ("evr", [210, 299]), ("evd", None)]
+    batch = torch.stack([rows, random(300, 700, seed=5)])
+    stacked = tensors.gram_eigenvectors(batch, 40)
+    assert stacked.shape == (2, 300, 40)
+    for matrix, vectors in zip(batch, stacked):
+        exact = torch.linalg.eigh(matrix.double() @ matrix.double().mT)[1][:, -40:]
+        assert relative(vectors.double() @ vectors.double().mT, exact @ exact.mT) <= 1e-3
+
+
 # --------------------------------------------------------------------------
 # Kernels end to end: fast path against the LAPACK path (the `lapack` fixture)
 

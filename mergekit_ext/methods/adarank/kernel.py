@@ -270,16 +270,42 @@ def apply_masks(
     if band is None:
         band = mask.shape[-1]
     parts = matrix_components(vectors, variant, band=band, svd=svd, common_space_fraction=common_space_fraction)
-    del vectors
     if check is not None:
         check(parts)
-    return merge_parts(origin, parts, mask, coefficients).to(out_dtype)
+    # TA and CART with every triplet (the full band): row t's components sum to vt itself.
+    whole = vectors if variant in ("ta", "cart") and parts.grid[1] == min(vectors.shape[-2:]) else None
+    merged = merge_parts(origin, parts, mask, coefficients, whole=whole)
+    del vectors
+    return merged.to(out_dtype)
 
 
-def merge_parts(origin: torch.Tensor, parts: Components, mask: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``merge_components`` of ``parts`` with a mask grid and coefficient rows (moved to ``origin``'s device)."""
+def merge_parts(
+    origin: torch.Tensor,
+    parts: Components,
+    mask: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    whole: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``merge_components`` of ``parts`` with a hard mask grid and coefficient rows (moved to ``origin``'s device).
+
+    ``whole`` [rows, m, n]: what each row's components sum to when all are on (TA's and
+    CART's task vectors with the full band). A row whose mask drops fewer components than
+    it keeps is then added as ``coef · (whole − dropped)``, so the product costs
+    m·n·min(kept, dropped) per row instead of m·n·band; the same matrix to float32
+    round-off (the singular vectors are a complete orthonormal basis).
+    """
     device = origin.device
-    return merge_components(
-        origin, parts.left, parts.sigma, parts.right, parts.rows.to(device), parts.positions.to(device),
-        mask.to(device=device, dtype=origin.dtype), coefficients.to(device=device, dtype=origin.dtype),
-    )  # fmt: skip
+    mask = mask.to(device=device, dtype=origin.dtype)
+    coefficients = coefficients.to(device=device, dtype=origin.dtype)
+    rows, positions = parts.rows.to(device), parts.positions.to(device)
+    if whole is None or not bool(((mask == 0) | (mask == 1)).all()):
+        return merge_components(origin, parts.left, parts.sigma, parts.right, rows, positions, mask, coefficients)
+    on = mask[rows, positions] > 0
+    kept = torch.zeros(mask.shape[0], dtype=origin.dtype, device=device).index_add_(0, rows, on.to(origin.dtype))
+    subtract = kept > parts.grid[1] / 2  # rows cheaper as "whole minus the dropped"
+    chosen = torch.where(subtract[rows], ~on, on)
+    sign = torch.where(subtract[rows], -1.0, 1.0).to(origin.dtype)
+    scale = (parts.sigma * sign * coefficients[rows])[chosen]
+    merged = origin + torch.tensordot(coefficients * subtract, whole, dims=1)
+    return merged.add_((parts.left[:, chosen] * scale) @ parts.right[chosen])
