@@ -196,6 +196,7 @@ _BLAS_CONTROLLER = None
 def _blas_threads():
     """Limit scipy's BLAS to torch's thread count while it runs (one controller, built once)."""
     global _BLAS_CONTROLLER
+    import scipy.linalg  # noqa: F401  (loads scipy's own BLAS before the controller looks for it)
     from threadpoolctl import ThreadpoolController
 
     if _BLAS_CONTROLLER is None:

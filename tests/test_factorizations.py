@@ -275,6 +275,30 @@ def test_cpu_gram_eigensolver_choice(monkeypatch):
         assert relative(vectors.double() @ vectors.double().mT, exact @ exact.mT) <= 1e-3
 
 
+def test_cpu_gram_path_uses_torchs_thread_count(monkeypatch):
+    """scipy's BLAS runs on as many threads as torch while the Gram path uses it (no
+    oversubscription beside a merge limited with --threads / OMP_NUM_THREADS)."""
+    import threadpoolctl
+
+    seen = []
+    original = tensors._cpu_gram_eigenvectors
+
+    def spy(rows, count):
+        seen.extend(info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas")
+        return original(rows, count)
+
+    monkeypatch.setattr(tensors, "_cpu_gram_eigenvectors", spy)
+    threads = torch.get_num_threads()
+    try:
+        for wanted in (1, 3):
+            torch.set_num_threads(wanted)
+            seen.clear()
+            tensors.gram_eigenvectors(random(300, 400), 300)
+            assert seen and set(seen) == {wanted}
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------
 # Kernels end to end: fast path against the LAPACK path (the `lapack` fixture)
 
