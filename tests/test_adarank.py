@@ -147,6 +147,24 @@ def test_masks_prune_singular_components():
         apply_masks(None, models, variant="ta", coefficients=torch.ones(2), mask=mask)
 
 
+@pytest.mark.parametrize("variant", ["ta", "cart"])
+def test_masks_keeping_most_components_subtract_the_dropped(variant):
+    """A row that keeps more components than it drops is applied as coef · (vt − dropped part)
+    (the cheaper product); it is the same matrix as summing the kept ones (float64 LAPACK)."""
+    base, models = _random_family(count=3)
+    generator = torch.Generator().manual_seed(5)
+    mask = torch.rand(3, 16, generator=generator) < torch.tensor([[0.9], [0.2], [0.7]])
+    coefficients = torch.tensor([0.5, 2.0, -1.0])
+    out = apply_masks(base, models, variant=variant, coefficients=coefficients, mask=mask)
+    origin = base.double() if variant == "ta" else torch.stack([model.double() for model in models]).mean(dim=0)
+    expected = origin.clone()
+    for model, kept, coefficient in zip(models, mask, coefficients.tolist()):
+        u, s, vh = torch.linalg.svd(model.double() - origin, full_matrices=False)
+        expected += coefficient * (u[:, kept] * s[kept]) @ vh[kept]
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert mask[0].sum() > 8 and mask[1].sum() < 8  # both branches ran
+
+
 # ---------------------------------------------------------------- through mergekit's engine
 
 
