@@ -302,8 +302,8 @@ def merge_parts(
     if whole is None or not bool(((mask == 0) | (mask == 1)).all()):
         return merge_components(origin, parts.left, parts.sigma, parts.right, rows, positions, mask, coefficients)
     on = mask[rows, positions] > 0
-    kept = torch.zeros(mask.shape[0], dtype=origin.dtype, device=device).index_add_(0, rows, on.to(origin.dtype))
-    subtract = kept > parts.grid[1] / 2  # rows cheaper as "whole minus the dropped"
+    # With the full band every grid cell holds a component, so a row's kept count is its mask's sum.
+    subtract = mask.sum(dim=1) > mask.shape[1] / 2  # rows cheaper as "whole minus the dropped"
     chosen = torch.where(subtract[rows], ~on, on)
     sign = torch.where(subtract[rows], -1.0, 1.0).to(origin.dtype)
     scale = (parts.sigma * sign * coefficients[rows])[chosen]
