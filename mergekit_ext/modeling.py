@@ -41,7 +41,7 @@ def char_tokenizer(alphabet: Optional[Sequence[str]] = None):
 def llama_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4, intermediate_size: Optional[int] = None, **overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
@@ -53,8 +53,8 @@ def llama_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, hea
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        **overrides,
     )
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def gpt2_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4, **overrides):
@@ -68,7 +68,7 @@ def qwen2_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, hea
     llama architecture lists no bias weights, so a Llama with biases cannot stand in)."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -77,8 +77,8 @@ def qwen2_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, hea
         num_key_value_heads=kv_heads,
         max_position_embeddings=128,
         tie_word_embeddings=False,
-        **overrides,
     )
+    return Qwen2Config(**{**settings, **overrides})
 
 
 def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -110,6 +110,17 @@ def save_model(model, path: str | os.PathLike, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def save_family(root: str | os.PathLike, config, tokenizer=None, *, count: int = 2, seed: int = 0, scale: float = 0.02, dtype: torch.dtype = torch.float32) -> Dict[str, Path]:
+    """A seeded random base and ``count`` perturbed "fine-tunes" of it, saved under ``root``
+    as ``base``, ``ft0``, ``ft1``, …; returns their folders by those names."""
+    root = Path(root)
+    base = random_model(config, seed=seed, dtype=dtype)
+    paths = {"base": save_model(base, root / "base", tokenizer)}
+    for index in range(count):
+        paths[f"ft{index}"] = save_model(perturbed(base, seed=seed + 100 + index, scale=scale), root / f"ft{index}", tokenizer)
+    return paths
 
 
 def load_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:

@@ -426,7 +426,12 @@ def empty_architecture(reference_path: Path, names: Sequence[str], device):
     config = AutoConfig.from_pretrained(str(reference_path))
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config)
-    missing = sorted({name for name, _ in skeleton.named_parameters()} - set(names))
+    # Under init_empty_weights transformers leaves a tied output embedding untied (its own
+    # meta tensor); tying it as loading does makes the checkpoint's embedding serve both, and
+    # functional_call (tie_weights=True) passes the merged embedding to the head too.
+    skeleton.tie_weights()
+    present = set(names)
+    missing = sorted(group[0] for group in tied_groups(skeleton) if not present.intersection(group))
     if missing:
         raise ValueError(f"adarank: {reference_path}: the architecture needs weights the checkpoint lacks: {', '.join(missing[:5])}")
     for module in skeleton.modules():
@@ -436,6 +441,26 @@ def empty_architecture(reference_path: Path, names: Sequence[str], device):
     for parameter in skeleton.parameters():
         parameter.requires_grad_(False)
     return skeleton.eval()
+
+
+def tied_groups(module) -> List[Tuple[str, ...]]:
+    """The module's parameter names grouped by the tensor they share (a tied embedding and
+    head form one group, in registration order; an untied parameter is a group of one)."""
+    groups: Dict[int, List[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    return [tuple(group) for group in groups.values()]
+
+
+def tied_aliases(module, names: Sequence[str]) -> set:
+    """Names in ``names`` that another name of the same tied group, earlier in the group, also
+    covers: a checkpoint that stores a tied head beside its embedding merges the tensor once,
+    as the embedding (``functional_call`` refuses two values for one tied tensor)."""
+    present, aliases = set(names), set()
+    for group in tied_groups(module):
+        stored = [name for name in group if name in present]
+        aliases.update(stored[1:])
+    return aliases
 
 
 class MergedModel:
@@ -455,7 +480,7 @@ class MergedModel:
         self.coefficients_only = coefficients_only
         self.gradient_checkpointing = gradient_checkpointing
         self.layer_builds = 0  # decoder layers whose weights were built under checkpointing (tests)
-        self._module_keys = set(skeleton.state_dict().keys())
+        self._module_keys = set(skeleton.state_dict().keys()) - tied_aliases(skeleton, [entry.name for entry in entries])
 
     def parameters(self) -> List[torch.nn.Parameter]:
         if self.coefficients_only:
