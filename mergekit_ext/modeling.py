@@ -38,6 +38,21 @@ def char_tokenizer(alphabet: Optional[Sequence[str]] = None):
     )
 
 
+# ChatML, the layout of Qwen2 and SmolLM2 instruct models.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer(alphabet: Optional[Sequence[str]] = None):
+    """``char_tokenizer`` with ChatML's turn tokens (special) and chat template; EOS stays ``</s>``."""
+    tokenizer = char_tokenizer(alphabet)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def llama_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4, intermediate_size: Optional[int] = None, **overrides):
     from transformers import LlamaConfig
 

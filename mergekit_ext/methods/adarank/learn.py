@@ -46,6 +46,7 @@ applies in the stock ``mergekit-yaml``, streaming one tensor at a time;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -122,6 +123,9 @@ class LearnOptions:
     held_out: Optional[int] = None  # prompts per task kept out of training; None: min(batch, pool // 2)
     common_space_fraction: float = DEFAULT_COMMON_SPACE_FRACTION  # iso_cts only (1: Iso-C)
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
+    # Pose each prompt as a user turn through the tokenizer's chat template (answers then end at
+    # the template's end-of-turn token or EOS, not at ``stop``); None: when the tokenizer has one.
+    chat_template: Optional[bool] = None
 
     def resolved(self) -> "LearnOptions":
         """The options with the variant's defaults filled in, validated."""
@@ -232,6 +236,38 @@ def stop_token_ids(tokenizer, stop: Optional[str]) -> List[int]:
         if len(encoded) == 1:
             ids.add(encoded[0])
     return sorted(ids)
+
+
+def chat_template_of(tokenizer) -> Optional[str]:
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def chat_prompts(tokenizer, prompts: Sequence[str]) -> List[str]:
+    """Each prompt as one user turn followed by the assistant's generation prompt (the text
+    ``lm_eval --apply_chat_template`` sends); the template writes any BOS itself."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        for prompt in prompts
+    ]
+
+
+def end_of_turn_ids(tokenizer) -> List[int]:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, …): the first token after a rendered answer, when it is
+    a special token; [] when the template closes turns with plain text only."""
+    marker = "\u2063answer\u2063"  # text no template rewrites
+    conversation = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that refuses this conversation: EOS alone ends answers
+        return []
+    if marker not in rendered:
+        return []
+    after = rendered.split(marker, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
+    return [ids[0]] if ids and ids[0] in special else []
 
 
 def greedy_answers(forward, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], max_new_tokens: int, device, *, batch_size: int = 256) -> List[Answered]:
@@ -758,6 +794,8 @@ class Setup:
     def reset(self, options: Optional[LearnOptions] = None) -> None:
         """Back to step 0 (the base method): initial logits and coefficients at the prior."""
         options = (options or self.options).resolved()
+        if options.chat_template is None:  # the prompts were encoded once, in prepare
+            options = dataclasses.replace(options, chat_template=self.options.chat_template)
         self.options = options
         with torch.no_grad():
             self.model.coefficients.fill_(options.prior)
@@ -817,10 +855,21 @@ def prepare(
     reference_path, reference, loaders = _open_inputs(model_paths, base_path)
     tokenizer = AutoTokenizer.from_pretrained(str(reference_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop_ids = stop_token_ids(tokenizer, options.stop)
+    has_template = chat_template_of(tokenizer) is not None
+    if options.chat_template and not has_template:
+        raise ValueError(f"adarank: --chat-template: the tokenizer of {reference_path} has no chat template")
+    options = dataclasses.replace(options, chat_template=has_template if options.chat_template is None else options.chat_template)
+    if options.chat_template:
+        # A chat answer may span lines: it ends where the template closes the turn (or at EOS).
+        stop_ids = sorted(set(stop_token_ids(tokenizer, None)) | set(end_of_turn_ids(tokenizer)))
+    else:
+        stop_ids = stop_token_ids(tokenizer, options.stop)
     encoded = []
     for name, pool in zip(task_names, prompts):
-        ids = _encode(tokenizer, pool, options.add_special_tokens)
+        pool = [prompt for prompt in pool if prompt]
+        if options.chat_template:
+            pool = chat_prompts(tokenizer, pool)
+        ids = _encode(tokenizer, pool, options.add_special_tokens and not options.chat_template)
         if not ids:
             raise ValueError(f"adarank: no non-empty prompts for {name}")
         encoded.append(ids)
@@ -938,7 +987,9 @@ def run(setup: Setup, *, progress: bool = False, started: Optional[float] = None
             "add_special_tokens": options.add_special_tokens,
             "top_k": options.top_k,
             "max_new_tokens": options.max_new_tokens,
-            "stop": options.stop,
+            "stop": None if options.chat_template else options.stop,
+            "chat_template": bool(options.chat_template),
+            "stop_token_ids": list(setup.stop_ids),
             "factor_dtype": options.factor_dtype,
             "gradient_checkpointing": options.gradient_checkpointing,
             "device": str(setup.device),
