@@ -88,8 +88,6 @@ def merge_adapters(
     from mergekit.merge_methods import merge_tensors
     from tqdm import tqdm
 
-    import mergekit_ext  # noqa: F401  (our methods are registered)
-
     try:
         merge_method = merge_methods.get(method)
     except Exception:
@@ -133,8 +131,6 @@ def merge_factors(
     """
     from mergekit import merge_methods
     from mergekit.merge_methods import merge_tensors
-
-    import mergekit_ext  # noqa: F401
 
     merge_method = merge_methods.get(method)
     ids, base_index = _method_inputs(merge_method, adapters)

@@ -14,7 +14,7 @@ from mergekit_ext.methods.consensus import (
     PAPER_URL,
 )
 from mergekit_ext.methods.consensus.kernel import consensus_merge
-from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real
+from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real, register
 
 
 _WARNED_K = set()
@@ -82,3 +82,4 @@ consensus_ties = declare(
 )
 
 METHODS = (consensus_ta, consensus_ties)
+register(METHODS)
