@@ -3,7 +3,7 @@
 ``merge_adapters`` forms each adapter's dense update, merges with mergekit's
 ``merge_tensors`` and truncates back to a LoRA rank; ``merge_factors`` is the
 conventional baseline that merges the A and B factors separately (it collapses:
-METHODS.md §5; the LoRA benchmark measures how much).
+docs/methods.md#rmm; the LoRA benchmark measures how much).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def merge_factors(
     on the stacked A factors and on the B factors, with an all-zero factor as
     the base (what a task vector of a factor is). The scale is folded into B.
     The product of merged factors is not the merge of the products, which is
-    why this collapses (METHODS.md §5).
+    why this collapses (docs/methods.md#rmm).
     """
     from mergekit import merge_methods
     from mergekit.merge_methods import merge_tensors

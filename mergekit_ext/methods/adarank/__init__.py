@@ -1,6 +1,6 @@
 """AdaRank: adaptive rank pruning (Lee, Choi, Lee, Kim, Hong, arXiv 2503.22178).
 
-Official code: github.com/david3684/AdaRank. METHODS.md §3. Per tensor, with
+Official code: github.com/david3684/AdaRank. docs/methods.md#adarank. Per tensor, with
 origin ``o`` = θ0 (variant ``ta``, on top of Task Arithmetic) or θavg (variant
 ``cart``, on top of CART) and task vectors ``vt = θt − o``:
 
@@ -8,7 +8,7 @@ origin ``o`` = θ0 (variant ``ta``, on top of Task Arithmetic) or θavg (variant
                   W = o + Σt coef[t] · Ut diag(mask[t] ⊙ st) Vtᵀ
     other tensors W = o + Σt coef[t] · vt                 (never masked)
 
-Variants ``tsv_m`` and ``iso_cts`` start from TSV-M and Iso-CTS (METHODS.md §6-7;
+Variants ``tsv_m`` and ``iso_cts`` start from TSV-M and Iso-CTS (docs/methods.md#tsv-m, #iso-c-and-iso-cts;
 the AdaRank paper's best result is Iso-CTS + AdaRank). Origin θ0; the candidate
 components are the columns of the method's orthogonalized stack (the same code as
 ``merge_method: tsv_m`` / ``iso_cts``, ``*_components`` in their kernels):

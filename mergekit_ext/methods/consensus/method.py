@@ -24,7 +24,7 @@ def _merge_group(group: TensorGroup, **parameters) -> torch.Tensor:
     densities = parameters.get("density")  # only consensus_ties has it
     models = group.non_base
     if parameters["k"] > len(models) and parameters["k"] not in _WARNED_K:
-        # Meaningful (METHODS.md §1: k > T gives θ0) but almost always a mistake.
+        # Meaningful (docs/methods.md#consensus-masks: k > T gives θ0) but almost always a mistake.
         _WARNED_K.add(parameters["k"])
         logging.getLogger(__name__).warning(
             "consensus: k=%d exceeds the number of models (%d): no weight can be selected, the result is the base model",
