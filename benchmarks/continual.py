@@ -4,7 +4,7 @@ Experts arrive one at a time in a random task order; after each step the
 state is evaluated on the task just added, and after the last step on every
 task. ACC = mean accuracy over all tasks after the last step; BWT = mean over
 the tasks added before the last of (accuracy at the end − accuracy right after
-that task was added) (METHODS.md §4). Mean ± std over ``--orders`` random
+that task was added) (docs/methods.md#opcm). Mean ± std over ``--orders`` random
 orders. States are built by ``mergekit_ext.methods.opcm.format`` (the `mergekit-ext
 continual` command's library API: the paper's global scaling); accuracies come
 from lm-eval via ``mergekit_ext.evaluate``. Writes results/continual.{md,json}.

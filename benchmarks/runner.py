@@ -51,7 +51,6 @@ def ensure_registered() -> None:
     """Register this checkout's methods with mergekit (the explicit route)."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    import mergekit_ext  # noqa: F401
     from mergekit_ext.registry import register_all
 
     register_all()
@@ -101,7 +100,8 @@ def merge_config(spec: MergeSpec, base: Optional[Path], models: Sequence[Path], 
 def child_env(threads: Optional[int] = None) -> Dict[str, str]:
     """Environment for merge subprocesses: this checkout first on the path, offline."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # the checkout's startup hook too, so that stock mergekit-yaml registers this checkout's methods
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "startup"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     if threads:

@@ -1,12 +1,12 @@
 """mergekit-ext: recent model-merging methods for mergekit.
 
-Importing the package makes its merge methods visible to mergekit (registering
-twice is harmless): at once when mergekit's method registry is already loaded,
-otherwise the moment mergekit loads it. Importing the package does not import
-mergekit or torch, so ``mergekit-ext --help`` starts in a fraction of a second.
-Stock ``mergekit-yaml`` needs no import at all: the installed startup hook
-(``startup/mergekit_ext_hook.py``, the one home of the registration logic) does
-the same at interpreter start.
+Our merge methods are registered with mergekit when mergekit's method registry
+first loads (``registry`` says how). Stock ``mergekit-yaml`` needs no import by
+the user: the installed startup hook (``startup/mergekit_ext_hook.py``) watches for
+it from interpreter start. Importing this package installs the same hook, for
+setups where ``.pth`` files are not processed (``python -S``, a checkout on
+``PYTHONPATH``, an editable install); it imports neither mergekit nor torch, so
+``mergekit-ext --help`` starts in a fraction of a second.
 """
 
 __version__ = "0.1.0"
@@ -20,9 +20,8 @@ def register_all() -> None:
 
 
 def _install_hook() -> None:
-    # The hook's one home is startup/mergekit_ext_hook.py. The wheel installs it at
-    # site-packages root; a checkout (PYTHONPATH, `python -S`, editable) uses its own
-    # copy, so that the hook always matches this package's registry.
+    # A checkout uses its own copy of the hook, so that it always matches this
+    # package's registry; the wheel installs it at site-packages root.
     import importlib.util
     import sys
     from pathlib import Path

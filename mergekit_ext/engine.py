@@ -47,8 +47,6 @@ def run_merge_atomic(
     """Merge ``config`` (a dict or ``MergeConfiguration``) with mergekit's engine into ``out``, atomically."""
     from mergekit.merge import run_merge
 
-    import mergekit_ext  # noqa: F401  (registers our methods when the startup hook is absent)
-
     validated = validate_config(config)
     inputs = [*config_inputs(validated), *extra_inputs]
     with io.atomic_output_dir(out, overwrite=overwrite, inputs=inputs, kind="merged-model") as staging:

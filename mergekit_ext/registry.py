@@ -2,10 +2,19 @@
 
 ``PARTS`` names every folder of the package, in documentation order. A part's
 ``method.py`` (when it has one) exports ``METHODS``, the mergekit methods it
-declares; its ``cli.py`` (when it has one) exports ``COMMANDS``, its click
-commands. ``register_all`` (called by the startup hook and by ``import
-mergekit_ext``) and ``cli.py`` both assemble from this list, and nothing here is
-imported by the parts, so there is no import cycle.
+declares, and registers them with mergekit's public ``register`` as its last
+statement; its ``cli.py`` (when it has one) exports ``COMMANDS``, its click
+commands. ``cli.py`` assembles from this list, and nothing here is imported by
+the parts.
+
+Registration happens on first use of mergekit's method registry: the startup hook
+(``startup/mergekit_ext_hook.py``) calls ``register_all`` right after
+``mergekit.merge_methods`` has loaded, and that imports every ``method.py``.
+When one of ours was what imported mergekit, that module is still half-imported
+at that moment; ``register_all`` does not need it (it registers itself when it
+finishes). So only ``method.py`` modules may import ``mergekit.merge_methods`` at
+module level, and none of them imports another (tests/test_registration.py
+imports every module first, in a fresh interpreter, to check).
 """
 
 from __future__ import annotations
@@ -62,38 +71,9 @@ def needs_learned_file(name: str) -> bool:
     return name in LEARNED_FILE_METHODS
 
 
-class PartiallyImported(RuntimeError):
-    """One of our method modules is still being imported (it is what imported mergekit)."""
-
-
 def register_all() -> None:
-    """Register our methods with mergekit; names already registered are left alone.
-
-    Raises ``PartiallyImported`` (after registering every other method) when
-    one of our ``method.py`` modules is itself mid-import, which happens when
-    it is the first thing to import mergekit; the startup hook then registers
-    again when mergekit's registry is first used.
-    """
-    import sys
-
-    from mergekit.merge_methods import registry as mergekit_registry
-
-    known = {method.spec.name for method in mergekit_registry.registered_methods()}
-    pending = []
-    for part in PARTS:
-        name = f"mergekit_ext.{part}.method"
-        module = sys.modules.get(name)
-        if module is not None and not hasattr(module, "METHODS"):
-            pending.append(name)  # mid-import: its METHODS do not exist yet
-            continue
-        if importlib.util.find_spec(f"mergekit_ext.{part}") is None or importlib.util.find_spec(name) is None:
-            continue
-        for method in importlib.import_module(name).METHODS:
-            if method.spec.name not in known:
-                mergekit_registry.register(method)
-                known.add(method.spec.name)
-    if pending:
-        raise PartiallyImported(", ".join(pending))
+    """Register our methods with mergekit (importing each ``method.py`` registers its methods); harmless twice."""
+    _part_modules("method")
 
 
 def describe_default(parameter) -> Optional[str]:

@@ -1,9 +1,11 @@
 """Startup hook that makes mergekit-ext's methods visible to stock mergekit.
 
-Installed at site-packages root and run at interpreter start by
-``mergekit_ext.pth`` (and ``mergekit_ext.start`` on Python >= 3.15, PEP 829).
-It imports nothing heavy: it only watches for ``mergekit.merge_methods`` and
-registers this package's methods right after mergekit's own registry exists.
+mergekit 0.1.5 has a public ``register()`` but no plugin discovery. The wheel
+installs this module at site-packages root, and ``mergekit_ext.pth`` (or
+``mergekit_ext.start`` on Python >= 3.15, PEP 829) calls ``install()`` at
+interpreter start. That imports nothing heavy: it adds a finder that, when
+``mergekit.merge_methods`` is first imported, lets mergekit's own loader run and
+then calls ``mergekit_ext.registry.register_all``. Nothing of mergekit is patched.
 """
 
 import sys
@@ -11,90 +13,51 @@ import sys
 _WATCHED = "mergekit.merge_methods"
 
 
-def _register() -> bool:
-    """Register now; True when done (False: one of our method modules is mid-import)."""
+def _register() -> None:
     try:
-        from mergekit_ext.registry import PartiallyImported, register_all
-    except Exception as error:  # never break mergekit itself over a plugin
-        print(f"mergekit-ext: could not register merge methods: {error}", file=sys.stderr)
-        return True
-    try:
+        from mergekit_ext.registry import register_all
+
         register_all()
-    except PartiallyImported:
-        return False
-    except Exception as error:
+    except Exception as error:  # a broken plugin must not break mergekit itself
         print(f"mergekit-ext: could not register merge methods: {error}", file=sys.stderr)
-    return True
 
 
-def _register_on_first_use() -> None:
-    """When one of our method modules imported mergekit, finish registering when mergekit's
-    registry is first asked (``get`` / ``registered_methods``), by then every import is done."""
-    registry = sys.modules["mergekit.merge_methods.registry"]
-    package = sys.modules[_WATCHED]
-    originals = {name: getattr(registry, name) for name in ("get", "registered_methods")}
-    busy = []
+class _LoadThenRegister:
+    """The loader of ``mergekit.merge_methods``, followed by our registration."""
 
-    def wrap(name):
-        original = originals[name]
+    def __init__(self, loader):
+        self._loader = loader
 
-        def first_use(*args, **kwargs):
-            if not busy:  # register_all itself asks the registry
-                busy.append(True)
-                try:
-                    if _register():
-                        for module in (registry, package):
-                            for attribute, function in originals.items():
-                                if getattr(module, attribute, None) in wrappers.values():
-                                    setattr(module, attribute, function)
-                finally:
-                    busy.clear()
-            return original(*args, **kwargs)
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
 
-        return first_use
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _register()
 
-    wrappers = {name: wrap(name) for name in originals}
-    for module in (registry, package):
-        for name, function in wrappers.items():
-            if getattr(module, name, None) is originals[name]:
-                setattr(module, name, function)
+    def __getattr__(self, name):  # everything else (resources, source) is the original loader's
+        return getattr(self._loader, name)
 
 
-class _RegisterAfterImport:
-    """Meta-path finder that wraps the loader of ``mergekit.merge_methods``."""
+class _Finder:
+    """Meta-path finder that hands ``mergekit.merge_methods`` to ``_LoadThenRegister``, once."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
         if fullname != _WATCHED:
             return None
-        for finder in list(sys.meta_path):
-            if getattr(finder, "__name__", None) == cls.__name__ and finder is not cls:
-                sys.meta_path.remove(finder)  # an older copy of this hook (a stale install): this one wins
-                continue
-            if finder is cls or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
         sys.meta_path.remove(cls)
-        loader = spec.loader
-        original_exec = loader.exec_module
+        import importlib.util
 
-        def exec_module(module):
-            original_exec(module)
-            if not _register():
-                _register_on_first_use()
-
-        loader.exec_module = exec_module
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _LoadThenRegister(spec.loader)
         return spec
 
 
 def install() -> None:
-    """Register now if mergekit's methods are loaded, else when they are."""
+    """Register now if mergekit's method registry is loaded, else right after it loads."""
     if _WATCHED in sys.modules:
-        if not _register():
-            _register_on_first_use()
-    elif _RegisterAfterImport not in sys.meta_path:
-        sys.meta_path.insert(0, _RegisterAfterImport)
+        _register()
+    elif _Finder not in sys.meta_path:
+        sys.meta_path.insert(0, _Finder)

@@ -98,7 +98,8 @@ def model_logits(model_path, adapter=None) -> torch.Tensor:
 def mergekit_env() -> dict:
     """Environment for subprocesses: this checkout first on the path, offline."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # the checkout's startup hook too, so that stock mergekit-yaml registers this checkout's methods
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "startup"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["HF_HUB_OFFLINE"] = "1"
     return env
 

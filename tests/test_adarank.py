@@ -1,6 +1,6 @@
 """AdaRank: straight-through masks, identities with TA / CART, the learner, the file, the command.
 
-References are written from METHODS.md §3 with torch.linalg.svd directly; the
+References are written from docs/methods.md#adarank with torch.linalg.svd directly; the
 engine tests run mergekit's own engine (stock ``mergekit-yaml`` where noted).
 """
 

@@ -144,8 +144,6 @@ def dense_reference(lora_family, names, method, parameters):
     """The intended merge: mergekit's merge_tensors on θ0 + ΔW per module, minus θ0."""
     from mergekit.merge_methods import merge_tensors
 
-    import mergekit_ext  # noqa: F401
-
     adapters = [lora.read_adapter(lora_family[name]) for name in names]
     base_state = load_state_dict(lora_family["base"])
     result = {}

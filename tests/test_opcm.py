@@ -13,7 +13,7 @@ from mergekit_ext.tensors import is_block_matrix
 
 
 def paper_projection(merged_delta, task_delta, alpha, zero_diagonal):
-    """METHODS.md §4 written out: full SVD, rotate, zero block (and diagonal), rotate back."""
+    """docs/methods.md#opcm written out: full SVD, rotate, zero block (and diagonal), rotate back."""
     u, s, vh = torch.linalg.svd(merged_delta, full_matrices=True)
     v = vh.T
     rank = int(((torch.cumsum(s, 0) / s.sum()) > alpha).float().argmax())

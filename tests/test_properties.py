@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the kernel identities in METHODS.md, on random small
+"""Property-based tests (hypothesis) of the kernel identities in docs/methods.md, on random small
 tensors including odd shapes: 1×n, n×1, 1-D, 3-D, rank-deficient and all-zero task vectors.
 Every result must also be finite (a kernel must not turn zeros into NaN)."""
 

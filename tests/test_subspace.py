@@ -1,6 +1,6 @@
 """TSV-M, Iso-C, Iso-CTS: identities, agreement with an independent float64 reference, engine, bad input.
 
-The reference below is written from METHODS.md §6–7 with torch.linalg.svd in
+The reference below is written from docs/methods.md#tsv-m and #iso-c-and-iso-cts with torch.linalg.svd in
 float64 (zero-padded stacks and all), and decides which tensors are matrices by
 its own per-architecture name patterns, not by mergekit_ext.tensors.
 """

@@ -3,7 +3,7 @@
 ``merge_adapters`` forms each adapter's dense update, merges with mergekit's
 ``merge_tensors`` and truncates back to a LoRA rank; ``merge_factors`` is the
 conventional baseline that merges the A and B factors separately (it collapses:
-METHODS.md §5; the LoRA benchmark measures how much).
+docs/methods.md#rmm; the LoRA benchmark measures how much).
 """
 
 from __future__ import annotations
@@ -88,8 +88,6 @@ def merge_adapters(
     from mergekit.merge_methods import merge_tensors
     from tqdm import tqdm
 
-    import mergekit_ext  # noqa: F401  (our methods are registered)
-
     try:
         merge_method = merge_methods.get(method)
     except Exception:
@@ -129,12 +127,10 @@ def merge_factors(
     on the stacked A factors and on the B factors, with an all-zero factor as
     the base (what a task vector of a factor is). The scale is folded into B.
     The product of merged factors is not the merge of the products, which is
-    why this collapses (METHODS.md §5).
+    why this collapses (docs/methods.md#rmm).
     """
     from mergekit import merge_methods
     from mergekit.merge_methods import merge_tensors
-
-    import mergekit_ext  # noqa: F401
 
     merge_method = merge_methods.get(method)
     ids, base_index = _method_inputs(merge_method, adapters)

@@ -5,29 +5,28 @@ way mergekit's own ``GeneralizedTaskArithmeticMerge`` does (a parameter called
 ``lambda`` cannot be a Python argument name, so the decorator cannot be used).
 Parameters validate when mergekit plans the merge, before any tensor is
 written, and their errors name the method and the parameter.
+
+This module imports mergekit only inside its functions: registration runs right
+after ``mergekit.merge_methods`` loads and needs this module whole, so this module
+must never be the one that is half-imported at that moment (see ``registry``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    FunctionalGroupMergeMethod,
-    InputContract,
-    MergeMethod,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
 from pydantic import BeforeValidator, Field, ValidationError
 from typing_extensions import Annotated
 
-SHARED = ParameterScope.SHARED
-PER_MODEL = ParameterScope.NON_BASE
+if TYPE_CHECKING:
+    from mergekit.merge_methods.base import BasePolicy, MergeMethod, TensorGroup
+
+# mergekit's ParameterScope values (a str enum): one value for all models, or one per model.
+SHARED = "shared"
+PER_MODEL = "non_base"
 
 
 def _refuse_bool(value: Any) -> Any:
@@ -51,21 +50,26 @@ def integer(**bounds: int) -> Any:
     return Annotated[int, BeforeValidator(_refuse_bool), Field(**bounds)]
 
 
-@dataclass(frozen=True)
-class Parameter(ParameterSpec):
-    """A mergekit parameter whose validation errors say which method and parameter."""
+@functools.lru_cache(maxsize=None)
+def _parameter_type() -> type:
+    """mergekit's ``ParameterSpec`` whose validation errors name the method and the parameter."""
+    from mergekit.merge_methods.base import ParameterSpec
 
-    method: str = ""
+    @dataclass(frozen=True)
+    class Parameter(ParameterSpec):
+        method: str = ""
 
-    def validate(self, value: Any) -> Any:
-        try:
-            return super().validate(value)
-        except ValidationError as error:
-            reasons = "; ".join(item["msg"] for item in error.errors())
-            raise ValueError(
-                f"{self.method}: invalid value {value!r} for parameter '{self.name}': {reasons}"
-                f" (valid: {describe_range(self.value_type)})"
-            ) from None
+        def validate(self, value: Any) -> Any:
+            try:
+                return super().validate(value)
+            except ValidationError as error:
+                reasons = "; ".join(item["msg"] for item in error.errors())
+                raise ValueError(
+                    f"{self.method}: invalid value {value!r} for parameter '{self.name}': {reasons}"
+                    f" (valid: {describe_range(self.value_type)})"
+                ) from None
+
+    return Parameter
 
 
 def describe_range(value_type: Any) -> str:
@@ -133,23 +137,33 @@ def declare(
     name: str,
     pretty_name: str,
     reference_url: str,
-    parameters: Sequence[Tuple[str, Any, ParameterScope, Any, str]],
-    base: BasePolicy = BasePolicy.REQUIRED,
+    parameters: Sequence[Tuple[str, Any, str, Any, str]],
+    base: Optional[BasePolicy] = None,
 ) -> MergeMethod:
     """A mergekit method calling ``kernel(group, **parameters)`` once per tensor.
 
-    ``parameters`` rows are (name, type, scope, default, description).
+    ``parameters`` rows are (name, type, scope, default, description), the scope
+    ``SHARED`` or ``PER_MODEL``; ``base`` defaults to ``BasePolicy.REQUIRED``.
     """
+    from mergekit.merge_methods.base import (
+        BasePolicy,
+        FunctionalGroupMergeMethod,
+        InputContract,
+        MergeMethodSpec,
+        ParameterScope,
+    )
+
+    parameter_type = _parameter_type()
     spec = MergeMethodSpec(
         name=name,
         pretty_name=pretty_name,
         reference_url=reference_url,
-        contract=InputContract(base=base, min_non_base=1),
+        contract=InputContract(base=BasePolicy.REQUIRED if base is None else base, min_non_base=1),
         parameters=tuple(
-            Parameter(
+            parameter_type(
                 name=param_name,
                 value_type=value_type,
-                scope=scope,
+                scope=ParameterScope(scope),
                 default=default,
                 description=description,
                 method=name,
@@ -158,3 +172,15 @@ def declare(
         ),
     )
     return FunctionalGroupMergeMethod(spec, _guard_finite(kernel, name))
+
+
+def register(methods: Iterable[MergeMethod]) -> None:
+    """Make ``methods`` available to mergekit by name, through mergekit's public ``register``.
+
+    Each ``method.py`` calls this once, as its last statement; mergekit refuses a
+    name that is already taken.
+    """
+    from mergekit.merge_methods import register as mergekit_register
+
+    for method in methods:
+        mergekit_register(method)

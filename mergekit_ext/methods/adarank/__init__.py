@@ -1,6 +1,6 @@
 """AdaRank: adaptive rank pruning (Lee, Choi, Lee, Kim, Hong, arXiv 2503.22178).
 
-Official code: github.com/david3684/AdaRank. METHODS.md §3. Per tensor, with
+Official code: github.com/david3684/AdaRank. docs/methods.md#adarank. Per tensor, with
 origin ``o`` = θ0 (variant ``ta``, on top of Task Arithmetic) or θavg (variant
 ``cart``, on top of CART) and task vectors ``vt = θt − o``:
 
@@ -8,7 +8,7 @@ origin ``o`` = θ0 (variant ``ta``, on top of Task Arithmetic) or θavg (variant
                   W = o + Σt coef[t] · Ut diag(mask[t] ⊙ st) Vtᵀ
     other tensors W = o + Σt coef[t] · vt                 (never masked)
 
-Variants ``tsv_m`` and ``iso_cts`` start from TSV-M and Iso-CTS (METHODS.md §6-7;
+Variants ``tsv_m`` and ``iso_cts`` start from TSV-M and Iso-CTS (docs/methods.md#tsv-m, #iso-c-and-iso-cts;
 the AdaRank paper's best result is Iso-CTS + AdaRank). Origin θ0; the candidate
 components are the columns of the method's orthogonalized stack (the same code as
 ``merge_method: tsv_m`` / ``iso_cts``, ``*_components`` in their kernels):
@@ -72,10 +72,10 @@ FILE_FORMAT = "mergekit-ext/adarank/1"
 # Base-method settings each variant starts from (step 0 is that method exactly):
 # ta: Task Arithmetic's λ on the hard zoo: 0.5, chosen on 2 of 3 seeds by both the
 # quality grid (validation 0.608 ± 0.026 against 0.586 at 0.4 and 0.601 at 0.6) and the
-# AdaRank benchmark's own λ grid (0.5, 0.5, 0.6); was 0.4, the demo zoo's.
+# AdaRank benchmark's own λ grid (0.5, 0.5, 0.6).
 # cart, tsv_m, iso_cts: the base methods' own defaults, chosen on the hard zoo's
-# validation split (see their __init__): CART rank 0.1 / λ 2.0 (was 0.15 / 1.3, the
-# demo zoo's; the AdaRank benchmark's λ grid chose 2.0 on all three seeds), TSV-M
+# validation split (see their __init__): CART rank 0.1 / λ 2.0 (the AdaRank
+# benchmark's λ grid chose 2.0 on all three seeds), TSV-M
 # λ 2.0, Iso-CTS λ 3.0 at common_space_fraction 0.8. tsv_m and iso_cts start with
 # every component of the stack on (init_rank_ratio 1, the only value allowed).
 VARIANT_DEFAULTS = {
@@ -89,24 +89,23 @@ DEFAULT_MAX_RANK_RATIO = 1.0
 # Chosen on the hard zoo's validation split (benchmarks/adarank_bench.py; README "AdaRank"),
 # no answers used, three seeds, test exact match mean ± std
 # and the share of the base method's gap to the experts closed:
-# - benchmarks/results/adarank.{json,md}: `distill` is the only objective that moves exact
-#   match; `entropy` and `entropy-answer` stay within ±0.03 of the base method or fall
-#   (CART entropy 0.686 -> 0.657 at 150 steps); lr 1e-3 gets about half as far as 3e-3.
-#   The earlier entropy defaults (lr 5e-4, 200 steps) kept every mask as it started.
-# - benchmarks/results/adarank-unlabeled.{json,md} (an earlier build of the three zoos,
-#   base 0.364, experts 0.891): on the 100 validation prompts alone, 300 steps close
+# - objective, benchmarks/results/adarank.{json,md}: `distill` is the only objective that
+#   moves exact match; `entropy` and `entropy-answer` stay within ±0.03 of the base method
+#   or fall (CART entropy 0.686 -> 0.657 at 150 steps); lr 1e-3 gets about half as far as 3e-3.
+# - unlabeled prompts and steps, benchmarks/results/adarank-unlabeled.{json,md} (zoos from
+#   an earlier `zoo` build: base 0.364, experts 0.891): on the 100 validation prompts alone, 300 steps close
 #   0.62 ± 0.05 of CART's gap and 0.66 ± 0.08 of TA's; with 384 more unlabeled prompts
 #   per task and 600 steps (batch 16), 0.73 ± 0.07 and 0.76 ± 0.11; validation rose from
 #   300 to 600 steps on all 12 runs (4 bases × 3 seeds); 768 prompts and 1200 steps on
 #   CART gained nothing more (0.71 ± 0.09).
-# - benchmarks/results/adarank-defaults.{json,md} (the zoos `mergekit-ext zoo --preset hard
-#   --seed 0/1/2` builds today, the same as adarank.md's: base 0.380, experts 0.876), these
-#   defaults as `learn` runs them: CART 0.674 -> 0.801 ± 0.020 (0.62 ± 0.06 of its gap; it
-#   was 0.54 on validation prompts alone), TA 0.622 -> 0.810 ± 0.015 (0.73 ± 0.03; was
-#   0.61). Batch 8 per task equals 16 (CART 0.801 vs 0.797, TA 0.810 vs 0.807) in 58 % of
+# - batch, benchmarks/results/adarank-defaults.{json,md} (the zoos `mergekit-ext zoo --preset
+#   hard --seed 0/1/2` builds, the same as adarank.md's: base 0.380, experts 0.876), with the
+#   unlabeled prompts above at a constant rate: CART 0.674 -> 0.801 ± 0.020 (0.62 ± 0.06 of
+#   its gap; 0.54 on validation prompts alone), TA 0.622 -> 0.810 ± 0.015 (0.73 ± 0.03;
+#   0.61 on validation prompts alone). Batch 8 per task equals 16 (CART 0.801 vs 0.797, TA 0.810 vs 0.807) in 58 % of
 #   the time (~165 s vs ~285 s a run); lr 1e-2 on CART chose fewer steps on validation
 #   (0.804 vs 0.813) and scored 0.803 on test.
-# - benchmarks/results/adarank-schedule.{json,md} (the same zoos, one run, 600 steps, batch
+# - rate and schedule, benchmarks/results/adarank-schedule.{json,md} (the same zoos, one run, 600 steps, batch
 #   8, every run scored at its last step): a cosine decay of the rate to 0 lets a 10x larger
 #   rate work (our reading: the mask logits stop crossing 0 at the end, so the last step is
 #   a settled merge rather than a sample of the noise a constant rate keeps up). Validation / test on

@@ -1,6 +1,6 @@
 """The AdaRank learner: masks and coefficients from unlabeled prompts (``mergekit-ext adarank learn``).
 
-AdaRank (arXiv 2503.22178, METHODS.md §3) prunes singular components of each
+AdaRank (arXiv 2503.22178, docs/methods.md#adarank) prunes singular components of each
 task vector and rescales each task per tensor, choosing both at test time from
 unlabeled prompts. The kernels are in ``kernel.py`` and the learned file's
 format in ``format.py``; this module is the learner.
@@ -23,7 +23,7 @@ weights and graph at a time instead of the whole model's. It trains, with Adam:
 
 on one of three label-free objectives, all where a causal LM answers (entropy
 over every prompt position is NOT used: those positions predict the user's own
-input, METHODS.md §3 measured it making merges worse):
+input, and docs/methods.md#adarank says it made merges worse):
 
 * ``entropy``: the next-token entropy right after each prompt;
 * ``entropy-answer``: the entropy at every position of the merged model's own

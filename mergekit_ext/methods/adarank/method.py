@@ -28,7 +28,7 @@ from mergekit_ext.methods.adarank.kernel import (
     band_rank,
     mask_rows,
 )
-from mergekit_ext.methods.declaration import SHARED, declare
+from mergekit_ext.methods.declaration import SHARED, declare, register
 from mergekit_ext.tensors import SVD_METHODS, is_block_matrix
 
 
@@ -194,3 +194,4 @@ adarank = declare(
 )
 
 METHODS = (adarank,)
+register(METHODS)

@@ -13,7 +13,7 @@ from mergekit_ext.methods.cart import (
     PAPER_URL,
 )
 from mergekit_ext.methods.cart.kernel import cart_merge
-from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, real
+from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, real, register
 from mergekit_ext.tensors import SVD_METHODS, is_block_matrix
 
 
@@ -66,3 +66,4 @@ cart = declare(
 )
 
 METHODS = (cart,)
+register(METHODS)

@@ -1,7 +1,7 @@
 """TALL-mask compression: keep θ0, τMTL and one bit-packed mask per task.
 
 Task t is recovered as ``θ̂t = θ0 + m_t ⊙ τMTL`` (Wang et al. 2024, §5 of
-METHODS.md). The bundle is a folder:
+docs/methods.md#consensus-masks). The bundle is a folder:
 
     bundle.json              format, base reference + content hash, tasks, sizes
     multitask/               τMTL as sharded safetensors (the base's dtype)

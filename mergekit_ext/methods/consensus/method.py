@@ -14,7 +14,7 @@ from mergekit_ext.methods.consensus import (
     PAPER_URL,
 )
 from mergekit_ext.methods.consensus.kernel import consensus_merge
-from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real
+from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real, register
 
 
 _WARNED_K = set()
@@ -24,7 +24,7 @@ def _merge_group(group: TensorGroup, **parameters) -> torch.Tensor:
     densities = parameters.get("density")  # only consensus_ties has it
     models = group.non_base
     if parameters["k"] > len(models) and parameters["k"] not in _WARNED_K:
-        # Meaningful (METHODS.md §1: k > T gives θ0) but almost always a mistake.
+        # Meaningful (docs/methods.md#consensus-masks: k > T gives θ0) but almost always a mistake.
         _WARNED_K.add(parameters["k"])
         logging.getLogger(__name__).warning(
             "consensus: k=%d exceeds the number of models (%d): no weight can be selected, the result is the base model",
@@ -82,3 +82,4 @@ consensus_ties = declare(
 )
 
 METHODS = (consensus_ta, consensus_ties)
+register(METHODS)

@@ -17,7 +17,7 @@ PAPER_URL = "https://arxiv.org/abs/2502.04959"
 # 1.0, FusionBench's default (the paper sweeps 0.1-3.0), scored 0.538 for iso_c:
 # 13 points lower (Iso flattens the spectrum of Σt τt keeping its nuclear norm,
 # and uses the MEAN of the task vectors outside the block matrices, so its update
-# is much smaller than task arithmetic's sum). Changed from 1.0.
+# is much smaller than task arithmetic's sum).
 DEFAULT_LAMBDA = 3.0
 # The official config (config/method/iso_cts.yaml): 80 % of the rank is common.
 # Hard zoo (same sweep): 0.8 won at its best lambda (0.699 ± 0.018), 0.5-0.95 all

@@ -1,4 +1,4 @@
-"""Iso-C and Iso-CTS over tensors (METHODS.md §7). Official code: github.com/danielm1405/iso-merging.
+"""Iso-C and Iso-CTS over tensors (docs/methods.md#iso-c-and-iso-cts). Official code: github.com/danielm1405/iso-merging.
 
 Per matrix [m, n], r = min(m, n), T tasks, τt = wt·(θt − θ0), Δ_TA = Σt τt:
 

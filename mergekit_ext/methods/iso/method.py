@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from mergekit.merge_methods.base import BasePolicy, TensorGroup
 
-from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, real
+from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, real, register
 from mergekit_ext.methods.iso import (
     DEFAULT_COMMON_SPACE_FRACTION,
     DEFAULT_LAMBDA,
@@ -83,3 +83,4 @@ iso_cts = declare(
 )
 
 METHODS = (iso_c, iso_cts)
+register(METHODS)

@@ -12,7 +12,7 @@ Face model folder (transformers and lm-eval load it directly):
 ``add`` reads only the base, the state and the new model, one tensor at a time,
 in two passes: the first computes the new accumulator and its global norm
 (written to a staging folder), the second writes ``θ0 + scale · acc`` with the
-one global scale (METHODS.md §4). Memory does not depend on how many models
+one global scale (docs/methods.md#opcm). Memory does not depend on how many models
 were merged before. The new state is built whole in a staging folder beside
 STATE and swapped in at the end (an atomic directory exchange where the OS has
 one), so a kill or a full disk at any point leaves the previous state intact.

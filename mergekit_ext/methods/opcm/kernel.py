@@ -2,7 +2,7 @@
 
 Tang et al., "Merging Models on the Fly Without Retraining: A Sequential
 Approach to Scalable Continual Model Merging", arXiv 2501.09522 (NeurIPS 2025);
-reference code FusionBench ``fusion_bench/method/opcm/``. METHODS.md §4.
+reference code FusionBench ``fusion_bench/method/opcm/``. docs/methods.md#opcm.
 
 Models arrive one at a time. Each new task vector ``D = θt − θ0`` is projected
 away from the dominant singular directions of the current merged task vector

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from mergekit.merge_methods.base import TensorGroup
 
-from mergekit_ext.methods.declaration import SHARED, declare, real
+from mergekit_ext.methods.declaration import SHARED, declare, real, register
 from mergekit_ext.methods.opcm import DEFAULT_ALPHA, PAPER_URL
 from mergekit_ext.methods.opcm.kernel import opcm_merge
 from mergekit_ext.tensors import is_block_matrix
@@ -57,3 +57,4 @@ opcm = declare(
 )
 
 METHODS = (opcm,)
+register(METHODS)

@@ -1,7 +1,7 @@
 """Reversible model merging of low-rank weights (RMM), closed form.
 
 Alipour & Mohammadi Amiri, "Towards Reversible Model Merging For Low-rank
-Weights", arXiv 2510.14163. No public code; this is METHODS.md §5: per adapted
+Weights", arXiv 2510.14163. No public code; this is docs/methods.md#rmm: per adapted
 module, stack the n tasks' vectors along a task axis, eigendecompose their
 n×n Gram matrix in float64, keep the top-K eigenvectors ``Q``; the basis is
 ``Qᵀ Y`` and task i's coefficients are row i of ``Q`` (Eckart–Young on the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from mergekit.merge_methods.base import TensorGroup
 
-from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real
+from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real, register
 from mergekit_ext.methods.rmm import PAPER_URL
 from mergekit_ext.methods.rmm.kernel import product_space_merge
 
@@ -32,3 +32,4 @@ RMM = declare(
 )
 
 METHODS = (RMM,)
+register(METHODS)

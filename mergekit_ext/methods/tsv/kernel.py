@@ -1,4 +1,4 @@
-"""TSV-M over tensors (METHODS.md §6). Official code: github.com/AntoAndGar/task_singular_vectors.
+"""TSV-M over tensors (docs/methods.md#tsv-m). Official code: github.com/AntoAndGar/task_singular_vectors.
 
 Per matrix [m, n], r = min(m, n), T tasks, τt = wt·(θt − θ0):
 

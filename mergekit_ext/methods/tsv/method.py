@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from mergekit.merge_methods.base import BasePolicy, TensorGroup
 
-from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, real
+from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, real, register
 from mergekit_ext.methods.tsv import DEFAULT_LAMBDA, PAPER_URL
 from mergekit_ext.methods.tsv.kernel import tsv_merge
 from mergekit_ext.tensors import is_block_matrix
@@ -50,3 +50,4 @@ tsv_m = declare(
 )
 
 METHODS = (tsv_m,)
+register(METHODS)
