@@ -28,7 +28,7 @@ COMMANDS = (
     ["eval", "--help"],
     ["adarank", "show", "--help"],
     ["continual", "show", "--help"],
-    ["merge", "--help"],  # builds mergekit's option set: imports torch (not a goal)
+    ["merge", "--help"],  # mergekit's options from a stored table: no torch
 )
 
 

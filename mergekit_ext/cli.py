@@ -10,6 +10,7 @@ import os
 
 import click
 
+from mergekit_ext.output import QUIET_HELP
 from mergekit_ext.registry import our_commands
 
 # Errors a user can fix (bad paths, parameters, shapes, a full disk) print as one line;
@@ -132,7 +133,7 @@ def _add_output_options(command: click.Command) -> None:
             param.callback = _output_callback(param.callback)
     if "quiet" not in names:
         command.params.append(
-            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_output_callback(None), help="No progress bars and no log output; only results and errors.")
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_output_callback(None), help=QUIET_HELP)
         )
     if "verbose" not in names and "verbosity" not in names:
         command.params.append(

@@ -83,3 +83,29 @@ def test_demo_on_a_generation_zoo_reports_exact_match(hard_zoo, tmp_path):
     assert set(report["demo"]["phase_seconds"]) == {"merge", "evaluate"}
     assert any("demo finished in" in note for note in notes)
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_demo_summary_fits_100_columns_with_methods_as_rows():
+    """Issue 31 item 7: a dozen merges of 8 tasks, the worst case of tasks below the base, fit 100 columns."""
+    from mergekit_ext.evaluate.report import BELOW_BASE, format_summary, summary_rows
+
+    tasks = list(PRESETS[DEMO_PRESET].tasks)
+
+    def entry(score, below=0):
+        accuracy = {task: (0.1 if index < below else score) for index, task in enumerate(tasks)}
+        stderr = {task: 0.035 for task in tasks}
+        mean = sum(accuracy.values()) / len(tasks)
+        return {"accuracy": accuracy, "stderr": stderr, "mean_accuracy": mean, "mean_stderr": 0.0123,
+                "normalized_accuracy": {t: a / 0.9 for t, a in accuracy.items()}, "mean_normalized_accuracy": mean / 0.9}
+
+    models = {"base": entry(0.4), "expert": entry(0.9)}
+    for index, (label, _, _) in enumerate(DEMO_MERGES):
+        models[label] = entry(0.7, below=index % 9)  # 0 … 8 tasks below the base
+    report = {"split": "test", "metric": "exact_match,none", "chance": None, "tasks": tasks, "models": models}
+    text = format_summary(report)
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    rows = {row[0]: row for row in summary_rows(report)}
+    assert list(rows) == list(models)  # methods as rows, in the report's order
+    assert rows["task_arithmetic"][1:] == ["0.700 ± 0.012", "0.78", "none"]
+    assert rows["ties"][3] == f"1 of 8: {tasks[0]}"
+    assert rows["rmm"][3] == "5 of 8" and rows["rmm"][1].endswith(BELOW_BASE)  # mean below the base too

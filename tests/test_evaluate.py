@@ -119,23 +119,29 @@ def test_eval_command_uses_cache_and_writes_files(test_zoo, tmp_path):
 
 @pytest.mark.slow
 def test_recipes_match_demo_merges_and_run_in_stock_mergekit_yaml(test_zoo, tmp_path):
-    """recipes/<method>.yml is MULTIPLE_CHOICE_MERGES' config with ./zoo paths (the `demo` preset), and runs as its header says."""
+    """recipes/<method>.yml is DEMO_MERGES' config on ./demo-zoo (what `mergekit-ext demo` leaves), and runs as its header says."""
     import shutil
     import subprocess
 
     import yaml
     from conftest import REPO_ROOT, mergekit_env
 
-    from mergekit_ext.demo.run import MULTIPLE_CHOICE_MERGES, recipe_config
+    from mergekit_ext.demo.run import DEMO_MERGES, DEMO_PRESET, recipe_config
     from mergekit_ext.zoo import PRESETS
 
-    assert PRESETS["test"].tasks == PRESETS["demo"].tasks  # so the test zoo stands in for ./zoo
-    ours = {"task_arithmetic", "ties", "consensus_ta", "consensus_ties"}
-    for label, method, parameters in MULTIPLE_CHOICE_MERGES:
+    ours = {"task_arithmetic", "ties", "consensus_ta", "consensus_ties", "opcm"}
+    for label, method, parameters in DEMO_MERGES:
         if label in ours:
             recipe = yaml.safe_load((REPO_ROOT / "recipes" / f"{label}.yml").read_text())
-            assert recipe == recipe_config(method, parameters, PRESETS["demo"].tasks), label
+            assert recipe == recipe_config(method, parameters, PRESETS[DEMO_PRESET].tasks), label
+    # The test zoo's models stand in for the demo zoo's (same architecture); the LoRA recipe uses ./zoo.
+    assert PRESETS["test"].tasks == PRESETS["demo"].tasks
     (tmp_path / "zoo").symlink_to(test_zoo.root)
+    demo_zoo = tmp_path / "demo-zoo"
+    (demo_zoo / "experts").mkdir(parents=True)
+    (demo_zoo / "base").symlink_to(test_zoo.base)
+    for index, task in enumerate(PRESETS[DEMO_PRESET].tasks):
+        (demo_zoo / "experts" / task).symlink_to(test_zoo.expert(test_zoo.tasks[index % len(test_zoo.tasks)]))
     shutil.copytree(REPO_ROOT / "recipes", tmp_path / "recipes")
     # Every recipe names only models and adapters that the zoo has.
     for recipe_path in sorted((tmp_path / "recipes").glob("*.yml")):

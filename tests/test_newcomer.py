@@ -21,12 +21,14 @@ from conftest import mergekit_env
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["methods"], ["eval", "--help"], ["adarank", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["methods"], ["eval", "--help"], ["adarank", "--help"], ["merge", "--help"], ["merge", "missing.yml", "out"]]
+)
 def test_cheap_commands_import_no_torch(args):
     code = (
-        "import sys\n"
+        "import sys, click\n"
         "from mergekit_ext.cli import main\n"
-        f"try:\n    main({args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        f"try:\n    main({args!r}, standalone_mode=False)\nexcept (SystemExit, click.ClickException):\n    pass\n"
         "print(sorted(m for m in ('torch', 'mergekit', 'transformers', 'peft') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mergekit_env())
@@ -51,6 +53,34 @@ def test_import_mergekit_ext_is_light_and_still_registers():
     first, names = result.stdout.strip().splitlines()[-2:]
     assert first == "False False"
     assert {"consensus_ta", "cart", "adarank", "opcm", "rmm"} <= set(names.split())
+
+
+def test_merge_declares_mergekit_options_as_mergekit_does():
+    """`merge` reads mergekit's options from a stored table; it must equal mergekit's own (plus -q)."""
+    import click
+    from mergekit.options import add_merge_options
+
+    from mergekit_ext.merge.cli import merge_command
+    from mergekit_ext.merge.options import OPTIONS_PATH, live_options
+
+    assert json.loads(OPTIONS_PATH.read_text(encoding="utf-8"))["options"] == live_options(), "regenerate it: python -m mergekit_ext.merge.options"
+
+    def described(param):
+        kind = "size" if param.name == "out_shard_size" else param.type.name
+        return (param.opts, param.secondary_opts, kind, param.count, param.is_flag, param.help)
+
+    theirs = {p.name: described(p) for p in click.command()(add_merge_options(lambda **_: None)).params}
+    ours = {p.name: described(p) for p in merge_command.params if p.name in theirs}
+    assert ours.pop("quiet")[0] == ["-q", "--quiet"] and theirs.pop("quiet")[0] == ["--quiet"]
+    assert ours == theirs
+
+
+def test_merge_reports_a_missing_config_file_before_importing_mergekit(tmp_path):
+    from mergekit_ext.cli import main
+
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "missing.yml"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "missing.yml' does not exist" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_methods_catalog_is_up_to_date():

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_ext.adapters import ADAPTER_DTYPES
+from mergekit_ext.output import quiet_option
 
 
 @click.group("lora")
@@ -34,7 +35,8 @@ def _parse_param(text: str):
 @click.option("--param", "params", multiple=True, help="Method parameter key=value; a,b,c gives one value per adapter.")
 @click.option("--dtype", type=click.Choice(sorted(ADAPTER_DTYPES)), default="float32", show_default=True, help="dtype of the written factors.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def merge_command(base, method, adapters, rank, out, params, dtype, overwrite) -> None:
+@quiet_option
+def merge_command(base, method, adapters, rank, out, params, dtype, overwrite, quiet) -> None:
     """Merge ADAPTER folders with METHOD in dense space and write one rank-RANK adapter to OUT.
 
     Usage: mergekit-ext lora merge --base BASE --method NAME ADAPTER... -r RANK OUT
@@ -53,7 +55,7 @@ def merge_command(base, method, adapters, rank, out, params, dtype, overwrite) -
                 io.check_finite_tensor(factor, tensor_name=f"{module}.{label}", source=f"adapter {adapter.path or adapter.name}")
     parameters = dict(_parse_param(text) for text in params)
     loader = io.open_model(base)
-    factors = merge_adapters(loaded, loader.get_tensor, method, rank, parameters=parameters, progress=True)
+    factors = merge_adapters(loaded, loader.get_tensor, method, rank, parameters=parameters, progress=not quiet)
     for module, pair in factors.items():  # never write a non-finite adapter
         for label, factor in (("lora_A", pair.a), ("lora_B", pair.b)):
             io.check_finite_tensor(factor, tensor_name=f"{module}.{label}", source="the merged adapter")

@@ -20,6 +20,7 @@ from mergekit_ext.adapters.peft_io import (
     module_union,
     weight_name,
 )
+from mergekit_ext.merge.preflight import did_you_mean
 
 
 def _method_inputs(method, adapters: Sequence[LoraAdapter]) -> Tuple[List[str], Optional[int]]:
@@ -51,7 +52,8 @@ def method_parameters(method, adapter_ids: Sequence[str], given: Optional[Mappin
     parameters: Dict[str, object] = {}
     for key, value in (given or {}).items():
         if key not in known:
-            raise ValueError(f"merge method '{method.spec.name}' has no parameter '{key}'; it has {sorted(known) or 'none'}")
+            hint = did_you_mean(key, known)
+            raise ValueError(f"merge method '{method.spec.name}' has no parameter '{key}'{hint} (its parameters: {', '.join(sorted(known)) or 'none'})")
         if isinstance(value, (list, tuple)):
             if known[key].scope == ParameterScope.SHARED:
                 raise ValueError(f"parameter '{key}' of '{method.spec.name}' is global; give one value, not a list")
@@ -92,7 +94,7 @@ def merge_adapters(
         merge_method = merge_methods.get(method)
     except Exception:
         available = sorted(m.spec.name for m in merge_methods.registry.registered_methods())
-        raise ValueError(f"unknown merge method '{method}'; registered: {', '.join(available)}") from None
+        raise ValueError(f"unknown merge method '{method}'{did_you_mean(method, available)} (registered: {', '.join(available)})") from None
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     ids, base_index = _method_inputs(merge_method, adapters)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mergekit_ext.output import quiet_option
 from mergekit_ext.zoo.presets import PRESETS
 
 DEFAULT_PRESET = "demo-hard"  # demo.run.DEMO_PRESET, without importing the demo's heavy parts
@@ -20,7 +21,7 @@ DEFAULT_PRESET = "demo-hard"  # demo.run.DEMO_PRESET, without importing the demo
     help="zoo preset: demo-hard (8 generation tasks, exact match: methods differ) or demo (4 multiple-choice tasks, the recipes' zoo)",
 )
 @click.option("--tune", "tune_only", is_flag=True, help="instead of the demo: search the demo's grids on the validation split with the zoo's own scorer and print the best settings")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no log output; only results and errors.")
+@quiet_option
 def demo_command(zoo_dir: str, out_dir: str, preset: str, tune_only: bool, quiet: bool) -> None:
     """Build the demo zoo, merge it with every method, evaluate each merge with lm-eval.
 

@@ -5,7 +5,8 @@ generation tasks scored by exact match, a base that half-knows every skill,
 light fine-tunes) at a size whose build, merges and evaluation fit the demo's
 budget, so that a newcomer's first table shows methods that differ. ``--preset
 demo`` runs the older 4-task multiple-choice zoo (where every merge sits within
-a few points) with ``MULTIPLE_CHOICE_MERGES``, the settings the recipes use.
+a few points) with ``MULTIPLE_CHOICE_MERGES``. The recipes in recipes/ are
+``DEMO_MERGES``' configs on the zoo the demo leaves (``./demo-zoo``).
 
 ``DEMO_MERGES`` is the one list of merges the demo runs; a new method adds one
 entry. Each entry is (label, mergekit merge_method, parameters); the parameters
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 DemoMerge = Tuple[str, str, Dict[str, object]]
-RECIPE_ZOO_ROOT = "./zoo"
+RECIPE_ZOO_ROOT = "./demo-zoo"  # what `mergekit-ext demo` builds: the recipes merge it
 DEMO_PRESET = "demo-hard"
 
 # The demo-hard zoo (seed 0): each setting is its grid's best validation exact match
@@ -68,7 +69,7 @@ DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
     "iso_cts": {"lambda": (2.5, 3.0, 3.5)},
 }
 
-# The multiple-choice `demo` zoo (4 tasks): `demo --preset demo`, and the recipes in recipes/.
+# The multiple-choice `demo` zoo (4 tasks): `demo --preset demo` (and recipes/consensus_ta_lora.yml).
 MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
     ("task_arithmetic", "task_arithmetic", {"weight": 1.0, "lambda": 0.4}),
     ("ties", "ties", {"weight": 1.0, "density": 0.5, "lambda": 0.8}),
@@ -131,7 +132,7 @@ def merge_config(zoo, method: str, parameters: Mapping[str, object], *, dtype: s
 
 
 def recipe_config(method: str, parameters: Mapping[str, object], tasks: Sequence[str], *, root: str = RECIPE_ZOO_ROOT, dtype: str = "float32") -> Dict:
-    """The same config with the zoo at ``root`` (the recipes use ``./zoo``, run from the repository root)."""
+    """The same config with the zoo at ``root`` (the recipes use ``./demo-zoo``, run from the repository root)."""
     return {
         "merge_method": method,
         "base_model": f"{root}/base",
@@ -170,7 +171,8 @@ def run_demo(
     ``merges`` defaults to the list for the zoo's task kind (``merges_for``).
     """
     from mergekit_ext.engine import run_merge_atomic
-    from mergekit_ext.evaluate import compare_on_zoo, format_table, write_report
+    from mergekit_ext.evaluate import compare_on_zoo, write_report
+    from mergekit_ext.evaluate.report import format_summary
     from mergekit_ext.zoo import build_zoo
 
     started = time.perf_counter()
@@ -215,8 +217,8 @@ def run_demo(
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
     paths = write_report(report, out_dir)
-    echo(format_table(report))
-    echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    echo(format_summary(report))
+    echo(f"per task (and how far below the base, in stderr): {paths['markdown']}, {paths['chart']}")
     echo(
         f"demo finished in {report['demo']['total_seconds']:.0f} s (zoo {zoo_seconds:.0f} s, merges "
         f"{phase_seconds['merge']:.0f} s, lm-eval {phase_seconds['evaluate']:.0f} s)"

@@ -6,6 +6,8 @@ from typing import Dict, Sequence
 
 import click
 
+from mergekit_ext.output import quiet_option
+
 
 def _parse_labelled(texts: Sequence[str]) -> Dict:
     """``LABEL=PATH`` / ``PATH`` / ``BASE+ADAPTER`` texts as labelled model specs."""
@@ -15,6 +17,7 @@ def _parse_labelled(texts: Sequence[str]) -> Dict:
     for text in texts:
         label, _, target = text.rpartition("=")
         spec = ModelSpec.parse(target)
+        spec.check()  # every path is checked before the first model runs
         label = label or spec.path.name + (f"+{spec.adapter.name}" if spec.adapter else "")
         if label in specs:
             raise EvaluationError(f"two models are labelled {label!r}; write LABEL=PATH to tell them apart")
@@ -34,7 +37,8 @@ def _parse_labelled(texts: Sequence[str]) -> Dict:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--limit", type=int, help="at most this many documents per task, without --zoo only (not cached; a quick check of a new task YAML)")
 @click.option("--threads", type=int, help="torch CPU threads (1 is fastest for the zoo's tiny models)")
-def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_dir, batch_size, device, limit, threads):
+@quiet_option
+def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_dir, batch_size, device, limit, threads, quiet):
     """Validate MODELS with the real lm-eval harness.
 
     Each MODEL is PATH, BASE+ADAPTER (a peft adapter on a base) or
@@ -54,11 +58,11 @@ def eval_command(models, zoo_dir, tasks, include_path, split, expert_kind, out_d
         if zoo_dir:
             if limit is not None:
                 raise EvaluationError("--limit is for ad-hoc runs; a zoo comparison uses the whole split")
-            report = compare_on_zoo(zoo_dir, specs, split=split, experts=expert_kind, batch_size=batch_size, device=device, threads=threads)
+            report = compare_on_zoo(zoo_dir, specs, split=split, experts=expert_kind, batch_size=batch_size, device=device, threads=threads, progress=not quiet)
         else:
             if not (tasks and include_path and specs):
                 raise click.UsageError("without --zoo, give MODELS, --tasks and --include-path")
-            report = report_on_models(specs, [t.strip() for t in tasks.split(",") if t.strip()], include_path, batch_size=batch_size, device=device, limit=limit, threads=threads)
+            report = report_on_models(specs, [t.strip() for t in tasks.split(",") if t.strip()], include_path, batch_size=batch_size, device=device, limit=limit, threads=threads, progress=not quiet)
     except EvaluationError as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_table(report))

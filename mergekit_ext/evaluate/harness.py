@@ -17,7 +17,9 @@ zoo's ``evals/`` folder, so the base and the experts are evaluated once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -134,6 +136,7 @@ def lm_eval_results(
     limit: Optional[int] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     threads: Optional[int] = None,
+    progress: bool = True,
 ) -> Dict[str, Dict]:
     """lm-eval's result dict per task (``{"alias", "acc,none", "acc_stderr,none"}``, or ``exact_match,none``…), cached.
 
@@ -168,7 +171,7 @@ def lm_eval_results(
         if threads:
             torch.set_num_threads(threads)
         try:
-            fresh = _simple_evaluate(spec, todo, include_path, batch_size=batch_size, device=device, limit=limit)
+            fresh = _simple_evaluate(spec, todo, include_path, batch_size=batch_size, device=device, limit=limit, progress=progress)
         finally:
             torch.set_num_threads(previous_threads)
         for task in todo:
@@ -179,7 +182,7 @@ def lm_eval_results(
     return {task: results[task] for task in tasks}
 
 
-def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, *, batch_size: int, device: str, limit: Optional[int]) -> Dict[str, Dict]:
+def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, *, batch_size: int, device: str, limit: Optional[int], progress: bool = True) -> Dict[str, Dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -207,17 +210,21 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
     # repository". The same call with git's stderr discarded (same hash, same fallback).
     recorded_git_hash = lm_eval.evaluator.get_git_commit_hash
     lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
+    # lm-eval draws its bars with an explicit `disable=`, which TQDM_DISABLE cannot override:
+    # without progress they go to a buffer instead (errors still raise).
+    bars = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        output = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=model_args,
-            tasks=list(tasks),
-            task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
-            device=device,
-            batch_size=batch_size,
-            limit=limit,
-            log_samples=False,
-        )
+        with bars:
+            output = lm_eval.simple_evaluate(
+                model="hf",
+                model_args=model_args,
+                tasks=list(tasks),
+                task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
+                device=device,
+                batch_size=batch_size,
+                limit=limit,
+                log_samples=False,
+            )
     finally:
         lm_eval.evaluator.get_git_commit_hash = recorded_git_hash
         if dataset_bars_were_on:
@@ -278,7 +285,7 @@ def compare_on_zoo(
     metric = zoo.metric
     task_of = {zoo.lm_eval_task(task, split): task for task in zoo.tasks}
     lm_tasks = list(task_of)
-    common = dict(include_path=zoo.task_dir, batch_size=batch_size, device=device, cache_dir=zoo.eval_cache, threads=threads)
+    common = dict(include_path=zoo.task_dir, batch_size=batch_size, device=device, cache_dir=zoo.eval_cache, threads=threads, progress=progress)
     specs = {label: spec if isinstance(spec, ModelSpec) else ModelSpec.parse(str(spec)) for label, spec in merged.items()}
     for label in specs:
         if label in ("base", "expert"):
@@ -342,12 +349,13 @@ def report_on_models(
     limit: Optional[int] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     threads: Optional[int] = None,
+    progress: bool = True,
 ) -> Dict:
     """lm-eval on arbitrary models and tasks (no base/expert normalization); the report dict."""
     entries = {}
     used: set = set()
     for label, spec in models.items():
-        lm = lm_eval_results(spec, tasks, include_path, batch_size=batch_size, device=device, limit=limit, cache_dir=cache_dir, threads=threads)
+        lm = lm_eval_results(spec, tasks, include_path, batch_size=batch_size, device=device, limit=limit, cache_dir=cache_dir, threads=threads, progress=progress)
         metrics = {task: metric_of(lm[task]) for task in tasks}
         accuracy = {task: float(lm[task][key]) for task, key in metrics.items() if key is not None}
         stderr = {task: value for task in accuracy for value in _stderrs(lm, {task: task}, metrics[task]).values()}

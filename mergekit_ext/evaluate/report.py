@@ -140,6 +140,60 @@ def _caption(report: Dict) -> str:
     return f"lm-eval {name} ± standard error"
 
 
+SUMMARY_HEADER = ["method", "mean ± stderr", "normalized", "tasks below the base"]
+
+
+def summary_rows(report: Dict, *, names_up_to: int = 4) -> List[List[str]]:
+    """One row per model (base, expert, then each merge): mean ± stderr, normalized, tasks below the base.
+
+    The per-task matrix (``table_rows``) does not fit a terminal with a dozen
+    merges; this does. Up to ``names_up_to`` tasks below the base are named,
+    more are counted.
+    """
+    flagged: Dict[str, List[str]] = {}
+    for label, task, *_ in below_base(report):
+        flagged.setdefault(label, []).append(task)
+    mean_flagged = _mean_below_base(report)
+    task_count = len(report["tasks"])
+    rows = []
+    for label, model in report["models"].items():
+        mean, stderr = model.get("mean_accuracy"), model.get("mean_stderr")
+        cell = "-" if mean is None else f"{mean:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
+        if label in mean_flagged:
+            cell += f" {BELOW_BASE}"
+        merged = label not in ("base", "expert")
+        normalized = model.get("mean_normalized_accuracy") if merged else None
+        tasks = flagged.get(label, [])
+        if not merged:
+            below = ""
+        elif not tasks:
+            below = "none"
+        elif len(tasks) <= names_up_to:
+            below = f"{len(tasks)} of {task_count}: " + ", ".join(tasks)
+        else:
+            below = f"{len(tasks)} of {task_count}"
+        rows.append([label, cell, "" if normalized is None else f"{normalized:.2f}", below])
+    return rows
+
+
+def format_summary(report: Dict) -> str:
+    """The summary as a terminal table (a dozen merges of 8 tasks fit 100 columns)."""
+    rows = [SUMMARY_HEADER] + summary_rows(report)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_HEADER))]
+    lines = ["  ".join(cell.rjust(width) if i == 2 else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    name = metric_name(report)
+    caption = f"lm-eval {name} on the {report.get('split', 'test')} split, mean over {len(report['tasks'])} tasks; normalized = merged / expert"
+    return caption + "\n" + "\n".join(lines)
+
+
+def format_summary_markdown(report: Dict) -> str:
+    """The same summary as a Markdown table (the README's demo table)."""
+    lines = ["| " + " | ".join(SUMMARY_HEADER) + " |", "|---|---:|---:|---|"]
+    lines += ["| " + " | ".join(cell or "–" for cell in row) + " |" for row in summary_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(report: Dict) -> str:
     header, rows = table_rows(report)
     lines = [f"*{_caption(report)}*", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]

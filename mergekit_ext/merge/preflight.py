@@ -133,3 +133,11 @@ def run(config_file: str | os.PathLike, out: str | os.PathLike, options, *, over
     for note in preflight(config):
         click.echo(f"note: {note}", err=True)
     return run_merge_atomic(config, out, options=options, overwrite=overwrite, config_source=config_source)
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""`` (for every name a user can mistype)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

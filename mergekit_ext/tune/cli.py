@@ -7,6 +7,8 @@ from typing import Optional
 
 import click
 
+from mergekit_ext.output import quiet_option
+
 
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("space_file", metavar="SPACE.yml", type=click.Path(dir_okay=False))
@@ -24,7 +26,7 @@ import click
 @click.option("--batch-size", type=int, default=64, show_default=True, help="lm-eval batch size")
 @click.option("--device", default="cpu", show_default=True, help="device for merging and lm-eval (e.g. cuda)")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (1 suits tiny models)")
-@click.option("-q", "--quiet", is_flag=True, help="no progress bars; print only where the results are")
+@quiet_option
 def tune_command(
     space_file: str,
     out_dir: str,

@@ -351,7 +351,7 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
     io.write_json(root / MANIFEST_NAME, manifest)
     marker.unlink(missing_ok=True)
     zoo = load_zoo(root)
-    _log(format_build_report(zoo), progress)
+    _log(f"zoo built: {root}", progress)  # its report is the caller's to print (`zoo` prints it once)
     return zoo
 
 

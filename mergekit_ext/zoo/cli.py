@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from mergekit_ext.output import quiet_option
 from mergekit_ext.zoo.presets import PRESETS
 
 
@@ -21,7 +22,7 @@ from mergekit_ext.zoo.presets import PRESETS
 @click.option("--seed", type=int, default=0, show_default=True, help="another seed builds an independent zoo (data, base, experts)")
 @click.option("--device", default="cpu", show_default=True, help="torch device for training (e.g. cuda for the bench preset)")
 @click.option("--threads", type=int, help="torch CPU threads while training (default: 1 for test/demo/hard)")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no log output; only results and errors.")
+@quiet_option
 def zoo_command(directory: str, preset: str, seed: int, device: str, threads: Optional[int], quiet: bool) -> None:
     """Build a model family in DIRECTORY (cached: a built zoo is left as is).
 

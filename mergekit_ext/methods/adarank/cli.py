@@ -26,6 +26,7 @@ from mergekit_ext.methods.adarank import (
     VARIANT_DEFAULTS,
     VARIANTS,
 )
+from mergekit_ext.output import quiet_option
 
 
 def _defaults(key: str) -> str:
@@ -113,7 +114,7 @@ def adarank_group() -> None:
 @click.option("--merge-out", default=None, type=click.Path(file_okay=False), help="Also write the merged model here (mergekit's engine, merge_method adarank).")
 @click.option("--dtype", default=None, help="Output dtype for --merge-out (default: the models').")
 @click.option("--overwrite", is_flag=True, help="Replace --out and --merge-out if they exist.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 def learn_command(models, out, base, zoo_dir, unlabeled, prompt_files, merge_out, dtype, overwrite, quiet, **learn_options) -> None:
     """Learn AdaRank masks and coefficients for MODELS and write them to --out."""
     from mergekit_ext import io

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mergekit_ext.methods.consensus import DEFAULT_TALL_LAMBDA
+from mergekit_ext.output import quiet_option
 
 
 @click.group("tall")
@@ -26,7 +27,8 @@ def tall_group() -> None:
     help="A zoo (`mergekit-ext zoo`) whose experts are MODELS: also score each recovered model against its expert on its own task, with the zoo's scorer.",
 )
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True, help="The zoo split scored with --zoo.")
-def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, split) -> None:
+@quiet_option
+def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, split, quiet) -> None:
     """Compress MODELS (fine-tunes of --base) into the bundle folder OUT.
 
     Prints, per model, the share of its task vector the mask keeps (weights and
@@ -55,6 +57,7 @@ def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, 
         names=task_names,
         tall_lambdas=list(tall_lambda) or None,
         overwrite=overwrite,
+        progress=not quiet,
     )
     click.echo(f"wrote {out}")
     if zoo_dir:
@@ -69,11 +72,12 @@ def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, 
 @click.argument("out", type=click.Path())
 @click.option("--base", default=None, type=click.Path(), help="The base model, if it moved since compression (checked by content hash).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def recover_command(bundle, model, out, base, overwrite) -> None:
+@quiet_option
+def recover_command(bundle, model, out, base, overwrite, quiet) -> None:
     """Write task MODEL of BUNDLE as a Hugging Face model folder OUT."""
     from mergekit_ext.methods.consensus.format import recover
 
-    recover(bundle, model, out, base=base, overwrite=overwrite)
+    recover(bundle, model, out, base=base, overwrite=overwrite, progress=not quiet)
     click.echo(f"wrote {out}")
 
 

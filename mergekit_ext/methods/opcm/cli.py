@@ -12,6 +12,7 @@ from mergekit_ext.methods.opcm import (
     DEFAULT_COEFFICIENT,
     DEFAULT_DENSITY,
 )
+from mergekit_ext.output import quiet_option
 
 
 @click.group("continual")
@@ -36,13 +37,14 @@ def continual_group() -> None:
 @click.option("--density", type=float, default=DEFAULT_DENSITY, show_default=True, help="ties: fraction kept by magnitude, per tensor.")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute (e.g. cuda); files stay on CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace STATE if it exists.")
-def init_command(state, model, base, method, alpha, zero_diagonal, coefficient, density, device, overwrite) -> None:
+@quiet_option
+def init_command(state, model, base, method, alpha, zero_diagonal, coefficient, density, device, overwrite, quiet) -> None:
     """Start STATE from BASE and a first MODEL."""
     from mergekit_ext.methods.opcm.format import describe_state, init_state
     from mergekit_ext.methods.opcm.kernel import ContinualOptions
 
     options = ContinualOptions(method=method, alpha=alpha, zero_diagonal=zero_diagonal, coefficient=coefficient, density=density)
-    data = init_state(state, base, model, options=options, device=device, overwrite=overwrite)
+    data = init_state(state, base, model, options=options, device=device, overwrite=overwrite, progress=not quiet)
     for line in describe_state(data):
         click.echo(line)
 
@@ -53,7 +55,8 @@ def init_command(state, model, base, method, alpha, zero_diagonal, coefficient, 
 @click.option("--base", default=None, type=click.Path(exists=True, file_okay=False), help="The base, if it moved since init (checked by content hash).")
 @click.option("--device", default="cpu", show_default=True, help="Where to compute (e.g. cuda); files stay on CPU.")
 @click.option("--allow-repeat", is_flag=True, help="Accept a model whose content is already in the state.")
-def add_command(state, model, base, device, allow_repeat) -> None:
+@quiet_option
+def add_command(state, model, base, device, allow_repeat, quiet) -> None:
     """Merge one more MODEL into STATE.
 
     Reads only the base, STATE and MODEL; the models merged before are not
@@ -61,7 +64,7 @@ def add_command(state, model, base, device, allow_repeat) -> None:
     """
     from mergekit_ext.methods.opcm.format import add_model, describe_state
 
-    data = add_model(state, model, base=base, device=device, allow_repeat=allow_repeat)
+    data = add_model(state, model, base=base, device=device, allow_repeat=allow_repeat, progress=not quiet)
     for line in describe_state(data):
         click.echo(line)
 

@@ -6,6 +6,7 @@ import click
 
 from mergekit_ext.adapters import ADAPTER_DTYPES
 from mergekit_ext.methods.rmm import VARIANTS
+from mergekit_ext.output import quiet_option
 
 
 @click.group("rmm")
@@ -24,7 +25,8 @@ def rmm_group() -> None:
 @click.option("--all-variants", is_flag=True, help="Also print the reconstruction error of the other variants at this K.")
 @click.option("--dtype", type=click.Choice(sorted(ADAPTER_DTYPES)), default="float32", show_default=True, help="dtype of the stored basis factors.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def build_command(base, adapters, k, out, variant, names, basis_rank, all_variants, dtype, overwrite) -> None:
+@quiet_option
+def build_command(base, adapters, k, out, variant, names, basis_rank, all_variants, dtype, overwrite, quiet) -> None:
     """Build an RMM bundle from ADAPTER folders (peft LoRA) into OUT.
 
     Usage: mergekit-ext rmm build --base BASE ADAPTER... -k K OUT
@@ -50,7 +52,7 @@ def build_command(base, adapters, k, out, variant, names, basis_rank, all_varian
         raise click.BadParameter(f"task names {duplicates} repeat (adapter folders with the same name); give unique ones with --names a,b,c", param_hint="--names")
     if k > len(loaded):
         raise click.BadParameter(f"K = {k} exceeds the number of adapters ({len(loaded)})", param_hint="-k")
-    basis = build_basis(loaded, k, variant, basis_rank=basis_rank, progress=True)
+    basis = build_basis(loaded, k, variant, basis_rank=basis_rank, progress=not quiet)
     errors = {variant: reconstruction_errors(basis, loaded)}
     if all_variants:
         for other in ("factor", "position", "product"):
