@@ -133,6 +133,22 @@ def header_shapes(path: str | os.PathLike, names: Optional[Iterable[str]] = None
     return shapes
 
 
+def header_dtypes(path: str | os.PathLike) -> Dict[str, str]:
+    """Each tensor's stored dtype (safetensors codes: F32, BF16, F16, …) from a model folder's
+    headers, no weights read (``.bin`` checkpoints: none)."""
+    from safetensors import safe_open
+
+    dtypes: Dict[str, str] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    dtypes[key] = handle.get_slice(key).get_dtype()
+        except Exception as error:
+            raise ModelFolderError(f"cannot read safetensors file {file}: {error}") from None
+    return dtypes
+
+
 def check_shape(tensor_name: str, tensor, reference, *, label: str, reference_label: str) -> None:
     """Refuse a tensor whose shape differs from the reference's (the base, usually), naming both."""
     if tuple(tensor.shape) != tuple(reference.shape):

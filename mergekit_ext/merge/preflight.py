@@ -115,6 +115,101 @@ def preflight(config) -> List[str]:
     return notes
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+VOCABULARY_KEYS = ("vocab_size",)
+FLOAT_CODES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _local_models(config) -> List[str]:
+    """The local full-model folders a config reads (no LoRA references): the base first (what
+    the others are compared with), then in config order."""
+    paths = []
+    references = list(config.referenced_models())
+    base = getattr(config, "base_model", None)
+    references.sort(key=lambda reference: reference != base)
+    for reference in references:
+        path = os.path.expanduser(reference.model.path)
+        if reference.lora is None and _looks_local(path) and os.path.isdir(path) and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def _config_value(path: str, keys) -> Optional[int]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    data = io.read_json_object(file)
+    data = {**data.get("text_config", {}), **data} if isinstance(data.get("text_config"), dict) else data
+    return next((data[key] for key in keys if isinstance(data.get(key), int)), None)
+
+
+def check_shards(config) -> None:
+    """Refuse a sharded model whose index names a shard that is not there (mergekit would stop
+    on it in the middle of the merge)."""
+    for path in _local_models(config):
+        for index_file in Path(path).glob("*.index.json"):
+            index = io.read_json_object(index_file)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_file}: no weight_map: not a sharded-checkpoint index")
+            for shard in sorted(set(weight_map.values())):
+                if not (Path(path) / shard).is_file():
+                    tensor = next(name for name, file in weight_map.items() if file == shard)
+                    raise ValueError(f"{index_file} names shard {shard} (e.g. for {tensor}), which is not in {path}")
+
+
+def check_layer_counts(config) -> None:
+    """A ``models:`` merge combines layer i of every model: refuse models of different depth
+    (``slices:`` configs choose their layer ranges and are left to mergekit)."""
+    if config.slices:
+        return
+    depths = [(path, _config_value(path, LAYER_KEYS)) for path in _local_models(config)]
+    depths = [(path, depth) for path, depth in depths if depth is not None]
+    for path, depth in depths[1:]:
+        if depth != depths[0][1]:
+            raise ValueError(
+                f"{path} has {depth} layers but {depths[0][0]} has {depths[0][1]}: a models: merge needs the same "
+                "number of layers in every model (choose layer ranges with slices:)"
+            )
+
+
+def check_vocabularies(config) -> None:
+    """Models with different vocabularies (added tokens) merge only with a tokenizer setting,
+    with which mergekit aligns the embedding rows by token; without one, refuse."""
+    if config.tokenizer_source is not None or getattr(config, "tokenizer", None) is not None:
+        return
+    sizes = [(path, _config_value(path, VOCABULARY_KEYS)) for path in _local_models(config)]
+    sizes = [(path, size) for path, size in sizes if size is not None]
+    for path, size in sizes[1:]:
+        if size != sizes[0][1]:
+            raise ValueError(
+                f"vocabulary size {size} in {path} but {sizes[0][1]} in {sizes[0][0]}: set tokenizer_source: base "
+                "(keep the base's tokens) or union (all tokens) so mergekit aligns the embeddings by token"
+            )
+
+
+def dtype_note(config) -> Optional[str]:
+    """Models stored in different dtypes merge as they are: every method computes in float32,
+    and the result is written in the config's ``dtype`` (else the base model's)."""
+    stored = {}
+    for path in _local_models(config):
+        floating = {code for code in io.header_dtypes(path).values() if code in FLOAT_CODES}
+        stored[path] = "/".join(FLOAT_CODES[code] for code in sorted(floating))
+    if len(set(stored.values())) <= 1:
+        return None
+    listed = ", ".join(f"{Path(path).name} {dtypes}" for path, dtypes in stored.items())
+    return f"models store different dtypes ({listed}): merged in float32, written as {config.dtype or 'the base model dtype'}"
+
+
+def check_inputs_agree(config) -> List[str]:
+    """The checks of mismatched inputs, before any tensor is written; notes for defined behaviours."""
+    check_shards(config)
+    check_layer_counts(config)
+    check_vocabularies(config)
+    note = dtype_note(config)
+    return [note] if note else []
+
+
 def run(config_file: str | os.PathLike, out: str | os.PathLike, options, *, overwrite: bool = False) -> Path:
     """Preflight, then mergekit's engine into a staging folder renamed to ``out``."""
     import yaml
@@ -130,7 +225,7 @@ def run(config_file: str | os.PathLike, out: str | os.PathLike, options, *, over
         raise ValueError(f"{config_file}: not a mergekit configuration (expected a mapping)")
     config = validate_config(parsed, source=str(config_file))
     check_parameter_names(config)
-    for note in preflight(config):
+    for note in [*check_inputs_agree(config), *preflight(config)]:
         click.echo(f"note: {note}", err=True)
     return run_merge_atomic(config, out, options=options, overwrite=overwrite, config_source=config_source)
 
