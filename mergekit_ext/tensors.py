@@ -475,22 +475,15 @@ def check_matrix(base: torch.Tensor, is_matrix: Optional[bool], method: str) -> 
     return bool(is_matrix)
 
 
-def orthogonalized_stack(
-    left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``polar(Û), ŝ, polar(V̂ᵀ)`` of stacked triplets ([m, K], [K], [K, n]), numerically zero σ dropped.
-
-    TSV-M and Iso-CTS stack this way. Returns K = 0 factors when every σ is zero.
-    """
-    left, sigma, right, _ = orthogonalized_stack_kept(left, sigma, right)
-    return left, sigma, right
-
-
 def orthogonalized_stack_kept(
     left: torch.Tensor, sigma: torch.Tensor, right: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``orthogonalized_stack`` and the bool [K] of which stacked triplets it kept (AdaRank
-    needs to know which task each orthogonalized column came from)."""
+    """``polar(Û), ŝ, polar(V̂ᵀ)`` of stacked triplets ([m, K], [K], [K, n]), numerically zero σ
+    dropped, and the bool [K] of which stacked triplets were kept (AdaRank needs to know which
+    task each orthogonalized column came from).
+
+    TSV-M and Iso-CTS stack this way. Returns K = 0 factors when every σ is zero.
+    """
     largest = float(sigma.max()) if sigma.numel() else 0.0
     kept = sigma > singular_value_tolerance((left.shape[0], right.shape[1]), largest, sigma.dtype)
     left, sigma, right = left[:, kept], sigma[kept], right[kept]

@@ -35,7 +35,6 @@ from mergekit_ext.io import content_hash, write_json
 # is ``Zoo.metric`` (``exact_match,none`` for the generation preset ``hard``),
 # and tasks outside a zoo are read with ``metric_of``.
 METRIC = "acc,none"
-CHANCE = 0.25
 # lm-eval result keys tried, in order, for a task without a known metric.
 KNOWN_METRICS = ("acc,none", "exact_match,none", "acc_norm,none")
 

@@ -127,9 +127,7 @@ REQUIRED_KEYS = ("variant", "tasks", "max_rank_ratio")
 
 
 def _header_format(metadata: Dict[str, str]) -> Optional[str]:
-    """The file's format string: inside the ``adarank`` JSON (or, from files of 0.1.0, beside it)."""
-    if "format" in metadata:
-        return metadata["format"]
+    """The file's format string, inside the ``adarank`` JSON."""
     try:
         return json.loads(metadata.get("adarank", "")).get("format")
     except (ValueError, AttributeError):

@@ -222,7 +222,7 @@ def compress(
 
 
 def read_bundle(bundle: str | os.PathLike) -> dict:
-    """The bundle's manifest; bundles written by 0.1.0 (``hash`` fields) read the same."""
+    """The bundle's manifest, checked for the keys ``recover`` needs."""
     path = Path(bundle) / "bundle.json"
     manifest = io.read_json_object(path, missing=f"not a TALL-mask bundle (no bundle.json): {bundle}")
     if manifest.get("format") != BUNDLE_FORMAT:
@@ -234,9 +234,8 @@ def read_bundle(bundle: str | os.PathLike) -> dict:
         if not isinstance(entry, dict) or "name" not in entry:
             raise ValueError(f"{path}: a task entry has no name (corrupt bundle?)")
         io.check_name(str(entry["name"]), what=f"task name in {path}")
-    for entry in [manifest.get("base", {}), *manifest.get("tasks", [])]:
-        if "hash" in entry:
-            entry.setdefault("content_hash", entry.pop("hash"))
+    if not isinstance(manifest["base"], dict) or "content_hash" not in manifest["base"]:
+        raise ValueError(f"{path}: the base entry has no content_hash (corrupt bundle?)")
     return manifest
 
 

@@ -1,11 +1,9 @@
 """Isotropic merging, Iso-C and Iso-CTS (Marczak et al., ICML 2025, arXiv 2502.04959).
 
 Parts: ``kernel.py`` (``iso_c_merge``, ``iso_cts_merge`` over tensors), ``method.py``
-(``merge_method: iso_c`` / ``iso_cts``). This module holds the defaults; ``METHODS``
-is loaded on first use, so importing the package imports nothing heavy.
+(``merge_method: iso_c`` / ``iso_cts``). This module holds the defaults
+and the evidence for them, and imports nothing heavy.
 """
-
-from mergekit_ext.lazy import lazy_exports
 
 PAPER_URL = "https://arxiv.org/abs/2502.04959"
 # One lambda serves iso_c and iso_cts. Chosen on the hard zoo's validation split,
@@ -26,6 +24,3 @@ DEFAULT_COMMON_SPACE_FRACTION = 0.8
 # tensors.truncated_svd's "auto": LAPACK when k is a large share of the rank,
 # Gram eigenvectors + Rayleigh–Ritz (~1e-5 from LAPACK) for small k.
 SVD_METHOD = "auto"
-
-
-__getattr__ = lazy_exports(__name__, {"METHODS": "method"})

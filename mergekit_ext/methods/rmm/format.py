@@ -16,9 +16,6 @@ from mergekit_ext import io
 from mergekit_ext.adapters import peft_io
 
 BUNDLE_FORMAT = "mergekit-ext/rmm-bundle/1"
-# Written by 0.1.0: the format string and a separate version field, and
-# ``base_model`` / ``base_hash`` / ``adapter_hash`` instead of ``base`` and ``content_hash``.
-_OLD_FORMAT, _OLD_VERSION = "mergekit-ext/rmm-bundle", 1
 MANIFEST = "manifest.json"
 COEFFICIENTS = "coefficients.safetensors"
 
@@ -94,13 +91,13 @@ def read_bundle(path: str | os.PathLike):
     folder = Path(path)
     manifest_path = folder / MANIFEST
     manifest = io.read_json_object(manifest_path, error=BundleError, missing=f"not an RMM bundle (no {MANIFEST}): {folder}")
-    if manifest.get("format") == _OLD_FORMAT and manifest.get("version") == _OLD_VERSION:
-        manifest = _upgrade_manifest(manifest)
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     missing = [key for key in ("basis", "k", "tasks", "variant", "base") if key not in manifest]
     if missing:
         raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)} (corrupt bundle?)")
+    if not isinstance(manifest["base"], dict) or not {"path", "content_hash"} <= set(manifest["base"]):
+        raise BundleError(f"{manifest_path}: the base entry needs a path and a content_hash (corrupt bundle?)")
     for name in manifest["basis"]:
         io.check_name(str(name), what=f"basis folder name in {manifest_path}")
     basis_adapters = []
@@ -124,18 +121,6 @@ def read_bundle(path: str | os.PathLike):
     return manifest, basis
 
 
-def _upgrade_manifest(manifest: Dict) -> Dict:
-    """A 0.1.0 manifest in today's field names."""
-    manifest = dict(manifest)
-    manifest.pop("version")
-    manifest["format"] = BUNDLE_FORMAT
-    manifest["base"] = {"path": manifest.pop("base_model"), "content_hash": manifest.pop("base_hash", None)}
-    manifest["tasks"] = [
-        {("content_hash" if key == "adapter_hash" else key): value for key, value in task.items()} for task in manifest["tasks"]
-    ]
-    return manifest
-
-
 def reverted_factors(basis, task: str, *, rank: Optional[int] = None):
     """Task ``task``'s factors from a basis, re-truncated to ``rank`` (or to what the weight allows)."""
     factors = basis.reconstruct(task)
@@ -157,8 +142,7 @@ def revert(bundle: str | os.PathLike, task: str, out: str | os.PathLike, *, merg
     if not Path(base).is_dir():
         raise BundleError(f"the bundle's base model {base} does not exist; pass --base")
     # the base must be the one the adapters were made for: same weights, so same shapes
-    recorded = manifest["base"].get("content_hash")
-    if recorded and io.content_hash(base) != recorded:
+    if io.content_hash(base) != manifest["base"]["content_hash"]:
         raise BundleError(f"base model {base} is not the one this bundle was built on ({manifest['base']['path']}): its weights differ")
     factors = reverted_factors(basis, task, rank=rank)
     peft_io.check_adapters_against_base([peft_io.LoraAdapter(name=f"{bundle} (task {task})", modules=factors)], base)

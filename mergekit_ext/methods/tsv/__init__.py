@@ -1,11 +1,8 @@
 """TSV-M: Task Singular Vectors merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081).
 
 Parts: ``kernel.py`` (``tsv_merge`` over tensors), ``method.py`` (``merge_method: tsv_m``).
-This module holds the defaults; ``METHODS`` is loaded on first use, so importing
-the package imports nothing heavy.
+This module holds the defaults and the evidence for them, and imports nothing heavy.
 """
-
-from mergekit_ext.lazy import lazy_exports
 
 PAPER_URL = "https://arxiv.org/abs/2412.00081"
 # Chosen on the hard zoo's validation split, 3 seeds (benchmarks/quality.py,
@@ -18,6 +15,3 @@ DEFAULT_LAMBDA = 2.0
 # tensors.truncated_svd's "auto": LAPACK when k is a large share of the rank,
 # Gram eigenvectors + Rayleigh–Ritz (~1e-5 from LAPACK) for small k.
 SVD_METHOD = "auto"
-
-
-__getattr__ = lazy_exports(__name__, {"METHODS": "method"})
