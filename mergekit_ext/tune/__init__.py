@@ -61,6 +61,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+# Worker liveness, shared by the command line and the study: a running trial
+# beats every HEARTBEAT_INTERVAL seconds (--heartbeat); one silent for
+# GRACE_FACTOR heartbeats is taken as dead and queued again.
+HEARTBEAT_INTERVAL = 10
+GRACE_FACTOR = 6
+
 # Public names, loaded on first use so that importing the command stays cheap.
 _EXPORTS = {
     "DEFAULT_SPACES": "space",

@@ -8,6 +8,12 @@ from typing import Optional
 import click
 
 from mergekit_ext.output import quiet_option
+from mergekit_ext.tune import GRACE_FACTOR, HEARTBEAT_INTERVAL
+
+HEARTBEAT_HELP = (
+    f"seconds between a running trial's heartbeats; a trial silent for {GRACE_FACTOR} heartbeats is taken as dead "
+    "(its worker killed or its machine gone) and queued again for another worker"
+)
 
 
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +23,7 @@ from mergekit_ext.output import quiet_option
 @click.option("--include-path", type=click.Path(file_okay=False), help="folder of lm-eval task YAMLs (overrides tune.include_path)")
 @click.option("--limit", type=click.IntRange(min=1), help="at most this many documents per task (smoke runs)")
 @click.option("--metric", help="lm-eval metric to read (e.g. acc, exact_match; default: each task's first metric)")
-@click.option("--storage", help="Optuna storage URL shared by several workers (default: sqlite:///OUT_DIR/study.db)")
+@click.option("--storage", help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db (default: sqlite:///OUT_DIR/study.db)")
 @click.option("--study-name", default="tune", show_default=True, help="study name inside the storage")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="trials run in parallel threads by this worker (merges overlap; lm-eval runs one at a time per process)")
 @click.option("--keep", is_flag=True, help="keep each finished trial's merged model in OUT_DIR/trials/ (pruned or failed ones are removed)")
@@ -26,6 +32,7 @@ from mergekit_ext.output import quiet_option
 @click.option("--batch-size", type=int, default=64, show_default=True, help="lm-eval batch size")
 @click.option("--device", default="cpu", show_default=True, help="device for merging and lm-eval (e.g. cuda)")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (1 suits tiny models)")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=HEARTBEAT_INTERVAL, show_default=True, help=HEARTBEAT_HELP)
 @quiet_option
 def tune_command(
     space_file: str,
@@ -43,6 +50,7 @@ def tune_command(
     batch_size: int,
     device: str,
     threads: Optional[int],
+    heartbeat: int,
     quiet: bool,
 ) -> None:
     """Search merge methods and their parameters on validation tasks; report on test.
@@ -107,6 +115,7 @@ def tune_command(
             batch_size=batch_size,
             device=device,
             threads=threads,
+            heartbeat=heartbeat,
             echo=echo,
         )
         report = run_tune(space, out_dir, options)
@@ -116,11 +125,75 @@ def tune_command(
         if os.environ.get("MERGEKIT_EXT_DEBUG"):
             raise
         raise click.ClickException(" ".join(str(error).split())) from None
+    _print_report(report, quiet)
+
+
+def _print_report(report, quiet: bool) -> None:
     from mergekit_ext.tune.report import format_summary
 
     if not quiet:
-        echo(format_summary(report))
-    echo(f"wrote {report['files']['best']}, {report['files']['markdown']}")
+        click.echo(format_summary(report))
+    click.echo(f"wrote {report['files']['best']}, {report['files']['markdown']}")
 
 
-COMMANDS = (tune_command,)
+@click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", metavar="OUT_DIR", type=click.Path(file_okay=False))
+@click.option("--storage", required=True, help="the Optuna storage URL the workers share (e.g. postgresql://user@host/db)")
+@click.option("--study-name", default="tune", show_default=True, help="study name inside the storage")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="lm-eval batch size (test scores not yet in the study)")
+@click.option("--device", default="cpu", show_default=True, help="device for the test-split merges and lm-eval")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads")
+@quiet_option
+def report_command(out_dir: str, storage: str, study_name: str, batch_size: int, device: str, threads: Optional[int], quiet: bool) -> None:
+    """Write best.yml and the reports of a shared study into OUT_DIR, running no trial.
+
+    Needs only the storage URL: the study keeps its space (models, tasks,
+    parameters), so this runs on any machine that sees the models and task
+    YAMLs at the same paths. Each method's chosen setting is scored on the
+    test tasks unless a worker already stored those scores in the study. The
+    same study can be watched live with optuna-dashboard (`optuna-dashboard URL`).
+    """
+    from mergekit_ext.tune.study import RunOptions, report_only
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    options = RunOptions(storage=storage, study_name=study_name, progress=not quiet, batch_size=batch_size, device=device, threads=threads, echo=click.echo)
+    try:
+        report = report_only(storage, out_dir, options)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("MERGEKIT_EXT_DEBUG"):
+            raise
+        raise click.ClickException(" ".join(str(error).split())) from None
+    _print_report(report, quiet)
+
+
+class _TuneGroup(click.Group):
+    """``tune SPACE.yml OUT_DIR`` runs the search (the ``run`` subcommand); ``tune report`` only reports."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("tune", cls=_TuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def tune_group() -> None:
+    """Choose a merge method and its parameters on validation tasks; report on test.
+
+    \b
+      mergekit-ext tune SPACE.yml OUT_DIR [OPTIONS]          search (same as `tune run`)
+      mergekit-ext tune report --storage URL OUT_DIR         report a shared study, no search
+
+    Several workers, on one machine or many, share one study through
+    --storage (a PostgreSQL URL); each writes its own OUT_DIR. See
+    `mergekit-ext tune run --help`.
+    """
+
+
+tune_command.name = "run"
+tune_group.add_command(tune_command)
+tune_group.add_command(report_command)
+
+COMMANDS = (tune_group,)

@@ -226,6 +226,23 @@ class TuneSpace:
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def to_document(self) -> Dict[str, Any]:
+        """The validated space as a SPACE document (absolute paths); ``parse_space`` reads it back.
+
+        Stored in the study, so that ``tune report`` needs only the storage URL.
+        """
+        tune: Dict[str, Any] = {
+            "methods": {n: {p: _domain_yaml(d) for p, d in s.parameters.items()} for n, s in self.methods.items()},
+            "tasks": {"validation": list(self.validation_tasks), "test": list(self.test_tasks)},
+            "include_path": str(self.include_path),
+            "seed": self.seed,
+            "prune": self.prune,
+        }
+        for key in ("reference", "metric", "limit", "trials"):
+            if getattr(self, key) is not None:
+                tune[key] = getattr(self, key)
+        return {**copy.deepcopy(self.base_config), "tune": tune}
+
     def summary(self) -> str:
         lines = [f"space {self.source}" + (" (default methods)" if self.defaults_used else "")]
         for name, space in self.methods.items():
@@ -233,6 +250,19 @@ class TuneSpace:
         lines.append(f"  validation: {', '.join(self.validation_tasks)}")
         lines.append(f"  test: {', '.join(self.test_tasks)}")
         return "\n".join(lines)
+
+
+def _domain_yaml(domain: Domain) -> Any:
+    if isinstance(domain, Choice):
+        return list(domain.values)
+    if isinstance(domain, Range):
+        entry: Dict[str, Any] = {"low": domain.low, "high": domain.high}
+        if domain.log:
+            entry["log"] = True
+        if domain.step is not None:
+            entry["step"] = domain.step
+        return entry
+    return domain.value
 
 
 def _domain_json(domain: Domain) -> Any:

@@ -42,11 +42,10 @@ import optuna
 from optuna.trial import TrialState
 
 from mergekit_ext import io
+from mergekit_ext.tune import GRACE_FACTOR, HEARTBEAT_INTERVAL
 from mergekit_ext.tune.space import TuneSpace, setting_label
 
 STUDY_NAME = "tune"
-HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
-GRACE_PERIOD = 60  # a trial silent this long is stale (its worker died)
 MAX_RETRY = 2  # times a trial whose worker died is re-queued
 WORKING_DIR = "trials"  # trial merges live here (removed after scoring unless keep)
 
@@ -230,19 +229,43 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def make_storage(url: str):
-    """An Optuna RDB storage with heartbeats: a trial whose worker dies is failed and re-queued."""
+def make_storage(url: str, heartbeat: int = HEARTBEAT_INTERVAL):
+    """An Optuna RDB storage with heartbeats: a trial whose worker dies is failed and re-queued.
+
+    Each worker judges staleness with its own storage object: a trial whose
+    last heartbeat is older than ``GRACE_FACTOR * heartbeat`` seconds is
+    failed, and Optuna's retry callback queues the same setting again.
+    """
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
     _quiet_optuna()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-    )
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        for attempt in range(5):
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat,
+                    grace_period=GRACE_FACTOR * heartbeat,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                )
+            except (IntegrityError, ProgrammingError, OperationalError) as error:
+                # Workers started together on an empty database race to create Optuna's
+                # tables (PostgreSQL: "duplicate key ... pg_type_typname_nsp_index",
+                # SQLite: "table ... already exists"); the loser finds them made on its
+                # next try.
+                schema_race = not isinstance(error, OperationalError) or "already exists" in str(error)
+                if attempt == 4 or not schema_race:
+                    raise
+                time.sleep(0.5 + attempt)
+    except ImportError as error:  # the URL names a database whose driver is not installed
+        raise TuneError(f"--storage {_storage_label(url)}: {' '.join(str(error).split())[:300]}") from None
+    except Exception as error:  # SQLAlchemy's errors: bad URL, server unreachable, bad credentials
+        reason = " ".join(str(error).split("\n")[0].split())[:300]
+        raise TuneError(f"--storage {_storage_label(url)}: cannot open the study storage: {reason}") from None
 
 
 def make_sampler(space: TuneSpace, *, shared: bool = False):
@@ -318,11 +341,16 @@ def make_pruner(space: TuneSpace):
     return HopelessPruner()
 
 
-def open_study(space: TuneSpace, storage: Union[str, Any], study_name: str = STUDY_NAME, *, shared: bool = False):
-    """Create or load the study; refuse one that was made for another space."""
+def open_study(space: TuneSpace, storage: Union[str, Any], study_name: str = STUDY_NAME, *, shared: bool = False, heartbeat: int = HEARTBEAT_INTERVAL):
+    """Create or load the study; refuse one that was made for another space.
+
+    The study keeps what ``tune report`` and optuna-dashboard need without the
+    SPACE file: the validated space itself (``space`` user attr), and per trial
+    its setting, validation scores and worker.
+    """
     _quiet_optuna()
     if isinstance(storage, str):
-        storage = make_storage(storage)
+        storage = make_storage(storage, heartbeat)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -338,6 +366,9 @@ def open_study(space: TuneSpace, storage: Union[str, Any], study_name: str = STU
         study.set_user_attr("space_source", str(space.source))
         study.set_user_attr("validation_tasks", space.validation_tasks)
         study.set_user_attr("test_tasks", space.test_tasks)
+        study.set_user_attr("space", space.to_document())
+        with contextlib.suppress(Exception):  # optional display name (experimental in Optuna)
+            study.set_metric_names(["validation mean"])
     elif existing != fingerprint:
         raise TuneError(
             f"study {study_name!r} in {_storage_label(storage)} was made for another space "
@@ -348,7 +379,7 @@ def open_study(space: TuneSpace, storage: Union[str, Any], study_name: str = STU
 
 
 def _storage_label(storage) -> str:
-    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None) or type(storage).__name__
+    url = storage if isinstance(storage, str) else getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None) or type(storage).__name__
     if "@" in url:  # hide credentials of a database URL
         scheme, _, rest = url.partition("://")
         url = f"{scheme}://…@{rest.split('@', 1)[1]}"
@@ -392,6 +423,7 @@ def recover_interrupted(study) -> List[int]:
         if worker["pid"] == os.getpid() or io.pid_alive(worker["pid"]):
             continue
         try:
+            storage.set_trial_user_attr(trial._trial_id, "stopped", "its worker process is gone")
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                 retry(study, storage.get_trial(trial._trial_id))
                 requeued.append(trial.number)
@@ -407,7 +439,11 @@ def recover_interrupted(study) -> List[int]:
 
 
 def finished_count(trials) -> int:
-    """Trials that count against the budget: complete, pruned, or failed with an error of their own."""
+    """Trials that count against the budget: complete, pruned, or failed with an error of their own.
+
+    A trial stopped because another worker was already running its setting
+    (``duplicate_of``) failed without an error of its own, so it does not count.
+    """
     return sum(
         1
         for t in trials
@@ -482,6 +518,7 @@ class RunOptions:
     batch_size: int = 64
     device: str = "cpu"
     threads: Optional[int] = None
+    heartbeat: int = HEARTBEAT_INTERVAL
     echo: Callable[[str], None] = field(default=print, repr=False)
 
 
@@ -513,6 +550,10 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
         method, params = _choose(trial, space)
         trial.set_user_attr("method", method)
         trial.set_user_attr("params", params)
+        trial.set_user_attr("setting", setting_label(method, params))
+        twin = _twin(trial.study, trial.number, method, params)
+        if twin is not None:
+            return _repeat(trial, twin)
         model_dir = _trial_dir(out_dir, trial.number)
         scores: List[TaskScore] = []
 
@@ -561,6 +602,43 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
     return objective
 
 
+class _Running(Exception):
+    """Another worker is running this setting already (a race between workers); this trial stands down."""
+
+
+def _twin(study, number: int, method: str, params: Mapping[str, Any]):
+    """An earlier trial of the same setting that ran or is running (a retried trial's failed original excluded)."""
+    for other in study.get_trials(deepcopy=False):
+        if other.number == number or other.user_attrs.get("method") != method or other.user_attrs.get("params") != params:
+            continue
+        if "repeat_of" in other.user_attrs or "duplicate_of" in other.user_attrs:
+            continue
+        finished = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (other.state == TrialState.FAIL and "error" in other.user_attrs)
+        if finished or (other.state == TrialState.RUNNING and other.number < number):
+            return other
+    return None
+
+
+def _repeat(trial, twin) -> float:
+    """A setting the study has already scored is not run again: its result is copied (TPE may suggest it twice).
+
+    A setting another worker is running now makes this trial stand down
+    (failed, ``duplicate_of``, not counted against the budget).
+    """
+    if twin.state == TrialState.RUNNING:
+        trial.set_user_attr("duplicate_of", twin.number)
+        raise _Running(f"trial {twin.number} runs this setting")
+    trial.set_user_attr("repeat_of", twin.number)
+    for key in ("validation", "pruned_after", "error"):
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    if twin.state == TrialState.PRUNED:
+        raise optuna.TrialPruned(f"as trial {twin.number}")
+    if twin.state == TrialState.FAIL:
+        raise TuneError(f"as trial {twin.number}: {twin.user_attrs['error']}")
+    return twin.value
+
+
 class _Progress:
     """A tqdm bar over the trial budget showing the best validation score so far; thread safe."""
 
@@ -600,8 +678,7 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
     options = options or RunOptions()
     out_dir = Path(out_dir).absolute()
     io.check_output_not_input(out_dir, space.local_inputs(), may_contain=True)  # OUT only gains files
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(space, options.storage or default_storage(out_dir), options.study_name, shared=bool(options.storage))
+    study = _open_for(space, out_dir, options)
     requeued = recover_interrupted(study)
     if requeued and options.progress:
         options.echo(f"re-queued trial(s) {', '.join(map(str, requeued))} left unfinished by a stopped run")
@@ -621,23 +698,7 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
     objective = make_objective(space, out_dir, options)
     try:
         with _quiet_libraries(options.progress):
-            # n_trials makes one process stop exactly at the budget; the callback stops
-            # workers sharing the study. A trial failed by the heartbeat (its worker
-            # died) does not count, so a few more rounds make up for re-queued ones.
-            for _ in range(3):
-                remaining = target - finished_count(study.get_trials(deepcopy=False))
-                sampler = study.sampler
-                if remaining <= 0 or (isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)):
-                    break
-                study.optimize(
-                    objective,
-                    n_trials=remaining,
-                    n_jobs=options.n_jobs,
-                    catch=(Exception,),
-                    callbacks=[after_trial],
-                    gc_after_trial=True,
-                    show_progress_bar=False,
-                )
+            _work(study, space, objective, options, after_trial)
     finally:
         progress.close()
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -645,6 +706,69 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
         errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs]
         raise TuneError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
     return study
+
+
+def _open_for(space: TuneSpace, out_dir: Path, options: RunOptions):
+    """Open the study before OUT_DIR is made (a bad --storage leaves nothing); the default lives in OUT_DIR."""
+    storage = options.storage
+    if storage:
+        study = open_study(space, storage, options.study_name, shared=True, heartbeat=options.heartbeat)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return study
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_study(space, default_storage(out_dir), options.study_name, heartbeat=options.heartbeat)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)  # only the study file this call made
+        raise
+
+
+def _open_slots(study, space: TuneSpace, trials) -> int:
+    """Trials that may still be started: queued retries, plus grid points (or TPE budget) no trial holds yet."""
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    if space.finite:
+        # GridSampler gives trial number i grid point i, and a retry keeps its point.
+        points = min(len(space.settings()), space.target_trials)
+        held = {t.system_attrs.get("grid_id") for t in trials}
+        return waiting + sum(1 for point in range(points) if point not in held)
+    active = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return waiting + max(0, space.target_trials - finished_count(trials) - active - waiting)
+
+
+def _work(study, space: TuneSpace, objective, options: RunOptions, after_trial) -> None:
+    """Run trials until the budget is met, then wait for other workers' running trials.
+
+    A worker never starts a trial the study does not need (a grid point held by
+    another worker, a TPE trial beyond the budget); while others still run, it
+    polls, and Optuna's ``fail_stale_trials`` fails a trial whose worker stopped
+    heart-beating and queues it again (``RetryHeartbeatStaleTrialCallback``),
+    so a live worker finishes a dead worker's trial.
+    """
+    from optuna.storages import fail_stale_trials
+
+    poll = max(0.5, options.heartbeat / 2)
+    for _ in range(100 * max(1, space.target_trials)):  # a bound, never reached in practice
+        trials = study.get_trials(deepcopy=False)
+        if finished_count(trials) >= space.target_trials:
+            return
+        slots = _open_slots(study, space, trials)
+        if slots > 0:
+            study.optimize(
+                objective,
+                n_trials=min(slots, options.n_jobs),
+                n_jobs=options.n_jobs,
+                catch=(Exception,),
+                callbacks=[after_trial],
+                gc_after_trial=True,
+                show_progress_bar=False,
+            )
+            continue
+        if not any(t.state == TrialState.RUNNING for t in trials):
+            return  # nothing left to run (retries exhausted)
+        fail_stale_trials(study)
+        time.sleep(poll)
 
 
 @contextlib.contextmanager
@@ -676,14 +800,49 @@ def _cache_key(kind: str, what: Any, tasks: Sequence[str], evaluation: EvalSetti
     return "eval:" + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _cached_scores(study, key: str, compute: Callable[[], Dict[str, TaskScore]]) -> Dict[str, TaskScore]:
-    """Scores stored in the study's user attrs (so a resumed run or another worker does not re-score)."""
-    stored = study.user_attrs.get(key)
-    if stored is not None:
-        return {task: TaskScore.from_dict(score) for task, score in stored.items()}
-    scores = compute()
-    study.set_user_attr(key, {task: score.to_dict() for task, score in scores.items()})
-    return scores
+def _claim_alive(claim: Mapping[str, Any], stale_after: float) -> bool:
+    """A claim on a final-phase score is held while its worker lives (same machine) or for ``stale_after`` seconds."""
+    if claim.get("host") == socket.gethostname() and isinstance(claim.get("pid"), int):
+        return claim["pid"] == os.getpid() or io.pid_alive(claim["pid"])
+    return time.time() - float(claim.get("time", 0)) < stale_after
+
+
+def _shared_scores(study, jobs, trials, options: RunOptions, advance: Callable[[int], Any]) -> Dict[str, Dict[str, TaskScore]]:
+    """Test scores of the final phase, shared by the workers that reach it together.
+
+    Each score is stored in the study under its key. A worker claims a key
+    (``claim:KEY``) before computing it; the others compute other keys, then
+    wait for the claimed ones instead of scoring the same model again. A claim
+    dies with its worker's process (same machine), else after twice the
+    longest trial plus a minute.
+    """
+    longest = max([t.user_attrs.get("seconds") or 0 for t in trials] + [0])
+    stale_after = 2 * longest + 60
+    results: Dict[str, Dict[str, TaskScore]] = {}
+    pending = list(jobs)
+    while pending:
+        progressed = False
+        attrs = study.user_attrs
+        for job in list(pending):
+            key, label, compute = job
+            stored = attrs.get(key)
+            if stored is None:
+                claim = attrs.get(f"claim:{key}")
+                if claim is not None and _claim_alive(claim, stale_after):
+                    continue
+                study.set_user_attr(f"claim:{key}", {**_worker(), "time": time.time()})
+                scores = compute()
+                study.set_user_attr(key, {task: score.to_dict() for task, score in scores.items()})
+                attrs = study.user_attrs
+            else:
+                scores = {task: TaskScore.from_dict(score) for task, score in stored.items()}
+            results[label] = scores
+            pending.remove(job)
+            advance(1)
+            progressed = True
+        if pending and not progressed:
+            time.sleep(max(0.5, options.heartbeat / 2))
+    return results
 
 
 def plain_task_arithmetic(space: TuneSpace) -> Optional[Dict[str, Any]]:
@@ -710,6 +869,9 @@ def trial_record(trial) -> Dict[str, Any]:
         "pruned_after_tasks": trial.user_attrs.get("pruned_after"),
         "error": trial.user_attrs.get("error"),
         "retry_of": trial.system_attrs.get("failed_trial"),
+        "repeat_of": trial.user_attrs.get("repeat_of"),
+        "duplicate_of": trial.user_attrs.get("duplicate_of"),
+        "worker": trial.user_attrs.get("worker"),
         "seconds": trial.user_attrs.get("seconds"),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
         "finished": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
@@ -804,8 +966,8 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
 
     results: Dict[str, Dict[str, TaskScore]] = {}
     with _quiet_libraries(options.progress):
-        for label, compute in tqdm(jobs, desc="test split", unit="model", disable=not options.progress, dynamic_ncols=True):
-            results[label] = _cached_scores(study, keys[label], compute)
+        with tqdm(total=len(jobs), desc="test split", unit="model", disable=not options.progress, dynamic_ncols=True) as bar:
+            results = _shared_scores(study, [(keys[label], label, compute) for label, compute in jobs], trials, options, bar.update)
 
     reference_scores: Optional[Dict[str, TaskScore]] = None
     if references:
@@ -877,6 +1039,42 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
     return report
 
 
+def load_stored_study(storage: str, study_name: str = STUDY_NAME, *, heartbeat: int = HEARTBEAT_INTERVAL):
+    """(study, space) of a study some worker made, read from its storage alone (no SPACE file, no worker)."""
+    from mergekit_ext.tune.space import SpaceError, parse_space
+
+    _quiet_optuna()
+    backend = make_storage(storage, heartbeat)
+    names = [summary.study_name for summary in optuna.get_all_study_summaries(backend, include_best_trial=False)]
+    if study_name not in names:
+        raise TuneError(f"{_storage_label(storage)} holds no study {study_name!r} (it holds: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=study_name, storage=backend)
+    document = study.user_attrs.get("space")
+    if not isinstance(document, dict):
+        raise TuneError(f"study {study_name!r} in {_storage_label(storage)} was not made by mergekit-ext tune (it stores no space)")
+    try:
+        space = parse_space(document, study.user_attrs.get("space_source") or "<stored space>")
+    except SpaceError as error:
+        raise TuneError(f"study {study_name!r}: its space cannot be used on this machine: {error}") from None
+    if space.fingerprint() != study.user_attrs.get("space_fingerprint"):
+        raise TuneError(f"study {study_name!r}: its stored space does not match its fingerprint; was it made by another version?")
+    return study, space
+
+
+def report_only(storage: str, out_dir: Union[str, os.PathLike], options: Optional[RunOptions] = None) -> Dict[str, Any]:
+    """``tune report``: best.yml and the reports from a stored study, running no trial.
+
+    Test scores already in the study (written by any worker) are reused; the
+    missing ones are computed here and stored for the next reader.
+    """
+    options = options or RunOptions()
+    study, space = load_stored_study(storage, options.study_name, heartbeat=options.heartbeat)
+    out_dir = Path(out_dir).absolute()
+    io.check_output_not_input(out_dir, space.local_inputs(), may_contain=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return finalize(study, space, out_dir, options)
+
+
 def run_tune(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Optional[RunOptions] = None) -> Dict[str, Any]:
     """Search (or resume), then score each method's choice on test and write best.yml and the reports."""
     options = options or RunOptions()
@@ -902,4 +1100,6 @@ __all__ = [
     "run_search",
     "finalize",
     "run_tune",
+    "load_stored_study",
+    "report_only",
 ]
