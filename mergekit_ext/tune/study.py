@@ -599,8 +599,9 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
     """Run (or resume) the search until the study holds ``space.target_trials`` finished trials; the study."""
     options = options or RunOptions()
     out_dir = Path(out_dir).absolute()
-    io.check_output_not_input(out_dir, space.local_inputs(), may_contain=True)  # OUT only gains files
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # OUT is new or a study of ours (run again to resume); no database inside an input.
+    io.check_sqlite_url(options.storage, space.local_inputs())
+    io.claim_output_dir(out_dir, kind="tune", inputs=space.local_inputs(), resume=True)
     study = open_study(space, options.storage or default_storage(out_dir), options.study_name, shared=bool(options.storage))
     requeued = recover_interrupted(study)
     if requeued and options.progress:
