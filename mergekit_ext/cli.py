@@ -44,12 +44,20 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-ext")
-def main() -> None:
+@click.option(
+    "--allow-pickle-code",
+    is_flag=True,
+    help="Load .bin (pickle) checkpoints even with a torch older than 2.6, whose torch.load "
+    "runs any code a pickle holds. Only for checkpoints from a source you trust.",
+)
+def main(allow_pickle_code: bool = False) -> None:
     """Recent model-merging methods for mergekit, with tools around them.
 
     The merge methods themselves run in the stock `mergekit-yaml`; these
     commands cover what one mergekit run cannot express.
     """
+    if allow_pickle_code:
+        os.environ["MERGEKIT_EXT_ALLOW_PICKLE_CODE"] = "1"  # io.ALLOW_PICKLE_ENV (io imports mergekit: not here)
 
 
 @main.command("methods")

@@ -41,6 +41,31 @@ class ModelFolderError(ValueError):
     """A path given as a model is missing or holds no weights."""
 
 
+# Opting in to pickle checkpoints where torch.load could run their code (``mergekit-ext --allow-pickle-code``).
+ALLOW_PICKLE_ENV = "MERGEKIT_EXT_ALLOW_PICKLE_CODE"
+
+
+def pickle_loading_is_safe() -> bool:
+    """Whether this torch's ``torch.load`` defaults to ``weights_only`` (2.6 and later, unless forced off)."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    forced_off = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "").lower() in ("1", "true", "yes", "on")
+    return (major, minor) >= (2, 6) and not forced_off
+
+
+def check_pickle_checkpoints(folder: str | os.PathLike) -> None:
+    """Refuse a ``.bin`` (pickle) checkpoint that this torch would unpickle with code execution
+    allowed (mergekit's loader does not pass ``weights_only``), unless the user opted in."""
+    pickles = sorted(f.name for f in Path(folder).iterdir() if f.name.endswith(".bin"))
+    if not pickles or pickle_loading_is_safe() or os.environ.get(ALLOW_PICKLE_ENV) == "1":
+        return
+    raise ModelFolderError(
+        f"{Path(folder) / pickles[0]} is a pickle checkpoint, and this torch's torch.load can run code inside it; "
+        "convert it to .safetensors, use torch >= 2.6, or pass `mergekit-ext --allow-pickle-code` if you trust its source"
+    )
+
+
 def open_model(path: str | os.PathLike) -> LazyTensorLoader:
     """A lazy tensor loader over a Hugging Face model folder, with a clear error."""
     folder = Path(path)
@@ -50,6 +75,7 @@ def open_model(path: str | os.PathLike) -> LazyTensorLoader:
         raise ModelFolderError(f"model path is not a folder: {folder}")
     if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
         raise ModelFolderError(f"no .safetensors or .bin weights in model folder: {folder}")
+    check_pickle_checkpoints(folder)
     try:
         return LazyTensorLoader.from_disk(str(folder), lazy_unpickle=False)
     except Exception as error:  # truncated or corrupt shards, bad index: one line naming the folder
@@ -224,18 +250,27 @@ def is_ours(folder: str | os.PathLike) -> bool:
             return json.loads((folder / MARKER_NAME).read_text(encoding="utf-8")).get("format") == MARKER_FORMAT
         except (ValueError, OSError, AttributeError):
             return False
-    candidates = [(folder / name, prefix) for name, prefix in _LEGACY_MANIFESTS.items()]
-    # A zoo's base, experts and adapters (zoo/manifest.json one or two levels up).
-    candidates += [(parent / "manifest.json", "mergekit-ext") for parent in (folder.parent, folder.parent.parent)]
-    for manifest, prefix in candidates:
+    # Only what the folder itself holds counts, never where it is: a user's folder
+    # inside a zoo is still the user's.
+    for name, prefix in _LEGACY_MANIFESTS.items():
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
         except (ValueError, OSError):
             continue
         if isinstance(data, dict) and str(data.get("format", "")).startswith(prefix):
-            if manifest.parent == folder or "zoo" in str(data.get("format")):
-                return True
+            return True
     return False
+
+
+def marker_kind(folder: str | os.PathLike) -> Optional[str]:
+    """The ``kind`` in a folder's marker, or None where there is no valid marker."""
+    try:
+        data = json.loads(Path(folder, MARKER_NAME).read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    if isinstance(data, dict) and data.get("format") == MARKER_FORMAT:
+        return str(data.get("kind"))
+    return None
 
 
 def check_replaceable(path: str | os.PathLike, *, overwrite: bool, ours: Optional[Callable[[Path], bool]] = None) -> None:
@@ -454,6 +489,46 @@ def atomic_output_dir(
             swap_into_place(staging, target)
         else:
             move_into_place(staging, target)
+
+
+def claim_output_dir(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[Optional[str | os.PathLike]] = (),
+    resume: bool = False,
+) -> Path:
+    """The OUT rule for an output folder written in place (a study, a demo's folder); returns it.
+
+    OUT must not be, contain or lie inside an input. It is new, or one this package
+    wrote (its marker) and ``overwrite`` is given; with ``resume``, our own output of
+    the same ``kind`` is taken up again without ``overwrite`` (a resumable study).
+    The folder is created and marked before anything else is written into it.
+    """
+    target = Path(path).absolute()
+    check_output_not_input(target, inputs)
+    if resume and (target.exists() or target.is_symlink()):
+        empty = target.is_dir() and not target.is_symlink() and not any(target.iterdir())
+        if not (empty or (not target.is_symlink() and marker_kind(target) == kind)):
+            raise OutputError(
+                f"{target} exists and is not an earlier {kind} output of mergekit-ext (which would be resumed); "
+                "choose a new folder"
+            )
+    elif target.exists() or target.is_symlink():
+        check_replaceable(target, overwrite=overwrite)
+    target.mkdir(parents=True, exist_ok=True)
+    write_marker(target, kind)
+    return target
+
+
+def check_sqlite_url(url: Optional[str], inputs: Iterable[Optional[str | os.PathLike]]) -> None:
+    """Refuse a ``sqlite:///PATH`` storage whose database file would be written inside an input."""
+    if not url or not url.startswith("sqlite:///"):
+        return
+    database = url[len("sqlite:///"):].split("?", 1)[0]
+    if database and database != ":memory:":
+        check_output_not_input(database, inputs)
 
 
 def read_json_object(path: str | os.PathLike, *, error: type = ValueError, missing: Optional[str] = None) -> Dict:

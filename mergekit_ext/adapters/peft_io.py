@@ -160,6 +160,8 @@ def read_adapter(path: str | os.PathLike, name: Optional[str] = None) -> LoraAda
     linear layers: DoRA, trained biases, modules_to_save, embedding LoRA, a
     rank that disagrees between A and B, corrupt or truncated weights.
     """
+    from mergekit_ext.io import check_finite_tensor
+
     folder = Path(path)
     config = read_config(folder)
     weights = _load_weights(folder)
@@ -177,6 +179,9 @@ def read_adapter(path: str | os.PathLike, name: Optional[str] = None) -> LoraAda
             module = module[len(KEY_PREFIX):]
         if tensor.dim() != 2:
             raise AdapterError(f"{weights_file}: tensor '{key}' has shape {tuple(tensor.shape)}; only 2-D (linear) LoRA factors are supported")
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{weights_file}: tensor '{key}' is {tensor.dtype}; LoRA factors are floating point")
+        check_finite_tensor(tensor, tensor_name=key, source=str(weights_file))
         halves.setdefault(module, {})[match["side"]] = tensor
     if not halves:
         raise AdapterError(f"{weights_file} holds no LoRA factors")

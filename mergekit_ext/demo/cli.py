@@ -21,8 +21,9 @@ DEFAULT_PRESET = "demo-hard"  # demo.run.DEMO_PRESET, without importing the demo
     help="zoo preset: demo-hard (8 generation tasks, exact match: methods differ) or demo (4 multiple-choice tasks, the recipes' zoo)",
 )
 @click.option("--tune", "tune_only", is_flag=True, help="instead of the demo: search the demo's grids on the validation split with the zoo's own scorer and print the best settings")
+@click.option("--overwrite", is_flag=True, help="replace --out if it holds an earlier demo's output")
 @quiet_option
-def demo_command(zoo_dir: str, out_dir: str, preset: str, tune_only: bool, quiet: bool) -> None:
+def demo_command(zoo_dir: str, out_dir: str, preset: str, tune_only: bool, overwrite: bool, quiet: bool) -> None:
     """Build the demo zoo, merge it with every method, evaluate each merge with lm-eval.
 
     Runs mergekit's task_arithmetic and ties for reference and every method
@@ -40,7 +41,7 @@ def demo_command(zoo_dir: str, out_dir: str, preset: str, tune_only: bool, quiet
             for label, result in tune(zoo_dir, progress=not quiet).items():
                 click.echo(f"{label}: {result['parameters']}  validation {result['metric']} {result['validation_score']:.3f}")
             return
-        run_demo(zoo_dir, out_dir, preset=preset, progress=not quiet, echo=click.echo)
+        run_demo(zoo_dir, out_dir, preset=preset, progress=not quiet, overwrite=overwrite, echo=click.echo)
     except ZooError as error:
         raise click.ClickException(str(error)) from None
 

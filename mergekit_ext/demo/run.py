@@ -164,23 +164,29 @@ def run_demo(
     merges: Optional[Sequence[DemoMerge]] = None,
     preset: str = DEMO_PRESET,
     progress: bool = True,
+    overwrite: bool = False,
     echo=print,
 ) -> Dict:
     """Build (or reuse) the zoo, merge with every registered demo method, evaluate, report.
 
     ``merges`` defaults to the list for the zoo's task kind (``merges_for``).
+    ``out_dir`` must be new, or an earlier demo's output and ``overwrite`` given.
     """
+    from mergekit_ext import io
     from mergekit_ext.engine import run_merge_atomic
     from mergekit_ext.evaluate import compare_on_zoo, write_report
     from mergekit_ext.evaluate.report import format_summary
     from mergekit_ext.zoo import build_zoo
 
+    io.check_output_not_input(out_dir, [zoo_dir])
+    if Path(out_dir).exists():
+        io.check_replaceable(out_dir, overwrite=overwrite)  # before the zoo is built, not after
     started = time.perf_counter()
     cpu_started = time.process_time()
     zoo = build_zoo(zoo_dir, preset=preset, progress=progress)
     zoo_seconds = time.perf_counter() - started
     merges = list(merges if merges is not None else merges_for(zoo.task_kind))
-    out_dir = Path(out_dir).absolute()
+    out_dir = io.claim_output_dir(out_dir, kind="demo", overwrite=overwrite, inputs=[zoo.root])
     merged: Dict[str, Path] = {}
     skipped: List[str] = []
     phase_seconds: Dict[str, float] = {}

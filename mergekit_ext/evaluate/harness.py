@@ -176,8 +176,11 @@ def lm_eval_results(
         for task in todo:
             results[task] = fresh[task]
             if task in cache_files:
-                cache_files[task].parent.mkdir(parents=True, exist_ok=True)
-                write_json(cache_files[task], {"model": str(spec), "task": task, "lm_eval": fresh[task]})
+                try:
+                    cache_files[task].parent.mkdir(parents=True, exist_ok=True)
+                    write_json(cache_files[task], {"model": str(spec), "task": task, "lm_eval": fresh[task]})
+                except OSError:  # a read-only zoo: the cache is an optimisation, the scores stand
+                    pass
     return {task: results[task] for task in tasks}
 
 

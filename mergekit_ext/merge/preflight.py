@@ -225,6 +225,7 @@ def run(config_file: str | os.PathLike, out: str | os.PathLike, options, *, over
         raise ValueError(f"{config_file}: not a mergekit configuration (expected a mapping)")
     config = validate_config(parsed, source=str(config_file))
     check_parameter_names(config)
+    check_parameter_values(config)
     for note in [*check_inputs_agree(config), *preflight(config)]:
         click.echo(f"note: {note}", err=True)
     return run_merge_atomic(config, out, options=options, overwrite=overwrite, config_source=config_source)
@@ -236,3 +237,50 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+# Documented ranges of mergekit's own methods' parameters (mergekit checks none of
+# them: ties with density 2.0 silently returns the base). Our methods declare theirs.
+_BUILTIN_RANGES = {
+    "density": (0.0, 1.0, False, True, "in (0, 1]"),
+    "t": (0.0, 1.0, True, True, "in [0, 1]"),
+    "select_topk": (0.0, 1.0, False, True, "in (0, 1]"),
+    "gamma": (0.0, 1.0, True, True, "in [0, 1]"),
+    "epsilon": (0.0, 1.0, True, True, "in [0, 1]"),
+}
+
+
+def _numbers(value) -> Iterator[float]:
+    """Every number in a parameter value: a scalar, a gradient list, or filtered values."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, dict):
+        yield from _numbers(value.get("value"))
+    elif hasattr(value, "value"):  # mergekit's ConditionalParameter
+        yield from _numbers(value.value)
+
+
+def check_parameter_values(config) -> None:
+    """Refuse a NaN or infinite number in any parameter, and values outside the
+    documented range of mergekit's own methods (density in (0, 1], ...), naming where."""
+    import math
+
+    from mergekit_ext.registry import our_methods
+
+    ours = {method.spec.name for method in our_methods()}
+    method = config.merge_method
+    for where, parameters, _model_section in _parameter_sections(config):
+        for key, value in (parameters or {}).items():
+            for number in _numbers(value):
+                if not math.isfinite(number):
+                    raise ValueError(f"{where}: {method} parameter '{key}' must be a finite number, got {number}")
+                if method in ours or key not in _BUILTIN_RANGES:
+                    continue
+                low, high, low_closed, high_closed, text = _BUILTIN_RANGES[key]
+                if (number < low or (number == low and not low_closed)) or (number > high or (number == high and not high_closed)):
+                    raise ValueError(f"{where}: {method} parameter '{key}' must be {text}, got {number}")

@@ -677,7 +677,7 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
     """Run (or resume) the search until the study holds ``space.target_trials`` finished trials; the study."""
     options = options or RunOptions()
     out_dir = Path(out_dir).absolute()
-    io.check_output_not_input(out_dir, space.local_inputs(), may_contain=True)  # OUT only gains files
+    io.check_sqlite_url(options.storage, space.local_inputs())  # no database inside an input
     study = _open_for(space, out_dir, options)
     requeued = recover_interrupted(study)
     if requeued and options.progress:
@@ -711,17 +711,18 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
 def _open_for(space: TuneSpace, out_dir: Path, options: RunOptions):
     """Open the study before OUT_DIR is made (a bad --storage leaves nothing); the default lives in OUT_DIR."""
     storage = options.storage
+    inputs = space.local_inputs()
     if storage:
         study = open_study(space, storage, options.study_name, shared=True, heartbeat=options.heartbeat)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        io.claim_output_dir(out_dir, kind="tune", inputs=inputs, resume=True)  # new, or a study of ours to resume
         return study
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    io.claim_output_dir(out_dir, kind="tune", inputs=inputs, resume=True)
     try:
         return open_study(space, default_storage(out_dir), options.study_name, heartbeat=options.heartbeat)
     except BaseException:
         if created:
-            shutil.rmtree(out_dir, ignore_errors=True)  # only the study file this call made
+            shutil.rmtree(out_dir, ignore_errors=True)  # only what this call made
         raise
 
 

@@ -6,7 +6,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mergekit_ext import io
 from mergekit_ext.zoo.tasks import (
@@ -35,6 +35,8 @@ class Zoo:
 
     root: Path
     manifest: Dict = field(repr=False)
+    # Task YAMLs rendered for a zoo that was moved or copied (outside it: reading never writes).
+    rendered_tasks: Optional[Path] = field(default=None, repr=False)
 
     @property
     def tasks(self) -> List[str]:
@@ -52,6 +54,8 @@ class Zoo:
 
     @property
     def task_dir(self) -> Path:
+        if self.rendered_tasks is not None:
+            return self.rendered_tasks
         return self.root / self.manifest["task_yaml_dir"]
 
     def lm_eval_task(self, task: str, split: str = "test") -> str:
@@ -105,7 +109,12 @@ CHANCE_LEVELS = {MULTIPLE_CHOICE: 0.25, GENERATION: None}
 
 
 def load_zoo(directory: str | Path) -> Zoo:
-    """Open a built zoo; re-renders its task YAMLs if the folder was moved."""
+    """Open a built zoo, never writing to it.
+
+    The task YAMLs hold absolute data paths (lm-eval needs them); for a zoo that
+    was moved or copied they are rendered afresh into a private temporary folder
+    for this process, so a copied or read-only zoo works as it is.
+    """
     root = Path(directory).absolute()
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -115,16 +124,31 @@ def load_zoo(directory: str | Path) -> Zoo:
         raise ZooError(f"{manifest_path} is not a {ZOO_FORMAT} manifest")
     zoo = Zoo(root, manifest)
     if manifest.get("root") != str(root):
-        write_task_yamls(zoo.root, manifest["tasks"])
-        manifest["root"] = str(root)
-        io.write_json(manifest_path, manifest)
+        zoo.rendered_tasks = _rendered_task_folder(root, manifest["tasks"])
     return zoo
 
 
-def write_task_yamls(root: Path, tasks: Dict[str, Dict]) -> None:
+_RENDERED: Dict[str, Path] = {}
+
+
+def _rendered_task_folder(root: Path, tasks: Dict[str, Dict]) -> Path:
+    """Task YAMLs pointing at ``root``'s data, in a temporary folder removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if str(root) not in _RENDERED:
+        folder = Path(tempfile.mkdtemp(prefix="mergekit-ext-zoo-tasks-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        write_task_yamls(root, tasks, folder=folder / "tasks")
+        _RENDERED[str(root)] = folder / "tasks"
+    return _RENDERED[str(root)]
+
+
+def write_task_yamls(root: Path, tasks: Dict[str, Dict], *, folder: Optional[Path] = None) -> None:
     # lm-eval's json loader needs absolute data paths; both splits are listed so
     # either YAML can be read on its own.
-    folder = root / "tasks"
+    folder = folder if folder is not None else root / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     for name, entry in tasks.items():
         kind = entry.get("kind", MULTIPLE_CHOICE)

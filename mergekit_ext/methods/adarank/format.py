@@ -107,16 +107,33 @@ class LearnedFile:
             raise AdaRankFileError(
                 f"adarank: {self.path} has no coefficients for tensor {name}: it was learned for other models"
             )
-        return self._handle.get_tensor(key)
+        return self._checked(key, torch.float32, 1)
 
     def mask(self, name: str) -> Optional[torch.Tensor]:
         key = mask_key(name)
-        return self._handle.get_tensor(key) if key in self._keys else None
+        return self._checked(key, torch.bool, 2) if key in self._keys else None
 
     def fingerprint(self, name: str) -> Optional[torch.Tensor]:
         """The recorded top singular values [T, k] of a matrix's task vectors (None: not recorded)."""
         key = fingerprint_key(name)
-        return self._handle.get_tensor(key) if key in self._keys else None
+        if key not in self._keys:
+            return None
+        values = self._checked(key, torch.float32, 2)
+        if bool((values < 0).any()):
+            raise AdaRankFileError(f"adarank: {self.path}: tensor {key} holds negative singular values (edited or corrupt file)")
+        return values
+
+    def _checked(self, key: str, dtype: torch.dtype, dims: int) -> torch.Tensor:
+        """A stored tensor of the dtype and rank this format writes, finite (an edited file is refused)."""
+        tensor = self._handle.get_tensor(key)
+        if tensor.dtype != dtype or tensor.dim() != dims:
+            raise AdaRankFileError(
+                f"adarank: {self.path}: tensor {key} is {str(tensor.dtype).replace('torch.', '')} with {tensor.dim()} dimension(s), "
+                f"expected {str(dtype).replace('torch.', '')} with {dims} (edited or corrupt file)"
+            )
+        if dtype != torch.bool:
+            io.check_finite_tensor(tensor, tensor_name=key, source=str(self.path))
+        return tensor
 
     @property
     def fingerprint_rtol(self) -> float:
@@ -146,6 +163,14 @@ def is_learned_file(path: str | os.PathLike) -> bool:
 
 
 _VERIFIED: Dict[Tuple[str, str], bool] = {}
+_DIGESTS: Dict[str, str] = {}
+
+
+def content_hash_once(path: str) -> str:
+    """A model folder's content hash, computed once per process and path."""
+    if path not in _DIGESTS:
+        _DIGESTS[path] = io.content_hash(path)
+    return _DIGESTS[path]
 
 
 def verify_models(learned: "LearnedFile", model_paths, base_path: Optional[str]) -> None:
@@ -206,6 +231,28 @@ def open_learned_file(path: str | os.PathLike) -> LearnedFile:
             raise AdaRankFileError(f"adarank: {path}: metadata lacks {', '.join(missing)} (corrupt or not written by adarank learn)")
         if info["variant"] not in VARIANTS or not isinstance(info["tasks"], int) or info["tasks"] < 1:
             raise AdaRankFileError(f"adarank: {path}: bad variant {info['variant']!r} or task count {info['tasks']!r}")
+        _check_info(path, info)
         learned = LearnedFile(path=path, info=info, _handle=handle)
         _OPEN_FILES[key] = learned
         return learned
+
+
+def _check_info(path: Path, info: Dict[str, Any]) -> None:
+    """Refuse metadata values out of their range (an edited file would silently change the merge)."""
+    import math
+
+    def number(key: str, low: float, high: float, default=None) -> None:
+        value = info.get(key, default)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low < value <= high:
+            raise AdaRankFileError(f"adarank: {path}: metadata {key} = {value!r} is out of range ({low}, {high}] (edited or corrupt file)")
+
+    number("max_rank_ratio", 0.0, 1.0)
+    number("common_space_fraction", 0.0, 1.0)
+    rtol = (info.get("fingerprint") or {}).get("rtol") if isinstance(info.get("fingerprint"), dict) else None
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not math.isfinite(rtol) or not 0 <= rtol < 1):
+        raise AdaRankFileError(f"adarank: {path}: metadata fingerprint.rtol = {rtol!r} is out of range [0, 1) (edited or corrupt file)")
+    models = info.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(entry, dict) for entry in models):
+        raise AdaRankFileError(f"adarank: {path}: metadata models must be a list of objects (edited or corrupt file)")

@@ -196,7 +196,13 @@ def read_prompts(path: str | os.PathLike) -> List[str]:
         prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"no prompts in {path}")
+    for number, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARS:  # attention memory grows with the square of the length
+            raise ValueError(f"{path}: prompt {number} has {len(prompt):,} characters; AdaRank learns from short prompts (at most {MAX_PROMPT_CHARS:,})")
     return prompts
+
+
+MAX_PROMPT_CHARS = 4096
 
 
 def zoo_prompts(zoo, task: str, split: str = "validation", unlabeled: int = 0) -> List[str]:

@@ -20,6 +20,7 @@ from mergekit_ext.methods.adarank import (
 from mergekit_ext.methods.adarank.format import (
     AdaRankFileError,
     LearnedFile,
+    content_hash_once,
     open_learned_file,
     verify_models,
 )
@@ -53,6 +54,8 @@ def _task_order(learned: LearnedFile, group: TensorGroup, check_models: bool) ->
     # A 'ta' file's coefficients belong to its base: another base_model is refused by content hash.
     verify_models(learned, [], _entry_path(group.base.id) if group.base is not None else None)
     if not check_models or None in paths or len(recorded) != count:
+        if learned.variant == "cart" and count == 2:
+            return _order_by_content(learned, paths)
         return list(range(count))
     # Same paths are not enough: the weights there must be the ones the file was learned on.
     verify_models(learned, paths, None)
@@ -65,6 +68,27 @@ def _task_order(learned: LearnedFile, group: TensorGroup, check_models: bool) ->
             )
         order.append(recorded.index(path))
     return order
+
+
+def _order_by_content(learned: LearnedFile, paths: list) -> list:
+    """The file's task indices for two CART models matched by their weights' content hashes.
+
+    With two models CART's centred task vectors are (θ1 − θ2)/2 and its negative: the
+    same singular values, so no fingerprint can tell the models apart, and the config
+    order alone could swap their masks and coefficients without a word."""
+    recorded = [entry.get("content_hash") for entry in learned.info.get("models", []) if isinstance(entry, dict)]
+    if None in paths or len(recorded) != 2 or None in recorded:
+        raise AdaRankFileError(
+            f"adarank: {learned.path} (variant cart, two models) cannot tell which model is which by their weights "
+            "(their centred task vectors mirror each other); give the models as local folders so they can be matched"
+        )
+    digests = [content_hash_once(path) for path in paths]
+    if sorted(digests) != sorted(recorded) or digests[0] == digests[1]:
+        raise AdaRankFileError(
+            f"adarank: {learned.path} (variant cart, two models): these models' weights are not the two it was learned on, "
+            "and with two models their order cannot be checked by fingerprint; learn the file again for these weights"
+        )
+    return [recorded.index(digest) for digest in digests]
 
 
 def _check_file(value: str) -> str:

@@ -230,6 +230,14 @@ def read_bundle(bundle: str | os.PathLike) -> dict:
     for key in ("base", "tasks", "shapes"):
         if key not in manifest:
             raise ValueError(f"{path}: missing key {key!r} (corrupt bundle?)")
+    shapes = manifest["shapes"]
+    if not isinstance(shapes, dict) or not all(
+        isinstance(shape, list) and all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape)
+        for shape in shapes.values()
+    ):
+        raise ValueError(f"{path}: 'shapes' must map tensor names to lists of sizes (corrupt bundle?)")
+    if not isinstance(manifest["tasks"], list):
+        raise ValueError(f"{path}: 'tasks' must be a list (corrupt bundle?)")
     for entry in manifest["tasks"]:
         if not isinstance(entry, dict) or "name" not in entry:
             raise ValueError(f"{path}: a task entry has no name (corrupt bundle?)")
@@ -249,7 +257,6 @@ def recover(
     progress: bool = True,
 ) -> Path:
     """Write task ``task`` of a bundle as a Hugging Face model folder."""
-    from mergekit.io import LazyTensorLoader
     from tqdm import tqdm
 
     bundle = Path(bundle)
@@ -266,21 +273,42 @@ def recover(
             f"base {base} is not the model this bundle was compressed against "
             f"(content hash differs from {manifest['base']['content_hash'][:12]}…); pass the original with --base"
         )
-    multitask = LazyTensorLoader.from_disk(str(bundle / "multitask"), lazy_unpickle=False)
-    masks = LazyTensorLoader.from_disk(str(bundle / "masks" / task), lazy_unpickle=False)
+    multitask = io.open_model(bundle / "multitask")  # a missing or truncated part: one line naming it
+    masks = io.open_model(bundle / "masks" / task)
     shapes = manifest["shapes"]
     with io.atomic_output_dir(out, overwrite=overwrite, inputs=[bundle, base], kind="model") as staging:
         writer = io.tensor_writer(staging)
         for tensor_name in tqdm(io.tensor_names(base_loader), desc=f"TALL recover {task}", disable=not progress):
             base_tensor = base_loader.get_tensor(tensor_name)
             if tensor_name in shapes:
-                mask = unpack_mask(masks.get_tensor(tensor_name), shapes[tensor_name])
-                vector = multitask.get_tensor(tensor_name)
+                for part, loader in ((f"masks/{task}", masks), ("multitask", multitask)):
+                    if tensor_name not in loader.index.tensor_paths:
+                        raise ValueError(f"{bundle}/{part} has no tensor {tensor_name} (edited or corrupt bundle?)")
+                packed, vector = masks.get_tensor(tensor_name), multitask.get_tensor(tensor_name)
+                _check_bundle_tensors(bundle, task, tensor_name, shapes[tensor_name], base_tensor, packed, vector)
+                mask = unpack_mask(packed, shapes[tensor_name])
                 base_tensor = (base_tensor.float() + mask * vector.float()).to(base_tensor.dtype)
+                io.check_finite_tensor(base_tensor, tensor_name=tensor_name, source=f"task {task} recovered from {bundle} (overflow in {base_tensor.dtype}?)")
             writer.save_tensor(tensor_name, base_tensor)
         writer.finalize()
         io.copy_side_files(bundle / "configs" / task, staging)
     return Path(out)
+
+
+def _check_bundle_tensors(bundle: Path, task: str, tensor_name: str, shape, base_tensor, packed, vector) -> None:
+    """Refuse bundle tensors this package would not have written: wrong dtype or shape, non-finite τMTL."""
+    if list(shape) != list(base_tensor.shape):
+        raise ValueError(f"{bundle}/bundle.json: tensor {tensor_name} is recorded with shape {shape}, the base has {list(base_tensor.shape)}")
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != ((math.prod(shape) + 7) // 8,):
+        raise ValueError(
+            f"{bundle}/masks/{task}: tensor {tensor_name} is {packed.dtype} {list(packed.shape)}, "
+            f"expected uint8 [{(math.prod(shape) + 7) // 8}] (edited or corrupt bundle?)"
+        )
+    if not vector.is_floating_point() or list(vector.shape) != list(shape):
+        raise ValueError(
+            f"{bundle}/multitask: tensor {tensor_name} is {vector.dtype} {list(vector.shape)}, expected floating point {list(shape)} (edited or corrupt bundle?)"
+        )
+    io.check_finite_tensor(vector, tensor_name=tensor_name, source=f"{bundle}/multitask")
 
 
 def zoo_tasks_of(zoo, models: Sequence[str | os.PathLike], names: Sequence[str]) -> Dict[str, str]:

@@ -61,6 +61,13 @@ def read_state(state: str | os.PathLike) -> dict:
     data = io.read_json_object(path, error=ContinualStateError, missing=f"not a continual state (no {CONTINUAL_DIR}/{STATE_FILE}): {state}")
     if data.get("format") != STATE_FORMAT:
         raise ContinualStateError(f"{path}: unknown state format {data.get('format')!r} (expected {STATE_FORMAT})")
+    if not isinstance(data.get("options"), dict):
+        raise ContinualStateError(f"{path}: 'options' must be an object (edited or corrupt state?)")
+    try:
+        ContinualOptions(**data["options"])
+    except (TypeError, ValueError) as error:
+        raise ContinualStateError(f"{path}: bad options: {error}") from None
+    _check_history(path, data)
     return data
 
 
@@ -145,7 +152,7 @@ def _build(
         task_square += float(task_delta.double().square().sum())
         previous = None
         if previous_loader is not None:
-            previous = previous_loader.get_tensor(name).to(device, torch.float32)
+            previous = _stored_accumulator(previous_loader, previous_accumulator, name, base_tensor.shape).to(device)
         accumulator = continual_step(
             options,
             previous,
@@ -192,6 +199,34 @@ def _build(
     }
 
 
+def _stored_accumulator(loader, folder: Path, name: str, shape) -> torch.Tensor:
+    """One tensor of a state's accumulator as this package writes it: float32, the base's shape, finite."""
+    if name not in loader.index.tensor_paths:
+        raise ContinualStateError(f"{folder}: the accumulator has no tensor {name} (edited or corrupt state?)")
+    tensor = loader.get_tensor(name)
+    if tensor.dtype != torch.float32 or tuple(tensor.shape) != tuple(shape):
+        raise ContinualStateError(
+            f"{folder}: accumulator tensor {name} is {tensor.dtype} {list(tensor.shape)}, expected float32 {list(shape)} (edited or corrupt state?)"
+        )
+    io.check_finite_tensor(tensor, tensor_name=name, source=f"the accumulator in {folder}")
+    return tensor
+
+
+def _check_history(path: Path, data: dict) -> None:
+    """Refuse a state.json whose base or history an edit has broken (norms feed every later scale)."""
+    base, models = data.get("base"), data.get("models")
+    if not isinstance(base, dict) or not isinstance(base.get("content_hash"), str) or not isinstance(base.get("path"), str):
+        raise ContinualStateError(f"{path}: 'base' must record a path and a content_hash (edited or corrupt state?)")
+    if not isinstance(models, list) or not models:
+        raise ContinualStateError(f"{path}: 'models' must be a non-empty list (edited or corrupt state?)")
+    for index, entry in enumerate(models):
+        norm = entry.get("task_vector_norm") if isinstance(entry, dict) else None
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm) or norm < 0:
+            raise ContinualStateError(f"{path}: models[{index}].task_vector_norm must be a finite number >= 0, got {norm!r}")
+        if not isinstance(entry.get("content_hash"), str):
+            raise ContinualStateError(f"{path}: models[{index}] has no content_hash (edited or corrupt state?)")
+
+
 def _history_entry(order: int, model_path: Path, digest: str, numbers: Dict[str, float]) -> dict:
     return {
         "order": order,
@@ -207,6 +242,7 @@ def _history_entry(order: int, model_path: Path, digest: str, numbers: Dict[str,
 
 def _write_state_json(staging: Path, data: dict) -> None:
     io.write_json(staging / CONTINUAL_DIR / STATE_FILE, data)
+    io.default_permissions(staging)  # safetensors writes 0600; a state is an ordinary model folder
 
 
 # --------------------------------------------------------------------------
@@ -276,10 +312,7 @@ def init_state(
     """Start a continual state from ``base`` and a first model; returns the state's metadata."""
     state, base_path, model_path = Path(state).absolute(), Path(base).absolute(), Path(model).absolute()
     io.check_output_not_input(state, [base_path, model_path])
-    if state.exists() and not overwrite:
-        raise FileExistsError(f"state already exists (pass --overwrite to replace it): {state}")
-    if state.exists() and not _state_json_path(state).is_file():
-        raise ContinualStateError(f"refusing to overwrite {state}: it is not a continual state")
+    io.check_replaceable(state, overwrite=overwrite)
     _check_compatible(base_path, io.open_model(base_path), model_path, io.open_model(model_path))
     base_digest, model_digest = io.content_hash(base_path), io.content_hash(model_path)
     state.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +355,8 @@ def add_model(
     state, model_path = Path(state).absolute(), Path(model).absolute()
     io.recover_retired(state)
     read_state(state)  # a clear error (and no lock taken) for a folder that is not a state
+    # The state merged into itself, or a new state swapped in over the model being read.
+    io.check_output_not_input(state, [model_path, base])
     with _locked(state):
         data = read_state(state)
         options = ContinualOptions(**data["options"])

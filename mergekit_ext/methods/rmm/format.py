@@ -104,19 +104,27 @@ def read_bundle(path: str | os.PathLike):
     for name in manifest["basis"]:
         adapter = peft_io.read_adapter(folder / name)
         basis_adapters.append(adapter.modules)
+    if isinstance(manifest["k"], bool) or not isinstance(manifest["k"], int) or manifest["k"] < 1:
+        raise BundleError(f"{manifest_path}: k must be a whole number >= 1, got {manifest['k']!r} (corrupt bundle?)")
     if len(basis_adapters) != manifest["k"]:
         raise BundleError(f"{manifest_path}: k is {manifest['k']} but {len(basis_adapters)} basis adapters are listed")
     try:
         coefficients = load_file(str(folder / COEFFICIENTS))
     except (SafetensorError, OSError, RuntimeError) as error:
         raise BundleError(f"cannot read {folder / COEFFICIENTS} (missing, truncated or corrupt?): {error}") from None
+    for key, value in coefficients.items():  # an edited file would silently change every reverted task
+        if not value.is_floating_point():
+            raise BundleError(f"{folder / COEFFICIENTS}: tensor '{key}' is {value.dtype}, expected floating point (edited or corrupt?)")
+        io.check_finite_tensor(value, tensor_name=key, source=str(folder / COEFFICIENTS))
+    if not isinstance(manifest["tasks"], list) or not all(isinstance(task, dict) and isinstance(task.get("name"), str) for task in manifest["tasks"]):
+        raise BundleError(f"{manifest_path}: tasks must be a list of objects with a name (corrupt bundle?)")
     tasks = [task["name"] for task in manifest["tasks"]]
     try:
         basis = RmmBasis.from_parts(manifest["variant"], tasks, basis_adapters, coefficients)
     except ValueError as error:
         raise BundleError(f"{folder}: {error}") from None
     for key, value in coefficients.items():
-        if value.shape[0] != len(tasks) or value.shape[1] != basis.k:
+        if value.dim() < 2 or value.shape[0] != len(tasks) or value.shape[1] != basis.k:
             raise BundleError(f"{folder / COEFFICIENTS}: '{key}' has shape {tuple(value.shape)}, expected [{len(tasks)}, {basis.k}, …]")
     return manifest, basis
 
