@@ -328,3 +328,23 @@ def test_the_real_smollm2_file_converts_and_answers_in_chat(tmp_path):
     )
     (reply,) = chat_generate(model, tokenizer, [prompt], stop="<|im_end|>", max_new_tokens=12)
     assert "Paris" in reply
+
+
+def test_moved_smol_zoo_rewrites_chat_yamls_and_draws_fresh_unlabeled_prompts(tiny_smol_zoo, tmp_path):
+    import shutil
+
+    from mergekit_ext.zoo.format import load_zoo
+
+    zoo, settings = tiny_smol_zoo
+    moved = load_zoo(shutil.copytree(zoo.root, tmp_path / "moved"))
+    for name in ("zoo_upper", "zoo_facts_val"):
+        text = (moved.task_dir / f"{name}.yaml").read_text()
+        assert str(moved.root / "data") in text and str(zoo.root / "data") not in text
+    assert 'until: ["<|im_end|>"]' in (moved.task_dir / "zoo_upper.yaml").read_text()
+    assert 'target_delimiter: ""' in (moved.task_dir / "zoo_facts.yaml").read_text()
+    fresh = moved.unlabeled_documents("upper", 5)
+    held = {d["question"] for split in ("validation", "test") for d in moved.documents("upper", split)}
+    shots = [tuple(s) for s in moved.manifest["tasks"]["upper"]["shots"]]
+    assert len({d["question"] for d in fresh}) == 5 and not held & {d["question"] for d in fresh}
+    assert all(d["prompt"].startswith(moved.documents("upper", "test")[0]["prompt"].split(shots[-1][1])[0]) for d in fresh)
+    assert fresh == moved.unlabeled_documents("upper", 5)

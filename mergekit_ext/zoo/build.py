@@ -124,8 +124,12 @@ def build_zoo(
     presets, whose matrices are too small to profit from more (and extra threads
     spin badly on a busy machine), unchanged for ``bench``.
     """
+    from mergekit_ext.zoo.smol import SMOL_PRESETS, build_smol_zoo
+
+    if preset in SMOL_PRESETS:  # a pretrained chat LLM's experts: its own build
+        return build_smol_zoo(directory, seed=seed, settings=SMOL_PRESETS[preset], device=device, threads=threads or 1, progress=progress)
     if preset not in PRESETS:
-        raise ZooError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ZooError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS) + sorted(SMOL_PRESETS)}")
     settings = PRESETS[preset]
     root = Path(directory).absolute()
     if _is_complete(root, settings, seed):

@@ -65,6 +65,10 @@ class Zoo:
         """``count`` fresh documents of a task from its generator, none of them a validation
         or test prompt: in-domain unlabeled text, as a user would have (their answers are
         for no one to read). Seeded by the zoo folder's name, so the same zoo draws the same ones."""
+        if "chat" in self.manifest:  # a smol zoo: chat tasks, prompts rendered through the template
+            from mergekit_ext.zoo.smol import smol_unlabeled_documents
+
+            return smol_unlabeled_documents(self, task, count)
         generator = TASKS_BY_KIND[self.kind(task)][task]
         held_out = {document_key(generator, doc) for split in ("validation", "test") for doc in self.documents(task, split)}
         drawn = draw_distinct(generator, random.Random(f"{self.root.name}-{task}-unlabeled"), count, held_out)
@@ -115,7 +119,12 @@ def load_zoo(directory: str | Path) -> Zoo:
         raise ZooError(f"{manifest_path} is not a {ZOO_FORMAT} manifest")
     zoo = Zoo(root, manifest)
     if manifest.get("root") != str(root):
-        write_task_yamls(zoo.root, manifest["tasks"])
+        if "chat" in manifest:  # a smol zoo: its own YAMLs (chat stop string, retention tasks)
+            from mergekit_ext.zoo.smol import write_smol_task_yamls
+
+            write_smol_task_yamls(zoo.root, manifest)
+        else:
+            write_task_yamls(zoo.root, manifest["tasks"])
         manifest["root"] = str(root)
         io.write_json(manifest_path, manifest)
     return zoo

@@ -182,6 +182,37 @@ def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, ma
             (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def lm_eval_budget(max_new_tokens: int) -> int:
+    """lm-eval's ``max_gen_toks``: more than the scorer's budget, so a reply that has not
+    stopped within it still cannot match (the scorer's reply is then wrong too)."""
+    return max_new_tokens + 16
+
+
+def write_smol_task_yamls(root: Path, manifest: Dict) -> None:
+    """The YAMLs of a built smol zoo, re-rendered for its folder (``load_zoo`` after a move)."""
+    chat = manifest["chat"]
+    entries = {**manifest["tasks"], **manifest.get("retention", {})}
+    write_chat_task_yamls(root, entries, stop=chat["end_of_turn"], max_gen_toks=lm_eval_budget(chat["max_new_tokens"]))
+
+
+def smol_unlabeled_documents(zoo: Zoo, task: str, count: int) -> List[Dict]:
+    """``count`` fresh documents of an instruction task (same example turns and rendering as its
+    splits), none of them a held-out question or an example turn; seeded by the folder's name."""
+    from transformers import AutoTokenizer
+
+    entry = zoo.manifest["tasks"][task]
+    shots = [tuple(shot) for shot in entry.get("shots", [])]
+    taken = {q for q, _ in shots} | {d["question"] for split in ("validation", "test") for d in zoo.documents(task, split)}
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    system = zoo.manifest["chat"]["system"]
+    drawn = draw_chat_documents(CHAT_TASKS[task], random.Random(f"{zoo.root.name}-{task}-unlabeled"), count, taken, tokenizer, system)
+    if len(drawn) < count:
+        raise ZooError(f"{zoo.root}: task {task} has fewer than {count} questions outside its validation and test splits")
+    for document in drawn:
+        document["prompt"] = chat_prompt(tokenizer, system, document["question"], shots)
+    return drawn
+
+
 def task_entry(task: ChatTask) -> Dict:
     return {
         "description": task.description,
@@ -319,7 +350,7 @@ def _build(root: Path, settings: SmolPreset, *, seed: int, source: Path, device:
             entries[task.name] = entry
         else:
             retention_entries[task.name] = entry
-    write_chat_task_yamls(root, {**entries, **retention_entries}, stop=stop, max_gen_toks=settings.max_new_tokens + 16)
+    write_chat_task_yamls(root, {**entries, **retention_entries}, stop=stop, max_gen_toks=lm_eval_budget(settings.max_new_tokens))
 
     def scores(model, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
         return {
