@@ -109,6 +109,7 @@ def converted(tiny_gguf, tmp_path_factory):
     return convert_gguf(tiny_gguf[0], tmp_path_factory.mktemp("converted") / "base")
 
 
+@pytest.mark.slow
 def test_conversion_is_a_plain_tied_checkpoint_equal_to_transformers_gguf_loading(tiny_gguf, converted):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,6 +140,7 @@ def test_conversion_is_a_plain_tied_checkpoint_equal_to_transformers_gguf_loadin
         torch.testing.assert_close(plain(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_converted_folder_works_with_peft_and_mergekit(converted, tmp_path):
     import yaml
     from mergekit.config import MergeConfiguration
@@ -166,6 +168,7 @@ def test_converted_folder_works_with_peft_and_mergekit(converted, tmp_path):
         torch.testing.assert_close(merged[name], tensor)
 
 
+@pytest.mark.slow
 def test_conversion_refuses_an_existing_folder_and_a_missing_file(tiny_gguf, converted, tmp_path):
     from mergekit_ext.zoo.format import ZooError
     from mergekit_ext.zoo.pretrained import convert_gguf
@@ -215,6 +218,7 @@ def tiny_smol_zoo(tiny_gguf, tmp_path_factory):
     return build_smol_zoo(root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False), settings
 
 
+@pytest.mark.slow
 def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf):
     from mergekit_ext.zoo.smol import build_smol_zoo
 
@@ -238,6 +242,7 @@ def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf)
         build_smol_zoo(zoo.root, seed=4, settings=settings, gguf_file=tiny_gguf[0], progress=False)
 
 
+@pytest.mark.slow
 def test_chat_prompts_are_what_lm_eval_renders_with_its_chat_template(tiny_smol_zoo):
     """Each stored prompt equals lm-eval's own rendering of the plain question (system instruction,
     example turns as a multi-turn chat, ``--apply_chat_template``)."""
@@ -272,6 +277,7 @@ def test_chat_prompts_are_what_lm_eval_renders_with_its_chat_template(tiny_smol_
             assert rendered == (document["prompt"] if shots else document["query"])
 
 
+@pytest.mark.slow
 def test_in_process_scores_equal_lm_eval_on_the_task_yamls(tiny_smol_zoo):
     """lm-eval on the zoo's YAMLs (no chat flags: the prompts are rendered) gives the build's scores;
     with the scorer's token budget, lm-eval's replies are the scorer's, reply by reply (the zoo's YAML
@@ -330,6 +336,7 @@ def test_the_real_smollm2_file_converts_and_answers_in_chat(tmp_path):
     assert "Paris" in reply
 
 
+@pytest.mark.slow
 def test_moved_smol_zoo_rewrites_chat_yamls_and_draws_fresh_unlabeled_prompts(tiny_smol_zoo, tmp_path):
     import shutil
 
