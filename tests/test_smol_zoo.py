@@ -233,6 +233,10 @@ def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf)
         for split in ("validation", "test"):
             assert (zoo.task_dir / f"zoo_{name}{'_val' if split == 'validation' else ''}.yaml").is_file()
     assert (zoo.root / "README.md").read_text().count("zoo_upper") >= 1
+    from mergekit_ext.zoo.build import format_build_report
+
+    report = format_build_report(zoo).splitlines()
+    assert report[3].split()[0] == "upper" and report[-1].startswith("retention facts: base ")
     stamp = (zoo.root / "manifest.json").stat().st_mtime_ns
     again = build_smol_zoo(zoo.root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False)
     assert (again.root / "manifest.json").stat().st_mtime_ns == stamp

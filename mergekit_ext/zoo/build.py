@@ -398,6 +398,10 @@ REGIME = {"expert_gain": 0.40, "ta_normalized": (0.40, 0.85)}
 
 
 def format_build_report(zoo: Zoo, split: str = "test") -> str:
+    if "chat" in zoo.manifest:  # a smol zoo: no task arithmetic in its build, retention instead
+        from mergekit_ext.zoo.smol import format_smol_report
+
+        return format_smol_report(zoo.manifest, split)
     metrics = zoo.manifest["metrics"]
     rows = build_report_rows(zoo, split)
     generation = zoo.task_kind == GENERATION
