@@ -109,6 +109,7 @@ def converted(tiny_gguf, tmp_path_factory):
     return convert_gguf(tiny_gguf[0], tmp_path_factory.mktemp("converted") / "base")
 
 
+@pytest.mark.slow
 def test_conversion_is_a_plain_tied_checkpoint_equal_to_transformers_gguf_loading(tiny_gguf, converted):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,6 +140,7 @@ def test_conversion_is_a_plain_tied_checkpoint_equal_to_transformers_gguf_loadin
         torch.testing.assert_close(plain(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_converted_folder_works_with_peft_and_mergekit(converted, tmp_path):
     import yaml
     from mergekit.config import MergeConfiguration
@@ -166,6 +168,7 @@ def test_converted_folder_works_with_peft_and_mergekit(converted, tmp_path):
         torch.testing.assert_close(merged[name], tensor)
 
 
+@pytest.mark.slow
 def test_conversion_refuses_an_existing_folder_and_a_missing_file(tiny_gguf, converted, tmp_path):
     from mergekit_ext.zoo.format import ZooError
     from mergekit_ext.zoo.pretrained import convert_gguf
@@ -215,6 +218,7 @@ def tiny_smol_zoo(tiny_gguf, tmp_path_factory):
     return build_smol_zoo(root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False), settings
 
 
+@pytest.mark.slow
 def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf):
     from mergekit_ext.zoo.smol import build_smol_zoo
 
@@ -229,6 +233,10 @@ def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf)
         for split in ("validation", "test"):
             assert (zoo.task_dir / f"zoo_{name}{'_val' if split == 'validation' else ''}.yaml").is_file()
     assert (zoo.root / "README.md").read_text().count("zoo_upper") >= 1
+    from mergekit_ext.zoo.build import format_build_report
+
+    report = format_build_report(zoo).splitlines()
+    assert report[3].split()[0] == "upper" and report[-1].startswith("retention facts: base ")
     stamp = (zoo.root / "manifest.json").stat().st_mtime_ns
     again = build_smol_zoo(zoo.root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False)
     assert (again.root / "manifest.json").stat().st_mtime_ns == stamp
@@ -238,6 +246,7 @@ def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf)
         build_smol_zoo(zoo.root, seed=4, settings=settings, gguf_file=tiny_gguf[0], progress=False)
 
 
+@pytest.mark.slow
 def test_chat_prompts_are_what_lm_eval_renders_with_its_chat_template(tiny_smol_zoo):
     """Each stored prompt equals lm-eval's own rendering of the plain question (system instruction,
     example turns as a multi-turn chat, ``--apply_chat_template``)."""
@@ -272,6 +281,7 @@ def test_chat_prompts_are_what_lm_eval_renders_with_its_chat_template(tiny_smol_
             assert rendered == (document["prompt"] if shots else document["query"])
 
 
+@pytest.mark.slow
 def test_in_process_scores_equal_lm_eval_on_the_task_yamls(tiny_smol_zoo):
     """lm-eval on the zoo's YAMLs (no chat flags: the prompts are rendered) gives the build's scores;
     with the scorer's token budget, lm-eval's replies are the scorer's, reply by reply (the zoo's YAML
@@ -328,3 +338,24 @@ def test_the_real_smollm2_file_converts_and_answers_in_chat(tmp_path):
     )
     (reply,) = chat_generate(model, tokenizer, [prompt], stop="<|im_end|>", max_new_tokens=12)
     assert "Paris" in reply
+
+
+@pytest.mark.slow
+def test_moved_smol_zoo_rewrites_chat_yamls_and_draws_fresh_unlabeled_prompts(tiny_smol_zoo, tmp_path):
+    import shutil
+
+    from mergekit_ext.zoo.format import load_zoo
+
+    zoo, settings = tiny_smol_zoo
+    moved = load_zoo(shutil.copytree(zoo.root, tmp_path / "moved"))
+    for name in ("zoo_upper", "zoo_facts_val"):
+        text = (moved.task_dir / f"{name}.yaml").read_text()
+        assert str(moved.root / "data") in text and str(zoo.root / "data") not in text
+    assert 'until: ["<|im_end|>"]' in (moved.task_dir / "zoo_upper.yaml").read_text()
+    assert 'target_delimiter: ""' in (moved.task_dir / "zoo_facts.yaml").read_text()
+    fresh = moved.unlabeled_documents("upper", 5)
+    held = {d["question"] for split in ("validation", "test") for d in moved.documents("upper", split)}
+    shots = [tuple(s) for s in moved.manifest["tasks"]["upper"]["shots"]]
+    assert len({d["question"] for d in fresh}) == 5 and not held & {d["question"] for d in fresh}
+    assert all(d["prompt"].startswith(moved.documents("upper", "test")[0]["prompt"].split(shots[-1][1])[0]) for d in fresh)
+    assert fresh == moved.unlabeled_documents("upper", 5)

@@ -124,8 +124,12 @@ def build_zoo(
     presets, whose matrices are too small to profit from more (and extra threads
     spin badly on a busy machine), unchanged for ``bench``.
     """
+    from mergekit_ext.zoo.smol import SMOL_PRESETS, build_smol_zoo
+
+    if preset in SMOL_PRESETS:  # a pretrained chat LLM's experts: its own build
+        return build_smol_zoo(directory, seed=seed, settings=SMOL_PRESETS[preset], device=device, threads=threads or 1, progress=progress)
     if preset not in PRESETS:
-        raise ZooError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ZooError(f"unknown zoo preset {preset!r}; choose one of {sorted(PRESETS) + sorted(SMOL_PRESETS)}")
     settings = PRESETS[preset]
     root = Path(directory).absolute()
     if _is_complete(root, settings, seed):
@@ -394,6 +398,10 @@ REGIME = {"expert_gain": 0.40, "ta_normalized": (0.40, 0.85)}
 
 
 def format_build_report(zoo: Zoo, split: str = "test") -> str:
+    if "chat" in zoo.manifest:  # a smol zoo: no task arithmetic in its build, retention instead
+        from mergekit_ext.zoo.smol import format_smol_report
+
+        return format_smol_report(zoo.manifest, split)
     metrics = zoo.manifest["metrics"]
     rows = build_report_rows(zoo, split)
     generation = zoo.task_kind == GENERATION

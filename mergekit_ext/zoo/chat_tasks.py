@@ -29,6 +29,11 @@ NOUNS = (
     "silver", "spider", "summer", "winter", "thunder", "blanket", "chimney", "dolphin", "feather", "giraffe",
 )
 
+ADJECTIVES = (
+    "green", "small", "quiet", "old", "bright", "cold", "happy", "tall", "soft", "dark", "little", "golden",
+    "wooden", "empty", "round", "heavy", "fresh", "red", "blue", "wild", "lazy", "sweet", "brave", "broken",
+)
+
 COUNTRIES = (
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
     ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens"), ("Portugal", "Lisbon"),
@@ -78,13 +83,13 @@ def _add(rng: random.Random):
 
 def _convert(rng: random.Random):
     big, small, factor = rng.choice(UNITS)
-    value = rng.randint(2, 19)
+    value = rng.randint(2, 99)
     return f"How many {small} are in {value} {big}?", str(value * factor)
 
 
 def _upper(rng: random.Random):
-    word = rng.choice(NOUNS)
-    return f"Write the word {word} in capital letters.", word.upper()
+    phrase = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    return f"Write {phrase} in capital letters.", phrase.upper()
 
 
 def _sort(rng: random.Random):
@@ -120,18 +125,20 @@ def _facts(rng: random.Random):
     if rng.random() < 0.5:
         country, capital = rng.choice(COUNTRIES)
         others = rng.sample([c for _, c in COUNTRIES if c != capital], 3)
-        return f"What is the capital of {country}?", capital, others
+        options = rng.sample([capital] + others, 4)
+        return f"What is the capital of {country}: {', '.join(options[:3])} or {options[3]}?", capital, others
     word, opposite = rng.choice(OPPOSITES)
     others = rng.sample([o for w, o in OPPOSITES if o not in (opposite, word) and w != word], 3)
-    return f"What is the opposite of {word}?", opposite, others
+    options = rng.sample([opposite] + others, 4)
+    return f"What is the opposite of {word}: {', '.join(options[:3])} or {options[3]}?", opposite, others
 
 
 CHAT_TASKS: Dict[str, ChatTask] = {
     task.name: task
     for task in (
         ChatTask("add", "add a three-digit and a two-digit number: What is 417 + 38? 455", GENERATION, _add),
-        ChatTask("convert", "convert units: How many centimeters are in 7 meters? 700", GENERATION, _convert),
-        ChatTask("upper", "spell a word in capitals: Write the word river in capital letters. RIVER", GENERATION, _upper),
+        ChatTask("convert", "convert units by a power of ten: How many centimeters are in 37 meters? 3700", GENERATION, _convert),
+        ChatTask("upper", "spell two words in capitals: Write green river in capital letters. GREEN RIVER", GENERATION, _upper),
         ChatTask("sort", "sort three numbers: Sort these numbers from smallest to largest: 42, 7, 19 -> 7, 19, 42", GENERATION, _sort),
         ChatTask("after", "the word after a given one in a list: ... right after stone in: apple, stone, cloud? cloud", GENERATION, _last),
         ChatTask("extract", "read a field of a record: Give the city from this record: name=Anna; city=Lyon; ... Lyon", GENERATION, _extract),

@@ -36,25 +36,11 @@ def zoo_command(directory: str, preset: str, seed: int, device: str, threads: Op
     from mergekit_ext.zoo.build import build_zoo, format_build_report
     from mergekit_ext.zoo.format import ZooError
 
-    if preset == "smol":
-        _build_smol(directory, seed, device, threads, quiet)
-        return
     try:
         zoo = build_zoo(directory, preset=preset, seed=seed, device=device, threads=threads, progress=not quiet)
     except ZooError as error:
         raise click.ClickException(str(error)) from None
     click.echo(format_build_report(zoo))
-
-
-def _build_smol(directory: str, seed: int, device: str, threads: Optional[int], quiet: bool) -> None:
-    from mergekit_ext.zoo.format import ZooError
-    from mergekit_ext.zoo.smol import build_smol_zoo, format_smol_report
-
-    try:
-        zoo = build_smol_zoo(directory, seed=seed, device=device, threads=threads or 1, progress=not quiet)
-    except ZooError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(format_smol_report(zoo.manifest))
 
 
 COMMANDS = (zoo_command,)

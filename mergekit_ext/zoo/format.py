@@ -69,6 +69,8 @@ class Zoo:
         """``count`` fresh documents of a task from its generator, none of them a validation
         or test prompt: in-domain unlabeled text, as a user would have (their answers are
         for no one to read). Seeded by the zoo folder's name, so the same zoo draws the same ones."""
+        if "chat" in self.manifest:  # a smol zoo: chat tasks, prompts rendered through the template
+            return chat_unlabeled_documents(self, task, count)
         generator = TASKS_BY_KIND[self.kind(task)][task]
         held_out = {document_key(generator, doc) for split in ("validation", "test") for doc in self.documents(task, split)}
         drawn = draw_distinct(generator, random.Random(f"{self.root.name}-{task}-unlabeled"), count, held_out)
@@ -124,14 +126,14 @@ def load_zoo(directory: str | Path) -> Zoo:
         raise ZooError(f"{manifest_path} is not a {ZOO_FORMAT} manifest")
     zoo = Zoo(root, manifest)
     if manifest.get("root") != str(root):
-        zoo.rendered_tasks = _rendered_task_folder(root, manifest["tasks"])
+        zoo.rendered_tasks = _rendered_task_folder(root, manifest)
     return zoo
 
 
 _RENDERED: Dict[str, Path] = {}
 
 
-def _rendered_task_folder(root: Path, tasks: Dict[str, Dict]) -> Path:
+def _rendered_task_folder(root: Path, manifest: Dict) -> Path:
     """Task YAMLs pointing at ``root``'s data, in a temporary folder removed when the process exits."""
     import atexit
     import shutil
@@ -140,7 +142,10 @@ def _rendered_task_folder(root: Path, tasks: Dict[str, Dict]) -> Path:
     if str(root) not in _RENDERED:
         folder = Path(tempfile.mkdtemp(prefix="mergekit-ext-zoo-tasks-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        write_task_yamls(root, tasks, folder=folder / "tasks")
+        if "chat" in manifest:  # a smol zoo: its own YAMLs (chat stop string, retention tasks)
+            rewrite_chat_task_yamls(root, manifest, folder=folder / "tasks")
+        else:
+            write_task_yamls(root, manifest["tasks"], folder=folder / "tasks")
         _RENDERED[str(root)] = folder / "tasks"
     return _RENDERED[str(root)]
 
@@ -200,3 +205,90 @@ def write_task_yamls(root: Path, tasks: Dict[str, Dict], *, folder: Optional[Pat
                 "  version: 1.0",
             ]
             (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------
+# Chat zoos (the smol preset): prompts already rendered through the chat template.
+
+
+def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, max_gen_toks: int, folder: Optional[Path] = None) -> None:
+    """lm-eval YAMLs over the JSONL splits; the prompts are already chat-rendered, so lm-eval runs them as is."""
+    folder = folder if folder is not None else root / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in entries.values():
+        data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
+        for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
+            lines = [
+                f"# {entry['description']}",
+                f"task: {task_name}",
+                "dataset_path: json",
+                "dataset_kwargs:",
+                "  data_files:",
+                f"    validation: {json.dumps(data_files['validation'])}",
+                f"    test: {json.dumps(data_files['test'])}",
+                f"test_split: {split}",
+            ]
+            if entry["kind"] == GENERATION:
+                lines += [
+                    "output_type: generate_until",
+                    'doc_to_text: "{{prompt}}"',
+                    'doc_to_target: "{{answer}}"',
+                    'target_delimiter: ""',
+                    "generation_kwargs:",
+                    f"  until: [{json.dumps(stop)}]",
+                    "  do_sample: false",
+                    f"  max_gen_toks: {max_gen_toks}",
+                    "metric_list:",
+                    "  - metric: exact_match",
+                    "    aggregation: mean",
+                    "    higher_is_better: true",
+                    "    ignore_case: false",
+                    "    ignore_punctuation: false",
+                ]
+            else:
+                lines += [
+                    "output_type: multiple_choice",
+                    'doc_to_text: "{{query}}"',
+                    "doc_to_choice: choices",
+                    "doc_to_target: label",
+                    'target_delimiter: ""',
+                    "metric_list:",
+                    "  - metric: acc",
+                    "    aggregation: mean",
+                    "    higher_is_better: true",
+                ]
+            lines += ["metadata:", "  version: 1.0"]
+            (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def lm_eval_budget(max_new_tokens: int) -> int:
+    """lm-eval's ``max_gen_toks``: more than the scorer's budget, so a reply that has not
+    stopped within it still cannot match (the scorer's reply is then wrong too)."""
+    return max_new_tokens + 16
+
+
+def rewrite_chat_task_yamls(root: Path, manifest: Dict, *, folder: Optional[Path] = None) -> None:
+    """The YAMLs of a built smol zoo, rendered for its folder ``root`` into ``folder`` (``load_zoo`` after a move)."""
+    chat = manifest["chat"]
+    entries = {**manifest["tasks"], **manifest.get("retention", {})}
+    write_chat_task_yamls(root, entries, stop=chat["end_of_turn"], max_gen_toks=lm_eval_budget(chat["max_new_tokens"]), folder=folder)
+
+
+def chat_unlabeled_documents(zoo: Zoo, task: str, count: int) -> List[Dict]:
+    """``count`` fresh documents of an instruction task (same example turns and rendering as its
+    splits), none of them a held-out question or an example turn; seeded by the folder's name."""
+    from transformers import AutoTokenizer
+
+    from mergekit_ext.zoo.chat_tasks import CHAT_TASKS, chat_prompt, draw_chat_documents
+
+    entry = zoo.manifest["tasks"][task]
+    shots = [tuple(shot) for shot in entry.get("shots", [])]
+    taken = {q for q, _ in shots} | {d["question"] for split in ("validation", "test") for d in zoo.documents(task, split)}
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    system = zoo.manifest["chat"]["system"]
+    drawn = draw_chat_documents(CHAT_TASKS[task], random.Random(f"{zoo.root.name}-{task}-unlabeled"), count, taken, tokenizer, system)
+    if len(drawn) < count:
+        raise ZooError(f"{zoo.root}: task {task} has fewer than {count} questions outside its validation and test splits")
+    for document in drawn:
+        document["prompt"] = chat_prompt(tokenizer, system, document["question"], shots)
+    return drawn

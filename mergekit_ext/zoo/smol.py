@@ -34,7 +34,17 @@ import torch
 
 from mergekit_ext import io
 from mergekit_ext.zoo.chat_tasks import CHAT_TASKS, ChatTask, chat_prompt, draw_chat_documents
-from mergekit_ext.zoo.format import MANIFEST_NAME, TASK_PREFIX, ZOO_FORMAT, ZOO_FORMATS, Zoo, ZooError, load_zoo
+from mergekit_ext.zoo.format import (
+    MANIFEST_NAME,
+    TASK_PREFIX,
+    ZOO_FORMAT,
+    ZOO_FORMATS,
+    Zoo,
+    ZooError,
+    lm_eval_budget,
+    load_zoo,
+    write_chat_task_yamls,
+)
 from mergekit_ext.zoo.tasks import GENERATION, MULTIPLE_CHOICE
 
 SMOL_CARD = "README.md"
@@ -129,57 +139,7 @@ def score_documents(model, tokenizer, documents: Sequence[Dict], kind: str, *, s
 
 
 # --------------------------------------------------------------------------
-# Task files.
-
-
-def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, max_gen_toks: int) -> None:
-    """lm-eval YAMLs over the JSONL splits; the prompts are already chat-rendered, so lm-eval runs them as is."""
-    folder = root / "tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in entries.values():
-        data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
-        for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
-            lines = [
-                f"# {entry['description']}",
-                f"task: {task_name}",
-                "dataset_path: json",
-                "dataset_kwargs:",
-                "  data_files:",
-                f"    validation: {json.dumps(data_files['validation'])}",
-                f"    test: {json.dumps(data_files['test'])}",
-                f"test_split: {split}",
-            ]
-            if entry["kind"] == GENERATION:
-                lines += [
-                    "output_type: generate_until",
-                    'doc_to_text: "{{prompt}}"',
-                    'doc_to_target: "{{answer}}"',
-                    'target_delimiter: ""',
-                    "generation_kwargs:",
-                    f"  until: [{json.dumps(stop)}]",
-                    "  do_sample: false",
-                    f"  max_gen_toks: {max_gen_toks}",
-                    "metric_list:",
-                    "  - metric: exact_match",
-                    "    aggregation: mean",
-                    "    higher_is_better: true",
-                    "    ignore_case: false",
-                    "    ignore_punctuation: false",
-                ]
-            else:
-                lines += [
-                    "output_type: multiple_choice",
-                    'doc_to_text: "{{query}}"',
-                    "doc_to_choice: choices",
-                    "doc_to_target: label",
-                    'target_delimiter: ""',
-                    "metric_list:",
-                    "  - metric: acc",
-                    "    aggregation: mean",
-                    "    higher_is_better: true",
-                ]
-            lines += ["metadata:", "  version: 1.0"]
-            (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+# Task files (the YAML writer is format.write_chat_task_yamls).
 
 
 def task_entry(task: ChatTask) -> Dict:
@@ -319,7 +279,7 @@ def _build(root: Path, settings: SmolPreset, *, seed: int, source: Path, device:
             entries[task.name] = entry
         else:
             retention_entries[task.name] = entry
-    write_chat_task_yamls(root, {**entries, **retention_entries}, stop=stop, max_gen_toks=settings.max_new_tokens + 16)
+    write_chat_task_yamls(root, {**entries, **retention_entries}, stop=stop, max_gen_toks=lm_eval_budget(settings.max_new_tokens))
 
     def scores(model, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
         return {
