@@ -749,12 +749,14 @@ def _work(study, space: TuneSpace, objective, options: RunOptions, after_trial) 
     from optuna.storages import fail_stale_trials
 
     poll = max(0.5, options.heartbeat / 2)
-    for _ in range(100 * max(1, space.target_trials)):  # a bound, never reached in practice
+    starts = 0  # bounded (a guard, never reached in practice); waiting for others' trials is not
+    while True:
         trials = study.get_trials(deepcopy=False)
         if finished_count(trials) >= space.target_trials:
             return
         slots = _open_slots(study, space, trials)
-        if slots > 0:
+        if slots > 0 and starts < 100 * max(1, space.target_trials):
+            starts += 1
             study.optimize(
                 objective,
                 n_trials=min(slots, options.n_jobs),
