@@ -447,7 +447,7 @@ def finished_count(trials) -> int:
     return sum(
         1
         for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.user_attrs.get("error"))
     )
 
 
@@ -547,6 +547,10 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", _worker())  # first: a dead worker's trial is re-queued at once
+        # A retried trial starts with its failed original's attributes (Optuna copies them): reset its outcome.
+        for key, empty in (("validation", {}), ("stopped", None), ("interrupted", None), ("pruned_after", None), ("error", None)):
+            if key in trial.user_attrs:
+                trial.set_user_attr(key, empty)
         method, params = _choose(trial, space)
         trial.set_user_attr("method", method)
         trial.set_user_attr("params", params)
@@ -611,9 +615,9 @@ def _twin(study, number: int, method: str, params: Mapping[str, Any]):
     for other in study.get_trials(deepcopy=False):
         if other.number == number or other.user_attrs.get("method") != method or other.user_attrs.get("params") != params:
             continue
-        if "repeat_of" in other.user_attrs or "duplicate_of" in other.user_attrs:
+        if other.user_attrs.get("repeat_of") is not None or other.user_attrs.get("duplicate_of") is not None:
             continue
-        finished = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (other.state == TrialState.FAIL and "error" in other.user_attrs)
+        finished = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (other.state == TrialState.FAIL and other.user_attrs.get("error"))
         if finished or (other.state == TrialState.RUNNING and other.number < number):
             return other
     return None
@@ -703,7 +707,7 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
         progress.close()
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs]
+        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error")]
         raise TuneError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
     return study
 
