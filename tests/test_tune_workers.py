@@ -239,3 +239,19 @@ def test_two_local_workers_on_one_sqlite_file(zoo, tmp_path):
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers ran a trial
     reports = [comparable(json.loads((tmp_path / f"w{index}" / "report.json").read_text())) for index in range(2)]
     assert reports[0] == reports[1]
+
+
+@pytest.mark.slow
+def test_report_of_a_missing_or_foreign_study_fails_in_one_line(zoo, postgres_url, tmp_path):  # noqa: F811
+    import optuna
+
+    from mergekit_ext.tune.cli import tune_group
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(tune_group, ["report", "--storage", postgres_url, str(out), "--study-name", "nope"])
+    shown = postgres_url.replace("://tune@", "://…@")  # the user name (or password) is never printed
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {shown} holds no study 'nope' (it holds: none)"]
+    optuna.create_study(storage=postgres_url, study_name="foreign")  # made by someone else: no space stored
+    result = CliRunner().invoke(tune_group, ["report", "--storage", postgres_url, str(out), "--study-name", "foreign"])
+    assert result.exit_code == 1 and "was not made by mergekit-ext tune" in result.output
+    assert not out.exists()
