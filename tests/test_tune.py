@@ -196,10 +196,28 @@ def test_picks_the_validation_best_trial_and_reports_each_method(killed_and_resu
         assert entry["test"]["mean_normalized"] is not None
     assert set(report["baselines"]) == {"base", "reference", "task_arithmetic_plain"}
     assert report["baselines"]["reference"]["test"]["mean_normalized"] == pytest.approx(1.0)
+    # Plain task arithmetic at its best λ: here the study's own task_arithmetic choice (λ only).
+    plain = report["baselines"]["task_arithmetic_plain"]
+    assert plain["lambda"] == report["methods"]["task_arithmetic"]["chosen"]["params"]["lambda"]
+    assert plain["test"]["scores"] == report["methods"]["task_arithmetic"]["test"]["scores"]
+    # Every expert on every test task, and per method the verdict against base and best expert.
+    assert len(report["experts"]) == 2 and all(set(e["test"]["scores"]) == set(report["tasks"]["test"]) for e in report["experts"].values())
+    verdicts = report["verdicts"]
+    best_expert = max(report["experts"], key=lambda m: report["experts"][m]["test"]["mean"])
+    assert verdicts["best_expert"] == best_expert
+    for method, verdict in verdicts["methods"].items():
+        test = report["methods"][method]["test"]
+        gap = verdict["vs_best_expert"]
+        assert gap["diff"] == pytest.approx(test["mean"] - report["experts"][best_expert]["test"]["mean"])
+        assert verdict["below_base"] == (test["mean"] < report["baselines"]["base"]["test"]["mean"])
+        assert verdict["beats_base_every_task"] == all(d["diff"] > 0 for d in verdict["vs_base"].values())
+    beaten = any(v["vs_best_expert"]["beats"] for v in verdicts["methods"].values())
+    assert (verdicts["summary"] == "no method beats your best expert") == (not beaten)
     assert len(report["trials"]) == len(load_trials(out))
 
     markdown = (out / "report.md").read_text()
     assert "task_arithmetic" in markdown and "ties" in markdown and "±" in markdown and "(best)" in markdown
+    assert "## Against the base and the best single expert" in markdown and "task arithmetic (weight 1, best λ" in markdown
     for chart in ("trials.png", "methods.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -265,6 +283,9 @@ def test_ranges_use_tpe_and_record_trials(zoo, tmp_path):
     config = yaml.safe_load((out / "best.yml").read_text())
     assert config["parameters"]["density"] in densities
     assert "reference" not in report["baselines"] and report["best"]["test"].get("mean_normalized") is None
+    # No task_arithmetic in the space: plain task arithmetic's λ is chosen on validation in the final phase.
+    plain = report["baselines"]["task_arithmetic_plain"]
+    assert plain["lambda"] in (0.3, 0.5, 0.7, 1.0) and plain["chosen_by"].startswith("validation mean over lambda")
     assert not any((out / "trials").iterdir())  # no --keep: merges removed after scoring
 
 
@@ -280,8 +301,19 @@ def test_ranges_use_tpe_and_record_trials(zoo, tmp_path):
         (lambda d: d["tune"]["tasks"].update(validation=[]), "empty task list"),
         (lambda d: d.update(models=[]), "no models"),
         (lambda d: d["tune"]["tasks"].update(test=["zoo_reverse", "not_a_task"]), "not_a_task"),
+        (lambda d: d["tune"]["methods"].update(task_arithmetc={}), "did you mean 'task_arithmetic'?"),
+        (lambda d: d["tune"]["methods"].update(ties={"densty": [0.5]}), "did you mean 'density'?"),
+        (lambda d: d.update(parameters={"lambdaa": 9}), "parameters: no tried method has a parameter 'lambdaa'; did you mean 'lambda'?"),
+        (lambda d: d["tune"]["methods"].update(task_arithmetic={"lambda": [0.5, float("nan")]}), "lambda must be a finite number"),
+        (lambda d: d.update(parameters={"lambda": float("inf")}), "parameters.lambda: invalid value inf: lambda must be a finite number"),
+        (lambda d: d["models"].append(dict(d["models"][0])), "models[2] repeats models[0]"),
+        (lambda d: d["models"].append({"model": "zoo/experts/no_such_expert"}), "models[2]: model zoo/experts/no_such_expert not found"),
     ],
-    ids=["unknown-method", "unknown-parameter", "density-out-of-range", "rank-ratio-out-of-range", "range-below-bound", "empty-tasks", "no-models", "unknown-task"],
+    ids=[
+        "unknown-method", "unknown-parameter", "density-out-of-range", "rank-ratio-out-of-range", "range-below-bound",
+        "empty-tasks", "no-models", "unknown-task", "method-typo", "parameter-typo", "top-level-typo", "nan-value",
+        "infinite-top-level", "duplicate-model", "missing-relative-model",
+    ],
 )
 def test_bad_space_fails_before_any_merge(zoo, tmp_path, monkeypatch, change, culprit):
     import mergekit_ext.engine
@@ -292,6 +324,7 @@ def test_bad_space_fails_before_any_merge(zoo, tmp_path, monkeypatch, change, cu
     monkeypatch.setattr(mergekit_ext.engine, "run_merge_atomic", no_merge)
     document = tiny_space(zoo)
     change(document)
+    (tmp_path / "zoo").symlink_to(zoo.root)  # `zoo/...` beside the SPACE file is a path, not a hub id
     space = write_space(tmp_path / "bad.yml", document)
     result = CliRunner().invoke(tune_command, [str(space), str(tmp_path / "out")])
     assert result.exit_code != 0
@@ -406,3 +439,60 @@ def test_output_inside_an_input_model_is_refused_before_anything_is_written(zoo,
     result = CliRunner().invoke(tune_command, [str(space), str(inside), "--limit", "2"])
     assert result.exit_code != 0 and "inside the input" in result.output
     assert not inside.exists()
+
+
+def test_verdicts_mark_a_merge_below_the_base_and_say_when_no_method_beats_the_best_expert():
+    from mergekit_ext.tune.report import verdict_lines
+    from mergekit_ext.tune.study import verdicts
+
+    def entry(values, stderr=0.01):
+        scores = {t: {"value": v, "stderr": stderr} for t, v in zip(("a", "b"), values)}
+        return {"scores": scores, "mean": sum(values) / 2, "mean_stderr": (2 * stderr**2) ** 0.5 / 2}
+
+    methods = {
+        "ties": {"chosen": {"label": "ties()"}, "validation": {"mean": 0.7}, "test": entry([0.50, 0.52])},
+        "cart": {"chosen": {"label": "cart()"}, "validation": {"mean": 0.6}, "test": entry([0.70, 0.66])},
+    }
+    baselines = {"base": {"test": entry([0.60, 0.55])}}
+    experts = {"/m/a": {"test": entry([0.90, 0.40])}, "/m/b": {"test": entry([0.50, 0.90])}}
+    result = verdicts(methods, baselines, experts, ["a", "b"])
+    assert result["best_expert"] == "/m/b" and result["summary"] == "no method beats your best expert"
+    ties, cart = result["methods"]["ties"], result["methods"]["cart"]
+    assert ties["below_base"] and not ties["beats_base_every_task"]
+    assert not cart["below_base"] and cart["beats_base_every_task"]
+    assert cart["vs_best_expert"]["diff"] == pytest.approx(0.68 - 0.70) and not cart["vs_best_expert"]["beats"]
+    assert cart["vs_best_expert"]["z"] == pytest.approx(-2.0)  # -0.02 / sqrt(2 * (sqrt(2) * 0.01 / 2)^2)
+    text = "\n".join(verdict_lines({"methods": methods, "verdicts": result}))
+    assert "**below the base**" in text and text.count("below the base") == 1
+    assert text.startswith("**No method beats your best expert.**")
+    experts["/m/b"]["test"] = entry([0.45, 0.50])
+    assert verdicts(methods, baselines, experts, ["a", "b"])["summary"] == "1 method(s) beat your best expert on the mean: cart"
+
+
+@pytest.mark.slow
+def test_a_resumed_tpe_study_does_not_run_a_setting_twice(zoo, tmp_path, monkeypatch):
+    """TPE may suggest a setting the study already scored: its result is copied, nothing is merged again."""
+    import optuna
+
+    import mergekit_ext.engine
+    from mergekit_ext.tune.study import RunOptions, make_objective
+
+    document = tiny_space(zoo, methods={"task_arithmetic": {"lambda": [0.3]}, "ties": {"density": {"low": 0.3, "high": 1.0}}}, reference=None)
+    space = parse_space(document, tmp_path / "space.yml")
+    assert not space.finite
+    study = optuna.create_study(direction="maximize")
+    objective = make_objective(space, tmp_path / "out", RunOptions(progress=False, threads=1))
+    study.enqueue_trial({"method": "task_arithmetic", "task_arithmetic.lambda": 0.3})
+    study.optimize(objective, n_trials=1)
+    first = study.trials[0]
+    assert first.state == optuna.trial.TrialState.COMPLETE and "repeat_of" not in first.user_attrs
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("a setting the study has scored must not be merged again")
+
+    monkeypatch.setattr(mergekit_ext.engine, "run_merge_atomic", no_merge)
+    study.enqueue_trial({"method": "task_arithmetic", "task_arithmetic.lambda": 0.3})
+    study.optimize(objective, n_trials=1)
+    again = study.trials[1]
+    assert again.state == optuna.trial.TrialState.COMPLETE and again.user_attrs["repeat_of"] == first.number
+    assert again.value == first.value and again.user_attrs["validation"] == first.user_attrs["validation"]

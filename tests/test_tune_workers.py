@@ -23,6 +23,8 @@ from test_tune import GRID, LIMIT, subprocess_env, tiny_space, write_space
 
 COMMAND = "from mergekit_ext.cli import main; main()"
 HEARTBEAT = 2  # seconds; a killed worker's trial is re-queued after 6 silent heartbeats
+PAIR = {"task_arithmetic": {"lambda": [0.3, 1.0]}}  # a 2-point grid for the tests that need fewer trials
+PAIR_GRID = {"task_arithmetic(lambda=0.3)", "task_arithmetic(lambda=1)"}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def test_the_study_holds_what_optuna_dashboard_shows(shared_study):
 def test_a_worker_killed_mid_trial_is_replaced_through_the_heartbeat(zoo, postgres_url, tmp_path):  # noqa: F811
     from optuna.trial import TrialState
 
-    space = write_space(tmp_path / "space.yml", tiny_space(zoo))
+    space = write_space(tmp_path / "space.yml", tiny_space(zoo, methods=PAIR))
     victim = worker(space, tmp_path / "victim", postgres_url)
     survivor = worker(space, tmp_path / "survivor", postgres_url)
     killed = None
@@ -182,7 +184,7 @@ def test_a_worker_killed_mid_trial_is_replaced_through_the_heartbeat(zoo, postgr
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].user_attrs["setting"] == dead.user_attrs["setting"] and retries[0].params == dead.params
     assert retries[0].user_attrs["worker"]["pid"] == survivor.pid
-    assert_each_setting_ran_once(trials.values())
+    assert_each_setting_ran_once(trials.values(), PAIR_GRID)
     assert (tmp_path / "survivor" / "best.yml").is_file() and not (tmp_path / "victim" / "best.yml").exists()
 
 
@@ -226,13 +228,30 @@ def test_a_bad_storage_url_fails_in_one_line_and_leaves_no_out(zoo, tmp_path, ur
 @pytest.mark.slow
 def test_two_local_workers_on_one_sqlite_file(zoo, tmp_path):
     """SQLite serves two workers of one machine (Optuna's RDB storage with a 60 s lock timeout): measured here."""
-    space = write_space(tmp_path / "space.yml", tiny_space(zoo))
+    space = write_space(tmp_path / "space.yml", tiny_space(zoo, methods=PAIR))
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     processes = [worker(space, tmp_path / f"w{index}", storage) for index in range(2)]
     logs = finish(processes)
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
     trials = study_trials(storage)
-    assert_each_setting_ran_once(trials)
+    assert_each_setting_ran_once(trials, PAIR_GRID)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers ran a trial
     reports = [comparable(json.loads((tmp_path / f"w{index}" / "report.json").read_text())) for index in range(2)]
     assert reports[0] == reports[1]
+
+
+@pytest.mark.slow
+def test_report_of_a_missing_or_foreign_study_fails_in_one_line(zoo, postgres_url, tmp_path):  # noqa: F811
+    import optuna
+
+    from mergekit_ext.tune.cli import tune_group
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(tune_group, ["report", "--storage", postgres_url, str(out), "--study-name", "nope"])
+    shown = postgres_url.replace("://tune@", "://…@")  # the user name (or password) is never printed
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {shown} holds no study 'nope' (it holds: none)"]
+    optuna.create_study(storage=postgres_url, study_name="foreign")  # made by someone else: no space stored
+    result = CliRunner().invoke(tune_group, ["report", "--storage", postgres_url, str(out), "--study-name", "foreign"])
+    assert result.exit_code == 1 and "was not made by mergekit-ext tune" in result.output
+    assert not out.exists()

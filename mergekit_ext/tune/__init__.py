@@ -51,9 +51,14 @@ more than 2 standard errors (lm-eval's) below the best finished trial of the
 same method at the same step (so a method's first trial is never pruned, and
 each method's choice is the best of its own settings). Each method's
 validation-best setting is scored once on the test tasks, beside the base,
-the reference and plain task arithmetic (weight 1, lambda 1), with lm-eval's
-standard errors. The study (``OUT_DIR/study.db`` or ``--storage``) makes runs
-resumable and shareable between workers.
+every expert, the reference and plain task arithmetic (weight 1) at its
+validation-best λ, with lm-eval's standard errors; per method the report says
+whether it beats the base on every task and the best expert on the mean
+(``study.verdicts``). The study (``OUT_DIR/study.db`` or ``--storage``) makes
+runs resumable and shareable between workers: each worker takes only trials
+the study still needs, waits for the others', and re-queues a dead worker's
+trial through Optuna's heartbeat; ``tune report --storage URL OUT`` writes the
+reports from the study alone.
 """
 
 from __future__ import annotations

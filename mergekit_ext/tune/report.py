@@ -103,8 +103,49 @@ def method_rows(report: Mapping[str, Any]) -> List[Dict[str, Any]]:
 
 
 def baseline_rows(report: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    names = {"base": "base model", "reference": "reference (expert on its own task)", "task_arithmetic_plain": "task arithmetic (weight 1, lambda 1)"}
-    return [{"label": names[key], "key": key, **report["baselines"][key]} for key in names if key in report["baselines"]]
+    """The reference rows: base, the reference, plain task arithmetic at its best λ, then every expert."""
+    names = {"base": "base model", "reference": "reference (expert on its own task)", "task_arithmetic_plain": "task arithmetic"}
+    rows = [{"label": names[key], "key": key, **report["baselines"][key]} for key in names if key in report["baselines"]]
+    for row in rows:
+        if row["key"] == "task_arithmetic_plain" and row.get("lambda") is not None:
+            row["label"] = f"task arithmetic (weight 1, best λ {row['lambda']:g})"
+    for model, entry in (report.get("experts") or {}).items():
+        rows.append({"label": f"expert {Path(model).name}", "key": "expert", "model": model, **entry})
+    return rows
+
+
+def _margin(gap: Optional[Mapping[str, Any]]) -> str:
+    """``+0.031 (+1.8 se)``."""
+    if not gap:
+        return "-"
+    text = f"{gap['diff']:+.3f}"
+    return text + (f" ({gap['z']:+.1f} se)" if gap.get("z") is not None else "")
+
+
+def verdict_lines(report: Mapping[str, Any]) -> List[str]:
+    """Per method: below the base? beats the base on every task? beats the best single expert on the mean?"""
+    verdicts = report.get("verdicts") or {}
+    if not verdicts.get("methods"):
+        return []
+    expert = verdicts.get("best_expert")
+    lines = [f"**{verdicts['summary'][0].upper()}{verdicts['summary'][1:]}.**", ""]
+    header = ["method", "test mean", "beats the base on every task (worst task)", f"vs best expert {Path(expert).name if expert else ''} on the mean"]
+    rows = []
+    for row in method_rows(report):
+        verdict = verdicts["methods"].get(row["method"], {})
+        vs_base = verdict.get("vs_base") or {}
+        if vs_base:
+            worst_task = min(vs_base, key=lambda t: vs_base[t]["diff"])
+            base_cell = ("yes" if verdict.get("beats_base_every_task") else "no") + f", {worst_task} {_margin(vs_base[worst_task])}"
+        else:
+            base_cell = "-"
+        vs_expert = verdict.get("vs_best_expert")
+        expert_cell = "-" if not vs_expert else ("beats, " if vs_expert["beats"] else "below, ") + _margin(vs_expert)
+        mean_cell = _cell(row["test"]) + (" **below the base**" if verdict.get("below_base") else "")
+        rows.append([row["method"], mean_cell, base_cell, expert_cell])
+    lines += _table(header, rows)
+    lines += ["", "Margins: difference of test scores, and in standard errors of the difference (lm-eval's, taken as independent)."]
+    return lines
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:
@@ -156,6 +197,9 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     lines += _table(header, rows, align_right_from=2)
     if untried:
         lines += ["", f"No finished trial for: {', '.join(untried)}."]
+    verdict = verdict_lines(report)
+    if verdict:
+        lines += ["", "## Against the base and the best single expert", ""] + verdict
 
     tasks = report["tasks"]["test"]
     columns = [(r["label"], r["test"]) for r in baseline_rows(report)] + [(r["method"], r["test"]) for r in method_rows(report)]
@@ -268,6 +312,8 @@ def write_methods_chart(report: Mapping[str, Any], path: PathLike) -> Path:
     axis.bar([p + width / 2 for p in positions], [e["mean"] or 0.0 for e in test], width, yerr=errors(test), capsize=3, label="test (that setting)", color="#e08a4a")
     styles = {"base": ":", "reference": "--", "task_arithmetic_plain": "-."}
     for row in baseline_rows(report):
+        if row["key"] not in styles:
+            continue
         value = row["test"].get("mean")
         if value is not None:
             axis.axhline(value, linestyle=styles[row["key"]], color="grey", linewidth=1, label=f"{row['label']} (test)")
@@ -284,11 +330,14 @@ def write_methods_chart(report: Mapping[str, Any], path: PathLike) -> Path:
 def format_summary(report: Mapping[str, Any]) -> str:
     """A few terminal lines: each method's choice with validation and test means, then the baselines."""
     best = report["best"]
-    rows = [(r["method"], r["chosen"]["label"], _cell(r["validation"]), _cell(r["test"])) for r in method_rows(report)]
+    below = {m for m, v in ((report.get("verdicts") or {}).get("methods") or {}).items() if v.get("below_base")}
+    rows = [(r["method"], r["chosen"]["label"], _cell(r["validation"]), _cell(r["test"]) + (" below base" if r["method"] in below else "")) for r in method_rows(report)]
     rows += [(r["label"], "", "", _cell(r["test"])) for r in baseline_rows(report)]
     header = ("method", "chosen setting", "validation", "test")
     widths = [max(len(str(x[i])) for x in [header] + rows) for i in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
     normalized = " (normalized by the reference in parentheses)" if report.get("normalized_by") else ""
-    return f"best: {best['label']} (trial {best['trial']}); test means ± lm-eval stderr{normalized}\n" + "\n".join(lines)
+    summary = (report.get("verdicts") or {}).get("summary")
+    tail = f"\n{summary}" if summary else ""
+    return f"best: {best['label']} (trial {best['trial']}); test means ± lm-eval stderr{normalized}\n" + "\n".join(lines) + tail

@@ -11,6 +11,7 @@ line naming the file and the culprit.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -64,6 +65,11 @@ TUNE_KEYS = ("methods", "tasks", "include_path", "reference", "metric", "limit",
 
 class SpaceError(ValueError):
     """A SPACE file that cannot be tuned; the message is one line naming the file and the culprit."""
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # --------------------------------------------------------------------------
@@ -189,7 +195,9 @@ class TuneSpace:
     def config(self, method: str, params: Mapping[str, Any]) -> Dict[str, Any]:
         """The mergekit config of one setting: the SPACE's config with ``merge_method`` and ``parameters``."""
         config = copy.deepcopy(self.base_config)
-        parameters = dict(config.get("parameters") or {})
+        own = _parameter_names(method)
+        # Top-level parameters hold every tried method's fixed values; each config keeps its method's own.
+        parameters = {k: v for k, v in (config.get("parameters") or {}).items() if own is None or k in own}
         parameters.update(self.methods[method].filled)
         parameters.update(params)
         ordered: Dict[str, Any] = {"merge_method": method}
@@ -252,6 +260,12 @@ class TuneSpace:
         return "\n".join(lines)
 
 
+def _parameter_names(method: str) -> Optional[set]:
+    registered = registered_method(method)
+    spec = getattr(registered, "spec", None)
+    return None if spec is None else {p.name for p in spec.parameters}
+
+
 def _domain_yaml(domain: Domain) -> Any:
     if isinstance(domain, Choice):
         return list(domain.values)
@@ -310,7 +324,7 @@ def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **ov
         raise fail("`tune:` must be a mapping")
     unknown = sorted(set(tune) - set(TUNE_KEYS))
     if unknown:
-        raise fail(f"unknown key(s) under tune: {', '.join(unknown)} (known: {', '.join(TUNE_KEYS)})")
+        raise fail(f"unknown key(s) under tune: {', '.join(unknown)}{_did_you_mean(unknown[0], TUNE_KEYS)} (known: {', '.join(TUNE_KEYS)})")
     for key, value in overrides.items():
         if key not in TUNE_KEYS:
             raise TypeError(f"unknown override {key!r}")
@@ -335,6 +349,9 @@ def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **ov
             raise fail(f"models[{index}] has no `model:` (write `- model: PATH`)")
         entry = dict(entry)
         entry["model"] = _resolve_model(entry["model"], base_dir, fail, f"models[{index}]")
+        twin = next((i for i, other in enumerate(resolved_models) if other["model"] == entry["model"]), None)
+        if twin is not None:
+            raise fail(f"models[{index}] repeats models[{twin}] ({entry['model']}); list each model once")
         resolved_models.append(entry)
     document["models"] = resolved_models
     if document.get("base_model"):
@@ -344,6 +361,7 @@ def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **ov
         raise fail("top-level `parameters:` must be a mapping")
 
     methods = _parse_methods(tune.get("methods"), top_method, document, fail)
+    _check_fixed_parameters(document, methods, fail)
     defaults_used = tune.get("methods") is None and top_method is None
 
     validation, test = _parse_tasks(tune.get("tasks"), fail)
@@ -408,8 +426,11 @@ def _resolve_path(text: str, base_dir: Path) -> Path:
     return (base_dir / path).absolute()
 
 
-def _looks_local(text: str) -> bool:
-    return text.startswith(("/", ".", "~")) or os.sep + os.sep in text
+def _looks_local(text: str, base_dir: Path) -> bool:
+    """``merge``'s rule (a path, not a hub id), also for folders relative to the SPACE file."""
+    from mergekit_ext.merge.preflight import _looks_local as merge_looks_local
+
+    return merge_looks_local(text) or os.sep + os.sep in text or ("/" in text and (base_dir / text.split("/", 1)[0]).is_dir())
 
 
 def _resolve_model(reference: Any, base_dir: Path, fail, where: str) -> str:
@@ -424,7 +445,7 @@ def _resolve_model(reference: Any, base_dir: Path, fail, where: str) -> str:
         path = _resolve_path(part, base_dir)
         if path.exists():
             resolved.append(str(path))
-        elif _looks_local(part):
+        elif _looks_local(part, base_dir):
             raise fail(f"{where}: model {part} not found")
         else:
             resolved.append(part)  # a hub id; mergekit resolves it (offline runs need it cached)
@@ -557,7 +578,7 @@ def _parse_methods(methods: Any, top_method: Any, document: Dict[str, Any], fail
             from mergekit.merge_methods import registry
 
             known = sorted(m.spec.name for m in registry.registered_methods())
-            raise fail(f"unknown merge method {name!r} (known: {', '.join(known)})")
+            raise fail(f"unknown merge method {name!r}{_did_you_mean(name, known)} (known: {', '.join(known)})")
         if params is None:
             params = default_space(name)
         if not isinstance(params, dict):
@@ -579,7 +600,7 @@ def _parse_method_space(method, params: Mapping[str, Any], document: Dict[str, A
         parameter = by_name.get(param_name)
         if parameter is None:
             known = ", ".join(by_name) or "none"
-            raise fail(f"merge method {name!r} has no parameter {param_name!r} (its parameters: {known})")
+            raise fail(f"merge method {name!r} has no parameter {param_name!r}{_did_you_mean(param_name, by_name)} (its parameters: {known})")
         where = f"tune.methods.{name}.{param_name}"
         if parameter.scope != ParameterScope.SHARED:
             for index, entry in enumerate(document["models"]):
@@ -612,12 +633,33 @@ def _check_value(parameter, value: Any, where: str, fail) -> Any:
             reason = "; ".join(item.get("msg", "") for item in errors())
             raise fail(f"{where}: invalid value {value!r}: {reason}") from None
         raise fail(f"{where}: {' '.join(str(error).split())}") from None
+    if isinstance(checked, float) and not math.isfinite(checked):
+        raise fail(f"{where}: invalid value {value!r}: {parameter.name} must be a finite number")
     bounds = MERGEKIT_BOUNDS.get(parameter.name)
     if bounds is not None and isinstance(checked, (int, float)) and not isinstance(checked, bool):
         low, high = bounds
         if not low <= checked <= high:
             raise fail(f"{where}: invalid value {value!r}: {parameter.name} must lie in [{low:g}, {high:g}]")
     return checked
+
+
+def _check_fixed_parameters(document: Dict[str, Any], methods: Dict[str, "MethodSpace"], fail) -> None:
+    """Top-level and per-model ``parameters:``: each name belongs to a tried method, each value passes its checks."""
+    specs = {name: {p.name: p for p in registered_method(name).spec.parameters} for name in methods}
+    sections = [("parameters", document.get("parameters") or {})]
+    sections += [(f"models[{i}].parameters", entry.get("parameters") or {}) for i, entry in enumerate(document["models"])]
+    for where, parameters in sections:
+        if not isinstance(parameters, dict):
+            raise fail(f"{where} must be a mapping")
+        for name, value in parameters.items():
+            owners = [method for method, by_name in specs.items() if name in by_name]
+            if not owners:
+                known = sorted({p for by_name in specs.values() for p in by_name})
+                raise fail(f"{where}: no tried method has a parameter {name!r}{_did_you_mean(name, known)} (their parameters: {', '.join(known)})")
+            if not _is_scalar(value):
+                continue  # mergekit's per-layer lists and filters: left to mergekit's own validation
+            for method in owners:
+                _check_value(specs[method][name], value, f"{where}.{name}", fail)
 
 
 def _is_scalar(value: Any) -> bool:

@@ -447,7 +447,7 @@ def finished_count(trials) -> int:
     return sum(
         1
         for t in trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and t.user_attrs.get("error"))
     )
 
 
@@ -547,6 +547,10 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", _worker())  # first: a dead worker's trial is re-queued at once
+        # A retried trial starts with its failed original's attributes (Optuna copies them): reset its outcome.
+        for key, empty in (("validation", {}), ("stopped", None), ("interrupted", None), ("pruned_after", None), ("error", None)):
+            if key in trial.user_attrs:
+                trial.set_user_attr(key, empty)
         method, params = _choose(trial, space)
         trial.set_user_attr("method", method)
         trial.set_user_attr("params", params)
@@ -611,9 +615,9 @@ def _twin(study, number: int, method: str, params: Mapping[str, Any]):
     for other in study.get_trials(deepcopy=False):
         if other.number == number or other.user_attrs.get("method") != method or other.user_attrs.get("params") != params:
             continue
-        if "repeat_of" in other.user_attrs or "duplicate_of" in other.user_attrs:
+        if other.user_attrs.get("repeat_of") is not None or other.user_attrs.get("duplicate_of") is not None:
             continue
-        finished = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (other.state == TrialState.FAIL and "error" in other.user_attrs)
+        finished = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (other.state == TrialState.FAIL and other.user_attrs.get("error"))
         if finished or (other.state == TrialState.RUNNING and other.number < number):
             return other
     return None
@@ -703,7 +707,7 @@ def run_search(space: TuneSpace, out_dir: Union[str, os.PathLike], options: Opti
         progress.close()
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs]
+        errors = [t.user_attrs["error"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("error")]
         raise TuneError("no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
     return study
 
@@ -750,12 +754,14 @@ def _work(study, space: TuneSpace, objective, options: RunOptions, after_trial) 
     from optuna.storages import fail_stale_trials
 
     poll = max(0.5, options.heartbeat / 2)
-    for _ in range(100 * max(1, space.target_trials)):  # a bound, never reached in practice
+    starts = 0  # bounded (a guard, never reached in practice); waiting for others' trials is not
+    while True:
         trials = study.get_trials(deepcopy=False)
         if finished_count(trials) >= space.target_trials:
             return
         slots = _open_slots(study, space, trials)
-        if slots > 0:
+        if slots > 0 and starts < 100 * max(1, space.target_trials):
+            starts += 1
             study.optimize(
                 objective,
                 n_trials=min(slots, options.n_jobs),
@@ -846,14 +852,86 @@ def _shared_scores(study, jobs, trials, options: RunOptions, advance: Callable[[
     return results
 
 
-def plain_task_arithmetic(space: TuneSpace) -> Optional[Dict[str, Any]]:
-    """Task arithmetic with mergekit's defaults (weight 1, lambda 1) on the SPACE's models; None without a base."""
+def plain_task_arithmetic(space: TuneSpace, lam: float = 1.0) -> Optional[Dict[str, Any]]:
+    """Plain task arithmetic (weight 1, scale ``lam``) on the SPACE's models; None without a base."""
     if not space.base_config.get("base_model"):
         return None
     config = {k: v for k, v in space.base_config.items() if k not in ("parameters", "models")}
     config["models"] = [{"model": entry["model"]} for entry in space.base_config["models"]]
-    config["parameters"] = {"weight": 1.0, "lambda": 1.0}
+    config["parameters"] = {"weight": 1.0, "lambda": lam}
     return {"merge_method": "task_arithmetic", **config}
+
+
+def _difference(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> Dict[str, Any]:
+    """ours - theirs and that gap in standard errors of the difference (scored independently: se = sqrt(se1^2 + se2^2))."""
+    diff = ours["value"] - theirs["value"]
+    se = None
+    if ours.get("stderr") is not None and theirs.get("stderr") is not None:
+        se = math.sqrt(ours["stderr"] ** 2 + theirs["stderr"] ** 2)
+    return {"diff": diff, "z": (diff / se if se else None)}
+
+
+def verdicts(methods: Mapping[str, Any], baselines: Mapping[str, Any], experts: Mapping[str, Any], tests: Sequence[str]) -> Dict[str, Any]:
+    """Per method: does its chosen merge beat the base on every test task, and the best single expert on the mean?
+
+    Margins are differences of scores and the same in standard errors of the
+    difference (lm-eval's, taken as independent). Returns {"methods": {...},
+    "best_expert": model, "summary": one sentence}.
+    """
+    base = (baselines.get("base") or {}).get("test")
+    scored = {m: e["test"] for m, e in methods.items() if e.get("chosen") and e.get("test")}
+    best_expert = None
+    ranked = [(entry["test"]["mean"], model) for model, entry in experts.items() if entry["test"].get("mean") is not None]
+    if ranked:
+        best_expert = max(ranked)[1]
+    out: Dict[str, Any] = {}
+    for method, test in scored.items():
+        verdict: Dict[str, Any] = {}
+        if base:
+            per_task = {t: _difference(test["scores"][t], base["scores"][t]) for t in tests if t in test["scores"] and t in base["scores"]}
+            verdict["vs_base"] = per_task
+            verdict["beats_base_every_task"] = bool(per_task) and all(d["diff"] > 0 for d in per_task.values())
+            verdict["below_base"] = test["mean"] < base["mean"]
+        if best_expert is not None:
+            expert = experts[best_expert]["test"]
+            gap = _difference({"value": test["mean"], "stderr": test.get("mean_stderr")}, {"value": expert["mean"], "stderr": expert.get("mean_stderr")})
+            verdict["vs_best_expert"] = {"expert": best_expert, **gap, "beats": gap["diff"] > 0}
+        out[method] = verdict
+    winners = [m for m, v in out.items() if (v.get("vs_best_expert") or {}).get("beats")]
+    if best_expert is None:
+        summary = "no expert was scored"
+    elif winners:
+        summary = f"{len(winners)} method(s) beat your best expert on the mean: {', '.join(winners)}"
+    else:
+        summary = "no method beats your best expert"
+    return {"methods": out, "best_expert": best_expert, "summary": summary}
+
+
+def _plain_at_best_lambda(study, space: TuneSpace, chosen, trials, options: RunOptions, evaluation: EvalSettings, config_scorer) -> Optional[Dict[str, Any]]:
+    """Plain task arithmetic (weight 1) at its validation-best λ: {config, lambda, chosen_by, source}; None without a base.
+
+    When the space searched task_arithmetic over λ alone, its chosen trial is
+    that setting (``source`` "study"); otherwise λ in DEFAULT_SPACES'
+    task_arithmetic grid is scored on the validation tasks here (shared and
+    stored like the test scores) and the best is scored on test (``source`` "search").
+    """
+    from mergekit_ext.tune.space import DEFAULT_SPACES
+
+    if not space.base_config.get("base_model"):
+        return None
+    trial = chosen.get("task_arithmetic")
+    if trial is not None and set(trial.user_attrs["params"]) <= {"lambda"}:
+        lam = trial.user_attrs["params"].get("lambda", 1.0)
+        config = space.config("task_arithmetic", trial.user_attrs["params"])
+        return {"config": config, "lambda": lam, "chosen_by": "the study's task_arithmetic trials (validation mean)", "source": "study"}
+    grid = list(DEFAULT_SPACES["task_arithmetic"]["lambda"])
+    configs = {lam: plain_task_arithmetic(space, lam) for lam in grid}
+    tasks = space.validation_tasks
+    jobs = [(_cache_key("config", configs[lam], tasks, evaluation), f"lambda:{lam}", config_scorer(configs[lam], None, tasks)) for lam in grid]
+    scores = _shared_scores(study, jobs, trials, options, lambda _: None)
+    means = {lam: mean([s.value for s in scores[f"lambda:{lam}"].values()]) for lam in grid}
+    lam = max(grid, key=lambda value: (means[value], -grid.index(value)))
+    return {"config": configs[lam], "lambda": lam, "chosen_by": f"validation mean over lambda in {grid}", "source": "search"}
 
 
 def trial_record(trial) -> Dict[str, Any]:
@@ -916,15 +994,15 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
             chosen[method] = max(candidates, key=lambda t: (t.value, -t.number))
     best = max(chosen.values(), key=lambda t: (t.value, -t.number))
 
-    def config_scorer(config: Dict[str, Any], kept: Optional[Path]) -> Callable[[], Dict[str, TaskScore]]:
+    def config_scorer(config: Dict[str, Any], kept: Optional[Path], tasks: Sequence[str] = tests) -> Callable[[], Dict[str, TaskScore]]:
         def compute() -> Dict[str, TaskScore]:
             if kept is not None and kept.is_dir():
-                return score_model(kept, tests, evaluation)
+                return score_model(kept, tasks, evaluation)
             digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
             target = out_dir / WORKING_DIR / f"final-{os.getpid()}-{digest}"
             return score_config(
                 config,
-                tests,
+                tasks,
                 evaluation.include_path,
                 limit=evaluation.limit,
                 metric=evaluation.metric,
@@ -950,32 +1028,41 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
     if base:
         keys["base"] = _cache_key("model", base, tests, evaluation)
         jobs.append(("base", model_scorer(base, tests)))
+    # Every expert on every test task (a model with a LoRA adapter, PATH+LORA, is not scored alone).
+    experts = [entry["model"] for entry in space.base_config["models"] if "+" not in entry["model"]]
+    for model in experts:
+        keys[f"expert:{model}"] = _cache_key("model", model, tests, evaluation)
+        jobs.append((f"expert:{model}", model_scorer(model, tests)))
     references: Dict[str, List[str]] = {}
     for task in tests:
         model = space.reference_for(task)
         if model is not None:
             references.setdefault(model, []).append(task)
     for model, tasks in references.items():
-        keys[f"reference:{model}"] = _cache_key("model", model, tasks, evaluation)
-        jobs.append((f"reference:{model}", model_scorer(model, tasks)))
-    plain = plain_task_arithmetic(space)
-    if plain is not None:
-        keys["task_arithmetic_plain"] = _cache_key("config", plain, tests, evaluation)
-        jobs.append(("task_arithmetic_plain", config_scorer(plain, None)))
+        if model not in experts:
+            keys[f"reference:{model}"] = _cache_key("model", model, tasks, evaluation)
+            jobs.append((f"reference:{model}", model_scorer(model, tasks)))
 
     from tqdm.auto import tqdm
 
     results: Dict[str, Dict[str, TaskScore]] = {}
     with _quiet_libraries(options.progress):
+        plain = _plain_at_best_lambda(study, space, chosen, trials, options, evaluation, config_scorer)
+        if plain is not None and plain["source"] == "search":
+            keys["task_arithmetic_plain"] = _cache_key("config", plain["config"], tests, evaluation)
+            jobs.append(("task_arithmetic_plain", config_scorer(plain["config"], None)))
         with tqdm(total=len(jobs), desc="test split", unit="model", disable=not options.progress, dynamic_ncols=True) as bar:
             results = _shared_scores(study, [(keys[label], label, compute) for label, compute in jobs], trials, options, bar.update)
+    if plain is not None and plain["source"] == "study":
+        results["task_arithmetic_plain"] = results["method:task_arithmetic"]
 
     reference_scores: Optional[Dict[str, TaskScore]] = None
     if references:
         reference_scores = {}
         for model, tasks in references.items():
+            scored = results[f"expert:{model}"] if model in experts else results[f"reference:{model}"]
             for task in tasks:
-                reference_scores[task] = results[f"reference:{model}"][task]
+                reference_scores[task] = scored[task]
 
     methods_report: Dict[str, Any] = {}
     for method in space.methods:
@@ -1003,7 +1090,13 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
             "test": _scores_entry(reference_scores, tests, reference_scores),
         }
     if plain is not None:
-        baselines["task_arithmetic_plain"] = {"config": plain, "test": _scores_entry(results["task_arithmetic_plain"], tests, reference_scores)}
+        baselines["task_arithmetic_plain"] = {
+            "config": plain["config"],
+            "lambda": plain["lambda"],
+            "chosen_by": plain["chosen_by"],
+            "test": _scores_entry(results["task_arithmetic_plain"], tests, reference_scores),
+        }
+    experts_report = {model: {"test": _scores_entry(results[f"expert:{model}"], tests, reference_scores)} for model in experts}
 
     metrics_seen = sorted({s["metric"] for t in complete for s in t.user_attrs.get("validation", {}).values()})
     best_config = space.config(best.user_attrs["method"], best.user_attrs["params"])
@@ -1033,6 +1126,8 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
         },
         "methods": methods_report,
         "baselines": baselines,
+        "experts": experts_report,
+        "verdicts": verdicts(methods_report, baselines, experts_report, tests),
         "trials": [trial_record(t) for t in trials],
     }
     report["files"] = {"best": str(write_best_yaml(best_config, out_dir / "best.yml", report))}
