@@ -96,6 +96,59 @@ def qwen2_config(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, hea
     return Qwen2Config(**{**settings, **overrides})
 
 
+def _tiny(config_class, vocab_size: int, **settings):
+    """A 2-layer, hidden-32 config with the char tokenizer's special ids (overridable)."""
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return config_class(**{**common, **settings})
+
+
+def architecture_config(name: str, vocab_size: int):
+    """A tiny config of one of the layouts people merge (``ARCHITECTURES``), random weights
+    to be drawn by ``random_model``: what each adds over an untied Llama is in the table."""
+    import transformers
+
+    builders = {
+        "llama": lambda: llama_config(vocab_size),
+        "llama-tied": lambda: llama_config(vocab_size, tie_word_embeddings=True),
+        "qwen2": lambda: qwen2_config(vocab_size, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "qwen3": lambda: _tiny(transformers.Qwen3Config, vocab_size, head_dim=8, tie_word_embeddings=True),
+        "mistral": lambda: _tiny(transformers.MistralConfig, vocab_size, sliding_window=64, tie_word_embeddings=False),
+        "gemma2": lambda: _tiny(
+            transformers.Gemma2Config, vocab_size, head_dim=8, sliding_window=64, query_pre_attn_scalar=8,
+            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True,
+        ),  # fmt: skip
+        "phi3": lambda: _tiny(
+            transformers.Phi3Config, vocab_size, num_key_value_heads=4, original_max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),  # fmt: skip
+        "gpt2": lambda: gpt2_config(vocab_size),
+        "mixtral": lambda: _tiny(
+            transformers.MixtralConfig, vocab_size, intermediate_size=32, num_local_experts=2, num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        ),  # fmt: skip
+    }
+    if name not in builders:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {', '.join(builders)}")
+    return builders[name]()
+
+
+# name: what the layout adds (the README's table lists these).
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM, untied lm_head",
+    "llama-tied": "LlamaForCausalLM, tie_word_embeddings (Llama-3.2-1B/3B, SmolLM2)",
+    "qwen2": "Qwen2ForCausalLM: q/k/v biases, grouped KV heads, tied (Qwen2.5-0.5B)",
+    "qwen3": "Qwen3ForCausalLM: q/k RMS norms, head_dim != hidden/heads, tied (Qwen3-0.6B)",
+    "mistral": "MistralForCausalLM: sliding window, grouped KV heads",
+    "gemma2": "Gemma2ForCausalLM: logit soft-capping, pre/post feed-forward norms, tied",
+    "phi3": "Phi3ForCausalLM: fused qkv_proj and gate_up_proj",
+    "gpt2": "GPT2LMHeadModel: Conv1D (transposed) weights, fused c_attn, wpe, tied",
+    "mixtral": "MixtralForCausalLM: sparse MoE (2 experts per layer, a router)",
+}
+
+
 def random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A causal LM with seeded random weights."""
     from transformers import AutoModelForCausalLM
@@ -136,6 +189,25 @@ def save_family(root: str | os.PathLike, config, tokenizer=None, *, count: int =
     for index in range(count):
         paths[f"ft{index}"] = save_model(perturbed(base, seed=seed + 100 + index, scale=scale), root / f"ft{index}", tokenizer)
     return paths
+
+
+def random_lora_adapter(base: str | os.PathLike, out: str | os.PathLike, *, seed: int, rank: int = 4, alpha: float = 8.0, target_modules="all-linear", scale: float = 0.05) -> Path:
+    """A seeded, nonzero peft LoRA adapter on every linear (and Conv1D) layer of ``base`` but the
+    output head, saved by peft itself; B is seeded noise (peft starts it at zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(peft_model.named_parameters()):
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
 
 
 def load_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:

@@ -475,7 +475,12 @@ def empty_architecture(reference_path: Path, names: Sequence[str], device):
     present = set(names)
     missing = sorted(group[0] for group in tied_groups(skeleton) if not present.intersection(group))
     if missing:
-        raise ValueError(f"adarank: {reference_path}: the architecture needs weights the checkpoint lacks: {', '.join(missing[:5])}")
+        known = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)} | {name for name, _ in skeleton.named_buffers()}
+        unused = sorted(present - known)
+        # transformers 5 fuses some layouts when loading (e.g. MoE experts into one 3-D tensor):
+        # the learner runs the checkpoint's tensors as stored, so say that is the reason.
+        why = f" (it stores {unused[0]} and {len(unused) - 1} more that transformers converts when loading; not supported by the learner)" if unused else ""
+        raise ValueError(f"adarank: {reference_path}: the architecture needs weights the checkpoint lacks: {', '.join(missing[:3])}{why}")
     for module in skeleton.modules():
         for key, buffer in module._buffers.items():
             if buffer is not None:
