@@ -1,0 +1,162 @@
+"""λ defaults that never hurt: each candidate scored on every zoo, the default is the best worst case.
+
+A default is what a user gets without tuning, on models we have never seen, so
+it is chosen for its worst zoo, not its best: for each candidate λ, the share of
+the fine-tuning gain the merge keeps, (merged − base) / (expert − base), on the
+validation split of every zoo, and the default is the λ whose smallest share
+over the zoos is largest (a share below 0 is a merge below the base).
+
+Zoos: each ``--zoo DIR`` is swept here with the zoo's own scorer (the one
+``mergekit-ext demo --tune`` uses: exact match for generation zoos, accuracy for
+multiple-choice ones); the `hard` zoos' 3-seed sweep is read from
+``results/quality-hard-defaults-sweep.json`` (validation, per seed), with each
+seed's base and expert levels from ``results/quality-hard.json`` (its test split:
+validation levels were not recorded there).
+
+    mergekit-ext zoo ZOO_DEMO --preset demo; mergekit-ext demo   # the recipes' zoo and the demo's (./demo-zoo)
+    python benchmarks/defaults_worst_case.py --zoo demo=ZOO_DEMO --zoo demo-hard=demo-zoo --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "defaults-worst-case"
+
+# The values of the hard sweep (a candidate must be scored on every zoo); they bracket each zoo's best.
+CANDIDATES: Dict[str, List[Dict]] = {
+    "tsv_m": [{"weight": 1.0, "lambda": value} for value in (1.0, 1.5, 2.0, 2.5)],
+    "iso_cts": [{"weight": 1.0, "lambda": value, "common_space_fraction": 0.8} for value in (2.0, 2.5, 3.0, 3.5)],
+    "iso_c": [{"weight": 1.0, "lambda": value} for value in (2.0, 2.5, 3.0, 3.5)],  # shares iso_cts' constant
+}
+
+
+def _key(setting: Dict) -> float:
+    return float(setting["lambda"])
+
+
+def sweep_zoo(zoo_dir: str) -> Dict:
+    """Validation scores of base, experts and every candidate on one zoo (in memory, mergekit's engine)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mergekit_ext.modeling import load_state_dict
+    from mergekit_ext.zoo import load_causal_lm, load_zoo, merge_in_memory, score
+
+    zoo = load_zoo(zoo_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    base_state = load_state_dict(zoo.base)
+    experts = {task: load_state_dict(zoo.expert(task)) for task in zoo.tasks}
+    documents = {task: zoo.documents(task, "validation") for task in zoo.tasks}
+    model = load_causal_lm(zoo.base, "cpu")
+
+    def mean_score(state_for_task) -> float:
+        total = 0.0
+        for task in zoo.tasks:
+            with torch.no_grad():
+                model.load_state_dict(state_for_task(task), strict=True)
+            total += score(model, tokenizer, documents[task], kind=zoo.task_kind)
+        return total / len(zoo.tasks)
+
+    base = mean_score(lambda task: base_state)
+    expert = mean_score(lambda task: experts[task])
+    methods = {}
+    for method, settings in CANDIDATES.items():
+        rows = []
+        for setting in settings:
+            merged = merge_in_memory(base_state, experts, method, setting)
+            rows.append({"lambda": _key(setting), "validation": mean_score(lambda task: merged)})
+        methods[method] = rows
+    return {"zoo": str(zoo.root), "kind": zoo.task_kind, "metric": zoo.metric, "base": base, "expert": expert, "methods": methods}
+
+
+def hard_zoos() -> Dict[str, Dict]:
+    """The `hard` seeds from the committed sweep: validation per λ, base and expert levels per seed."""
+    sweep = json.loads((RESULTS / "quality-hard-defaults-sweep.json").read_text(encoding="utf-8"))
+    quality = json.loads((RESULTS / "quality-hard.json").read_text(encoding="utf-8"))
+    zoos = {}
+    for index, seed in enumerate(sweep["seeds"]):
+        methods = {}
+        for method, settings in CANDIDATES.items():
+            wanted = {_key(setting) for setting in settings}
+            fraction = settings[0].get("common_space_fraction")
+            rows = [
+                {"lambda": _key(entry["setting"]), "validation": entry["per_seed"][index]}
+                for entry in sweep["grids"][method]
+                if _key(entry["setting"]) in wanted and entry["setting"].get("common_space_fraction") == fraction
+            ]
+            methods[method] = sorted(rows, key=lambda row: row["lambda"])
+        zoos[f"hard-s{seed}"] = {
+            "zoo": sweep["zoos"][index],
+            "kind": "generation",
+            "metric": quality["metric"],
+            "base": quality["methods"]["base"]["test"][index],
+            "expert": quality["methods"]["expert"]["test"][index],
+            "levels_from": "test split (quality-hard.json)",
+            "methods": methods,
+        }
+    return zoos
+
+
+def choose(zoos: Dict[str, Dict]) -> Dict[str, Dict]:
+    """Per method: the gain share per (λ, zoo), the worst zoo per λ, and the λ with the best worst case."""
+    chosen = {}
+    for method in CANDIDATES:
+        table: Dict[float, Dict[str, float]] = {}
+        for name, zoo in zoos.items():
+            gain = zoo["expert"] - zoo["base"]
+            for row in zoo["methods"][method]:
+                table.setdefault(row["lambda"], {})[name] = (row["validation"] - zoo["base"]) / gain
+        complete = {value: shares for value, shares in table.items() if len(shares) == len(zoos)}
+        worst = {value: min(shares.values()) for value, shares in complete.items()}
+        best = max(sorted(worst), key=lambda value: worst[value])
+        chosen[method] = {"lambda": best, "worst_share": worst[best], "shares": {str(v): complete[v] for v in sorted(complete)}, "worst": {str(v): worst[v] for v in sorted(worst)}}
+    return chosen
+
+
+def render_markdown(result: Dict) -> str:
+    zoo_names = list(result["zoos"])
+    lines = [
+        "# λ defaults for the worst case over every zoo",
+        "",
+        "Share of the fine-tuning gain kept on each zoo's validation split, (merged − base) / (expert − base);",
+        "below 0 = below the base. The default is the λ with the largest worst share.",
+        "",
+    ]
+    for method, entry in result["chosen"].items():
+        lines += [f"## {method}: λ {entry['lambda']}", "", "| λ | " + " | ".join(zoo_names) + " | worst |", "|---|" + "---|" * (len(zoo_names) + 1)]
+        for value, shares in entry["shares"].items():
+            mark = "**" if float(value) == entry["lambda"] else ""
+            cells = " | ".join(f"{shares[name]:.2f}" for name in zoo_names)
+            lines.append(f"| {mark}{value}{mark} | {cells} | {mark}{entry['worst'][value]:.2f}{mark} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoo", action="append", default=[], help="NAME=DIR of a built zoo to sweep (repeatable)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    zoos = {}
+    for item in args.zoo:
+        name, _, folder = item.partition("=")
+        zoos[name] = sweep_zoo(folder)
+    zoos.update(hard_zoos())
+    result = {"candidates": CANDIDATES, "zoos": zoos, "chosen": choose(zoos), "seconds": round(time.perf_counter() - started, 1)}
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (RESULTS / f"{NAME}.md").write_text(render_markdown(result) + "\n", encoding="utf-8")
+    print(render_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
