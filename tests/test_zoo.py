@@ -195,18 +195,16 @@ def test_moved_zoo_rewrites_its_task_yamls(test_zoo, tmp_path):
 
 
 @pytest.mark.slow
-def test_zoo_written_by_0_1_0_still_loads(test_zoo, tmp_path):
+def test_a_manifest_of_another_format_is_refused_by_name(test_zoo, tmp_path):
     import shutil
 
     old = tmp_path / "old-zoo"
     shutil.copytree(test_zoo.root, old, ignore=shutil.ignore_patterns("evals"))
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format"] = "mergekit-ext-zoo/1"  # 0.1.0's format string
+    manifest["format"] = "mergekit-ext-zoo/1"  # a pre-release format string
     (old / "manifest.json").write_text(json.dumps(manifest))
-    zoo = load_zoo(old)
-    assert zoo.tasks == test_zoo.tasks and zoo.documents(zoo.tasks[0], "test") == test_zoo.documents(zoo.tasks[0], "test")
-    # and a rebuild with the same preset and seed recognises it as built
-    assert build_zoo(old, preset="test", progress=False).root == old
+    with pytest.raises(ZooError, match="manifest.json is not a mergekit-ext/zoo/1 manifest"):
+        load_zoo(old)
 
 
 # --------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from mergekit_ext.zoo.format import (
     MANIFEST_NAME,
     TASK_PREFIX,
     ZOO_FORMAT,
-    ZOO_FORMATS,
     Zoo,
     ZooError,
     load_zoo,
@@ -89,7 +88,7 @@ def _is_complete(root: Path, preset: Preset, seed: int) -> bool:
         manifest = io.read_json_object(manifest_path)
     except ValueError:
         return False
-    if manifest.get("format") not in ZOO_FORMATS or not _same_preset(manifest.get("preset"), preset) or manifest.get("seed") != seed:
+    if manifest.get("format") != ZOO_FORMAT or not _same_preset(manifest.get("preset"), preset) or manifest.get("seed") != seed:
         raise ZooError(
             f"{root} already holds a different zoo (preset {manifest.get('preset', {}).get('name')!r}, "
             f"seed {manifest.get('seed')}); choose another folder or delete it"

@@ -20,7 +20,6 @@ from mergekit_ext.zoo.tasks import (
 )
 
 ZOO_FORMAT = "mergekit-ext/zoo/1"
-ZOO_FORMATS = (ZOO_FORMAT, "mergekit-ext-zoo/1")  # the second was written by 0.1.0; read the same
 MANIFEST_NAME = "manifest.json"
 TASK_PREFIX = "zoo_"
 
@@ -122,7 +121,7 @@ def load_zoo(directory: str | Path) -> Zoo:
     if not manifest_path.is_file():
         raise ZooError(f"not a built zoo (no {MANIFEST_NAME}): {root} — build it with `mergekit-ext zoo {directory}`")
     manifest = io.read_json_object(manifest_path, error=ZooError)
-    if manifest.get("format") not in ZOO_FORMATS:
+    if manifest.get("format") != ZOO_FORMAT:
         raise ZooError(f"{manifest_path} is not a {ZOO_FORMAT} manifest")
     zoo = Zoo(root, manifest)
     if manifest.get("root") != str(root):

@@ -38,7 +38,6 @@ from mergekit_ext.zoo.format import (
     MANIFEST_NAME,
     TASK_PREFIX,
     ZOO_FORMAT,
-    ZOO_FORMATS,
     Zoo,
     ZooError,
     lm_eval_budget,
@@ -186,7 +185,7 @@ def _is_complete(root: Path, settings: SmolPreset, seed: int) -> bool:
     if not manifest_path.is_file():
         return False
     manifest = io.read_json_object(manifest_path, error=ZooError)
-    if manifest.get("format") not in ZOO_FORMATS or manifest.get("preset") != json.loads(json.dumps(asdict(settings))) or manifest.get("seed") != seed:
+    if manifest.get("format") != ZOO_FORMAT or manifest.get("preset") != json.loads(json.dumps(asdict(settings))) or manifest.get("seed") != seed:
         raise ZooError(
             f"{root} already holds a different zoo (preset {manifest.get('preset', {}).get('name')!r}, "
             f"seed {manifest.get('seed')}); choose another folder or delete it"
