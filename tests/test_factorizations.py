@@ -132,6 +132,7 @@ def test_triplets_match_lapack(name):
     assert torch.all(u[:, ~kept] == 0) and torch.all(vh[~kept] == 0)
 
 
+@pytest.mark.slow  # seconds per case: kept out of the quick subset
 @pytest.mark.parametrize("name", list(MATRICES))
 @pytest.mark.parametrize("share", (0.25, 0.5, 0.9))
 def test_needed_triplets_match_the_full_call(name, share):
@@ -216,6 +217,7 @@ def test_truncated_eigh_method_and_auto():
     assert relative((u * s) @ vh, (lu * ls) @ lvh) <= TOLERANCE
 
 
+@pytest.mark.slow  # seconds per case: kept out of the quick subset
 @pytest.mark.parametrize("share", (0.1, 0.3, 1.0))
 @pytest.mark.parametrize("name", [name for name in MATRICES if min(MATRICES[name].shape) >= 48])
 def test_cpu_gram_eigensolvers_match_torch(name, share, monkeypatch):
@@ -253,6 +255,7 @@ def test_cpu_gram_eigensolvers_match_torch(name, share, monkeypatch):
         assert relative((u * s) @ vh, reference) <= 1e-4
 
 
+@pytest.mark.slow  # seconds per case: kept out of the quick subset
 def test_cpu_gram_eigensolver_choice(monkeypatch):
     """?syevr for a narrow cut, ?syevd otherwise, torch below CPU_GRAM_FROM; batches solve each matrix."""
     import scipy.linalg
@@ -368,6 +371,7 @@ def _kernel_outputs(models, base):
     }
 
 
+@pytest.mark.slow  # seconds per case: kept out of the quick subset
 @pytest.mark.parametrize("count", [2, 4, 8])
 @pytest.mark.parametrize("shape", [(96, 96), (160, 64), (64, 160)])
 def test_subspace_and_adarank_kernels_match_lapack(count, shape, monkeypatch):

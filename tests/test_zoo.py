@@ -356,6 +356,7 @@ def test_compare_on_hard_zoo_reports_exact_match_without_chance(hard_zoo, tmp_pa
     assert paths["chart"].stat().st_size > 0
 
 
+@pytest.mark.slow  # builds two zoos
 @pytest.mark.parametrize("zoo_fixture", ["test_zoo", "hard_zoo"])
 def test_unlabeled_documents_are_fresh_and_reproducible(zoo_fixture, request):
     """`adarank learn --zoo --unlabeled N`: N generator prompts per task, none of them a
