@@ -17,7 +17,7 @@ average; ``adarank learn`` (variant ta, prior 1, every component, lr 1e-6) = θ0
 reverts an adapter exactly.
 
     python -m benchmarks.architectures              # writes benchmarks/results/architectures.{json,md}
-    python -m benchmarks.architectures --readme     # also puts the table in README.md
+    python -m benchmarks.architectures --readme     # also re-renders README.md's tables
     python -m benchmarks.architectures --render-only --readme   # re-render from the committed file
 """
 
@@ -40,8 +40,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "architectures"
-README = REPO_ROOT / "README.md"
-BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
 TOKENS = torch.arange(4, 28).reshape(2, 12)
 PROMPTS = [f"rev({word}) = " for word in ("abc", "cab", "bca", "acb", "dab", "bad", "cad", "dca")]
 
@@ -448,30 +446,10 @@ def render_markdown(data: Dict) -> str:
     )
 
 
-def readme_section(data: Dict) -> str:
-    return f"{BEGIN}\n{render_table(data)}{END}"
-
-
-def readme_table(text: str) -> Optional[str]:
-    """The table between the README's markers (None when absent)."""
-    if BEGIN not in text or END not in text:
-        return None
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
-
-
-def write_readme(data: Dict, readme: Path = README) -> None:
-    text = readme.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} … {END} markers to put the table between")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(head + readme_section(data) + tail, encoding="utf-8")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
-    parser.add_argument("--readme", action="store_true", help="also put the table in README.md")
+    parser.add_argument("--readme", action="store_true", help="also re-render README.md's tables (benchmarks/render_readme.py)")
     parser.add_argument("--architectures", default=None, help="comma-separated subset (default: all)")
     parser.add_argument("--render-only", action="store_true", help="re-render OUT.md (and README with --readme) from OUT.json, running nothing")
     arguments = parser.parse_args(argv)
@@ -487,7 +465,9 @@ def main(argv=None) -> None:
     io.write_json(arguments.out.with_suffix(".json"), data)
     io.write_text(arguments.out.with_suffix(".md"), render_markdown(data))
     if arguments.readme:
-        write_readme(data)
+        from benchmarks.render_readme import main as render_readme
+
+        render_readme([])
     print(f"wrote {arguments.out.with_suffix('.json')} and .md")
 
 

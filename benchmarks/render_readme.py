@@ -115,6 +115,14 @@ def defaults_worst_case_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+@renderer("architectures")
+def architectures_table() -> str:
+    """Every method and command per architecture (`architectures.py`, results/architectures.json)."""
+    from benchmarks.architectures import render_table
+
+    return render_table(_load("architectures.json"))
+
+
 # ---------------------------------------------------------------------------
 
 
