@@ -121,8 +121,8 @@ def _count(rng: random.Random):
     return f"How many times does the letter {letter} appear in the word {word}?", str(word.count(letter))
 
 
-# No options in the question: listed options pull a small model's first word towards
-# whichever it read last (measured: 0.4 with options against 0.96 without on this base).
+# No options in the question: listed options pull a small model's first word towards the
+# words it just read (seed 0's base: 0.43 / 0.38 validation / test with options, 0.95 / 0.89 without).
 CAPITAL_QUESTIONS = ("What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}.")
 OPPOSITE_QUESTIONS = ("What is the opposite of {}?", "Give the opposite of the word {}.", "Which word means the opposite of {}?")
 
