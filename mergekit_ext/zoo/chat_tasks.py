@@ -188,13 +188,3 @@ def draw_chat_documents(task: ChatTask, rng: random.Random, count: int, taken: s
             taken.add(document["question"])
             drawn.append(document)
     return drawn
-
-
-def training_example(task: ChatTask, rng: random.Random, tokenizer, system: str, end_of_turn: str) -> Tuple[str, str, str]:
-    """(question, chat context, target reply + end-of-turn) of one training sequence of a generation task."""
-    question, answer = task.make(rng)[:2]
-    return question, chat_prompt(tokenizer, system, question), answer + end_of_turn
-
-
-def tasks_named(names: Sequence[str]) -> List[ChatTask]:
-    return [CHAT_TASKS[name] for name in names]
