@@ -121,16 +121,20 @@ def _count(rng: random.Random):
     return f"How many times does the letter {letter} appear in the word {word}?", str(word.count(letter))
 
 
+# No options in the question: listed options pull a small model's first word towards the
+# words it just read (seed 0's base: 0.43 / 0.38 validation / test with options, 0.95 / 0.89 without).
+CAPITAL_QUESTIONS = ("What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}.")
+OPPOSITE_QUESTIONS = ("What is the opposite of {}?", "Give the opposite of the word {}.", "Which word means the opposite of {}?")
+
+
 def _facts(rng: random.Random):
     if rng.random() < 0.5:
         country, capital = rng.choice(COUNTRIES)
         others = rng.sample([c for _, c in COUNTRIES if c != capital], 3)
-        options = rng.sample([capital] + others, 4)
-        return f"What is the capital of {country}: {', '.join(options[:3])} or {options[3]}?", capital, others
+        return rng.choice(CAPITAL_QUESTIONS).format(country), capital, others
     word, opposite = rng.choice(OPPOSITES)
     others = rng.sample([o for w, o in OPPOSITES if o not in (opposite, word) and w != word], 3)
-    options = rng.sample([opposite] + others, 4)
-    return f"What is the opposite of {word}: {', '.join(options[:3])} or {options[3]}?", opposite, others
+    return rng.choice(OPPOSITE_QUESTIONS).format(word), opposite, others
 
 
 CHAT_TASKS: Dict[str, ChatTask] = {
@@ -184,13 +188,3 @@ def draw_chat_documents(task: ChatTask, rng: random.Random, count: int, taken: s
             taken.add(document["question"])
             drawn.append(document)
     return drawn
-
-
-def training_example(task: ChatTask, rng: random.Random, tokenizer, system: str, end_of_turn: str) -> Tuple[str, str, str]:
-    """(question, chat context, target reply + end-of-turn) of one training sequence of a generation task."""
-    question, answer = task.make(rng)[:2]
-    return question, chat_prompt(tokenizer, system, question), answer + end_of_turn
-
-
-def tasks_named(names: Sequence[str]) -> List[ChatTask]:
-    return [CHAT_TASKS[name] for name in names]

@@ -44,7 +44,7 @@ from mergekit_ext.zoo.format import (
     load_zoo,
     write_chat_task_yamls,
 )
-from mergekit_ext.zoo.tasks import GENERATION, MULTIPLE_CHOICE
+from mergekit_ext.zoo.tasks import GENERATION
 
 SMOL_CARD = "README.md"
 
