@@ -58,6 +58,9 @@ def test_end_of_turn_is_the_templates_closing_special_token():
     tokenizer = chat_tokenizer()
     assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     assert chat_prompts(tokenizer, ["ab"]) == ["<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"]
+    # a rendered conversation (a chat zoo's stored prompt: system, example turns) is not wrapped again
+    rendered = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    assert chat_prompts(tokenizer, [rendered, "ab"]) == [rendered, chat_prompts(tokenizer, ["ab"])[0]]
     plain = char_tokenizer()
     plain.chat_template = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     assert end_of_turn_ids(plain) == []  # turns closed by plain text: EOS alone ends answers

@@ -251,11 +251,24 @@ def chat_template_of(tokenizer) -> Optional[str]:
 
 def chat_prompts(tokenizer, prompts: Sequence[str]) -> List[str]:
     """Each prompt as one user turn followed by the assistant's generation prompt (the text
-    ``lm_eval --apply_chat_template`` sends); the template writes any BOS itself."""
+    ``lm_eval --apply_chat_template`` sends); the template writes any BOS itself. A prompt that
+    already ends with the assistant's generation prompt (a chat zoo's stored prompts, with their
+    system message and example turns) is already a rendered conversation and is kept as is."""
+    opening = _generation_prompt(tokenizer)
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        prompt
+        if opening and prompt.endswith(opening)
+        else tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         for prompt in prompts
     ]
+
+
+def _generation_prompt(tokenizer) -> str:
+    """The text the template appends to open the assistant's turn (``<|im_start|>assistant\n``), or ""."""
+    turn = [{"role": "user", "content": "question"}]
+    with_opening = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    without = tokenizer.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
+    return with_opening[len(without):] if with_opening.startswith(without) else ""
 
 
 def end_of_turn_ids(tokenizer) -> List[int]:
