@@ -150,17 +150,31 @@ def _rendered_task_folder(root: Path, manifest: Dict) -> Path:
 
 
 def write_task_yamls(root: Path, tasks: Dict[str, Dict], *, folder: Optional[Path] = None) -> None:
+    """The toy zoos' lm-eval YAMLs (generation stops at a newline)."""
+    descriptions = {
+        name: entry.get("description") or TASKS_BY_KIND[entry.get("kind", MULTIPLE_CHOICE)][name].description
+        for name, entry in tasks.items()
+    }
+    _write_yamls(root, tasks, descriptions, folder=folder, stop=GENERATION_STOP, max_gen_toks=LM_EVAL_MAX_GEN_TOKS, choice_delimiter=None)
+
+
+def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, max_gen_toks: int, folder: Optional[Path] = None) -> None:
+    """A chat zoo's lm-eval YAMLs: the prompts are already chat-rendered, so lm-eval runs them
+    as is; replies stop at the template's end of turn; choices follow the prompt directly."""
+    descriptions = {name: entry["description"] for name, entry in entries.items()}
+    _write_yamls(root, entries, descriptions, folder=folder, stop=stop, max_gen_toks=max_gen_toks, choice_delimiter="")
+
+
+def _write_yamls(root: Path, tasks: Dict[str, Dict], descriptions: Dict[str, str], *, folder: Optional[Path], stop: str, max_gen_toks: int, choice_delimiter: Optional[str]) -> None:
     # lm-eval's json loader needs absolute data paths; both splits are listed so
     # either YAML can be read on its own.
     folder = folder if folder is not None else root / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
     for name, entry in tasks.items():
-        kind = entry.get("kind", MULTIPLE_CHOICE)
-        description = entry.get("description") or TASKS_BY_KIND[kind][name].description
         data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
         for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
             lines = [
-                f"# {description}",
+                f"# {descriptions[name]}",
                 f"task: {task_name}",
                 "dataset_path: json",
                 "dataset_kwargs:",
@@ -169,65 +183,9 @@ def write_task_yamls(root: Path, tasks: Dict[str, Dict], *, folder: Optional[Pat
                 f"    test: {json.dumps(data_files['test'])}",
                 f"test_split: {split}",
             ]
-            if kind == GENERATION:
+            if entry.get("kind", MULTIPLE_CHOICE) == GENERATION:
                 # Greedy generation until the stop string, exact match with the
                 # answer, case- and whitespace-exact (no filters, no regexes).
-                lines += [
-                    "output_type: generate_until",
-                    'doc_to_text: "{{prompt}}"',
-                    'doc_to_target: "{{answer}}"',
-                    'target_delimiter: ""',
-                    "generation_kwargs:",
-                    f"  until: [{json.dumps(GENERATION_STOP)}]",
-                    "  do_sample: false",
-                    f"  max_gen_toks: {LM_EVAL_MAX_GEN_TOKS}",
-                    "metric_list:",
-                    "  - metric: exact_match",
-                    "    aggregation: mean",
-                    "    higher_is_better: true",
-                    "    ignore_case: false",
-                    "    ignore_punctuation: false",
-                ]
-            else:
-                lines += [
-                    "output_type: multiple_choice",
-                    'doc_to_text: "{{query}}"',
-                    "doc_to_choice: choices",
-                    "doc_to_target: label",
-                    "metric_list:",
-                    "  - metric: acc",
-                    "    aggregation: mean",
-                    "    higher_is_better: true",
-                ]
-            lines += [
-                "metadata:",
-                "  version: 1.0",
-            ]
-            (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-# --------------------------------------------------------------------------
-# Chat zoos (the smol preset): prompts already rendered through the chat template.
-
-
-def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, max_gen_toks: int, folder: Optional[Path] = None) -> None:
-    """lm-eval YAMLs over the JSONL splits; the prompts are already chat-rendered, so lm-eval runs them as is."""
-    folder = folder if folder is not None else root / "tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in entries.values():
-        data_files = {"validation": str(root / entry["validation"]), "test": str(root / entry["test"])}
-        for task_name, split in ((entry["lm_eval_task"], "test"), (entry["lm_eval_task_validation"], "validation")):
-            lines = [
-                f"# {entry['description']}",
-                f"task: {task_name}",
-                "dataset_path: json",
-                "dataset_kwargs:",
-                "  data_files:",
-                f"    validation: {json.dumps(data_files['validation'])}",
-                f"    test: {json.dumps(data_files['test'])}",
-                f"test_split: {split}",
-            ]
-            if entry["kind"] == GENERATION:
                 lines += [
                     "output_type: generate_until",
                     'doc_to_text: "{{prompt}}"',
@@ -250,7 +208,10 @@ def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, ma
                     'doc_to_text: "{{query}}"',
                     "doc_to_choice: choices",
                     "doc_to_target: label",
-                    'target_delimiter: ""',
+                ]
+                if choice_delimiter is not None:
+                    lines.append(f"target_delimiter: {json.dumps(choice_delimiter)}")
+                lines += [
                     "metric_list:",
                     "  - metric: acc",
                     "    aggregation: mean",
@@ -258,6 +219,10 @@ def write_chat_task_yamls(root: Path, entries: Dict[str, Dict], *, stop: str, ma
                 ]
             lines += ["metadata:", "  version: 1.0"]
             (folder / f"{task_name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------
+# Chat zoos (the smol preset): prompts already rendered through the chat template.
 
 
 def lm_eval_budget(max_new_tokens: int) -> int:
