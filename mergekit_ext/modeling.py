@@ -191,21 +191,41 @@ def save_family(root: str | os.PathLike, config, tokenizer=None, *, count: int =
     return paths
 
 
-def random_lora_adapter(base: str | os.PathLike, out: str | os.PathLike, *, seed: int, rank: int = 4, alpha: float = 8.0, target_modules="all-linear", scale: float = 0.05) -> Path:
-    """A seeded, nonzero peft LoRA adapter on every linear (and Conv1D) layer of ``base`` but the
-    output head, saved by peft itself; B is seeded noise (peft starts it at zero)."""
+def random_lora_adapter(
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    target_modules="all-linear",
+    scale: float = 0.05,
+    use_rslora: bool = False,
+    init_seed: Optional[int] = None,
+) -> Path:
+    """A seeded, nonzero peft LoRA adapter for ``base``, saved by peft itself (tests and demos).
+
+    ``target_modules``: peft's "all-linear" (every linear and Conv1D layer but the output
+    head) or module names. peft initialises B to zero; here A comes from peft's own seeded
+    init (``init_seed``, default ``seed``: adapters sharing it share a LoRA frame, as
+    fine-tunes from one initialisation do) and B is seeded Gaussian noise.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, task_type="CAUSAL_LM")
+    torch.manual_seed(seed if init_seed is None else init_seed)
+    modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, use_rslora=use_rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in sorted(peft_model.named_parameters()):
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+            elif "lora_A" in name and init_seed is not None:
+                # a fine-tune moves A away from the shared init a little
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1 * parameter.abs().mean())
     peft_model.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
 

@@ -127,41 +127,11 @@ def run_merge_in_process(config: dict, out: Path) -> None:
     run_merge_atomic(config, out)
 
 
-def random_adapter(
-    base,
-    out,
-    *,
-    seed: int,
-    rank: int = 4,
-    alpha: float = 8.0,
-    target_modules=("q_proj", "v_proj"),
-    use_rslora: bool = False,
-    scale: float = 0.05,
-    init_seed=None,
-) -> Path:
-    """A seeded, nonzero peft LoRA adapter for ``base`` saved by peft itself (tests and demos).
+def random_adapter(base, out, *, seed: int, target_modules=("q_proj", "v_proj"), **options) -> Path:
+    """``modeling.random_lora_adapter`` on the attention's q and v projections unless told otherwise."""
+    from mergekit_ext.modeling import random_lora_adapter
 
-    peft initialises B to zero; here A comes from peft's own seeded init
-    (``init_seed``, default ``seed``: adapters sharing it share a LoRA frame, as
-    fine-tunes from one initialisation do) and B is seeded Gaussian noise.
-    """
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    torch.manual_seed(seed if init_seed is None else init_seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), use_rslora=use_rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in sorted(peft_model.named_parameters()):
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-            elif "lora_A" in name and init_seed is not None:
-                # a fine-tune moves A away from the shared init a little
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1 * parameter.abs().mean())
-    peft_model.save_pretrained(str(out), safe_serialization=True)
-    return Path(out)
+    return random_lora_adapter(base, out, seed=seed, target_modules=target_modules, **options)
 
 
 def low_rank_approximation(matrix, rank: int, **svd_options):
