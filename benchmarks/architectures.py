@@ -18,6 +18,7 @@ reverts an adapter exactly.
 
     python -m benchmarks.architectures              # writes benchmarks/results/architectures.{json,md}
     python -m benchmarks.architectures --readme     # also re-renders README.md's tables
+    python -m benchmarks.architectures --cells tune --readme   # rerun some cells, update the file
     python -m benchmarks.architectures --render-only --readme   # re-render from the committed file
 """
 
@@ -55,7 +56,7 @@ STOCK_METHODS = {
     "opcm": {},
     "rmm": {},
 }
-COMMAND_CELLS = ("merge", "adarank", "continual", "tall", "lora merge", "rmm build/revert", "eval")
+COMMAND_CELLS = ("merge", "adarank", "continual", "tall", "lora merge", "rmm build/revert", "eval", "tune")
 CELLS = tuple(f"mergekit-yaml {name}" for name in STOCK_METHODS) + COMMAND_CELLS
 
 
@@ -204,6 +205,7 @@ class Family:
         runner: Callable[[Path], None] = {
             "merge": self._merge, "adarank": self._adarank, "continual": self._continual, "tall": self._tall,
             "lora merge": self._lora_merge, "rmm build/revert": self._rmm, "eval": self._eval,
+            "tune": self._tune,
         }[name]  # fmt: skip
         work = self.root / name.replace(" ", "-").replace("/", "-")
         work.mkdir(parents=True, exist_ok=True)
@@ -367,22 +369,47 @@ class Family:
             raise CheckFailed(f"no arch_check score in: {output.strip()[-200:]}")
 
 
+    def _tune(self, work: Path) -> None:
+        """One trial (task arithmetic, one λ) on the check task; the chosen merge written from best.yml."""
+        tasks = write_check_task(work / "tasks")
+        space = {
+            "base_model": str(self.base), "dtype": "float32",
+            "models": [{"model": str(path)} for path in self.models],
+            "tune": {
+                "methods": {"task_arithmetic": {"lambda": [0.5]}},
+                "tasks": {"validation": ["arch_check_validation"], "test": ["arch_check"]},
+                "include_path": str(tasks), "trials": 1,
+            },
+        }  # fmt: skip
+        (work / "space.yml").write_text(yaml.safe_dump(space, sort_keys=False))
+        self._invoke("tune", work / "space.yml", work / "study", "--batch-size", "4", "--threads", "1", "--quiet")
+        best = work / "study" / "best.yml"
+        if yaml.safe_load(best.read_text()).get("merge_method") != "task_arithmetic":
+            raise CheckFailed(f"best.yml does not hold the one trial's method: {best.read_text()[:200]}")
+        self._invoke("merge", best, work / "out", "--quiet")
+        self._check(work / "out")
+        base, combined = _state(self.base), self.task_arithmetic()
+        check_equal(work / "out", {name: theta0 + 0.5 * (combined[name] - theta0) for name, theta0 in base.items()}, "θ0 + 0.5 Σ τt", base=self.base)
+
+
 class Refused(Exception):
     """A command's one-line refusal (its text is the line, without ``Error:``)."""
 
 
 def write_check_task(folder: Path) -> Path:
-    """A 4-document local lm-eval multiple-choice task over the char vocabulary."""
+    """4-document local lm-eval multiple-choice tasks over the char vocabulary: ``arch_check``
+    and, with other sums, ``arch_check_validation`` (tune chooses on it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "arch_check.jsonl"
-    documents = [{"query": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "gold": 0} for a, b in ((1, 2), (3, 4), (2, 5), (6, 1))]
-    data.write_text("".join(json.dumps(document) + "\n" for document in documents))
-    task = {
-        "task": "arch_check", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{query}}",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}", "metric_list": [{"metric": "acc"}],
-    }  # fmt: skip
-    (folder / "arch_check.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    for name, pairs in (("arch_check", ((1, 2), (3, 4), (2, 5), (6, 1))), ("arch_check_validation", ((2, 2), (1, 4), (3, 5), (7, 1)))):
+        data = folder / f"{name}.jsonl"
+        documents = [{"query": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "gold": 0} for a, b in pairs]
+        data.write_text("".join(json.dumps(document) + "\n" for document in documents))
+        task = {
+            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{query}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}", "metric_list": [{"metric": "acc"}],
+        }  # fmt: skip
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
     return folder
 
 
@@ -446,11 +473,26 @@ def render_markdown(data: Dict) -> str:
     )
 
 
+def updated(previous: Dict, subset: Dict) -> Dict:
+    """``previous`` results with a subset run's cells replaced (the run is recorded in ``partial_runs``)."""
+    from mergekit_ext.modeling import ARCHITECTURES
+
+    for architecture, row in subset["results"].items():
+        previous["results"].setdefault(architecture, {}).update(row)
+    previous["architectures"] = {name: ARCHITECTURES[name] for name in ARCHITECTURES if name in previous["results"]}
+    previous["cells"] = [cell for cell in CELLS if all(cell in row for row in previous["results"].values())]
+    previous.setdefault("partial_runs", []).append(
+        {"architectures": list(subset["results"]), "cells": subset["cells"], "seconds": subset["seconds"]}
+    )
+    return previous
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
     parser.add_argument("--readme", action="store_true", help="also re-render README.md's tables (benchmarks/render_readme.py)")
     parser.add_argument("--architectures", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument("--cells", default=None, help="comma-separated subset of cells (default: all)")
     parser.add_argument("--render-only", action="store_true", help="re-render OUT.md (and README with --readme) from OUT.json, running nothing")
     arguments = parser.parse_args(argv)
     from mergekit_ext import io
@@ -459,8 +501,11 @@ def main(argv=None) -> None:
         data = io.read_json_object(arguments.out.with_suffix(".json"))
     else:
         torch.set_num_threads(1)
+        cells = tuple(arguments.cells.split(",")) if arguments.cells else CELLS
         with tempfile.TemporaryDirectory(prefix="architectures-") as root:
-            data = run_matrix(Path(root), arguments.architectures.split(",") if arguments.architectures else None)
+            data = run_matrix(Path(root), arguments.architectures.split(",") if arguments.architectures else None, cells)
+        if (arguments.architectures or arguments.cells) and arguments.out.with_suffix(".json").is_file():
+            data = updated(io.read_json_object(arguments.out.with_suffix(".json")), data)
 
     io.write_json(arguments.out.with_suffix(".json"), data)
     io.write_text(arguments.out.with_suffix(".md"), render_markdown(data))
