@@ -548,16 +548,21 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
     def objective(trial) -> float:
         trial.set_user_attr("worker", _worker())  # first: a dead worker's trial is re-queued at once
         # A retried trial starts with its failed original's attributes (Optuna copies them): reset its outcome.
-        for key, empty in (("validation", {}), ("stopped", None), ("interrupted", None), ("pruned_after", None), ("error", None)):
+        for key, empty in (("validation", {}), ("stopped", None), ("interrupted", None), ("pruned_after", None), ("error", None), ("claimed", None)):
             if key in trial.user_attrs:
                 trial.set_user_attr(key, empty)
         method, params = _choose(trial, space)
         trial.set_user_attr("method", method)
         trial.set_user_attr("params", params)
         trial.set_user_attr("setting", setting_label(method, params))
+        if options.storage:
+            # Two workers can draw the same grid point at once. Wait until both have written
+            # their setting, then the one that claimed first, else the lower trial number, runs it.
+            time.sleep(CLAIM_SETTLE_SECONDS)
         twin = _twin(trial.study, trial.number, method, params)
         if twin is not None:
             return _repeat(trial, twin)
+        trial.set_user_attr("claimed", True)
         model_dir = _trial_dir(out_dir, trial.number)
         scores: List[TaskScore] = []
 
@@ -606,6 +611,11 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
     return objective
 
 
+# Longer than one storage round trip between a worker's check of the others' settings and
+# its own claim: a trial that checks later then sees an earlier trial's claim.
+CLAIM_SETTLE_SECONDS = 1.0
+
+
 class _Running(Exception):
     """Another worker is running this setting already (a race between workers); this trial stands down."""
 
@@ -618,7 +628,7 @@ def _twin(study, number: int, method: str, params: Mapping[str, Any]):
         if other.user_attrs.get("repeat_of") is not None or other.user_attrs.get("duplicate_of") is not None:
             continue
         finished = other.state in (TrialState.COMPLETE, TrialState.PRUNED) or (other.state == TrialState.FAIL and other.user_attrs.get("error"))
-        if finished or (other.state == TrialState.RUNNING and other.number < number):
+        if finished or (other.state == TrialState.RUNNING and (other.user_attrs.get("claimed") or other.number < number)):
             return other
     return None
 
