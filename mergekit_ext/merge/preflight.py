@@ -158,19 +158,27 @@ def check_shards(config) -> None:
                     raise ValueError(f"{index_file} names shard {shard} (e.g. for {tensor}), which is not in {path}")
 
 
+def _first_disagreement(config, keys) -> Optional[Tuple[Path, int, Path, int]]:
+    """(path, value, first path, first value) for the first local model whose config value
+    under ``keys`` differs from the first model's; None when they all agree (or say nothing)."""
+    values = [(path, _config_value(path, keys)) for path in _local_models(config)]
+    values = [(path, value) for path, value in values if value is not None]
+    for path, value in values[1:]:
+        if value != values[0][1]:
+            return path, value, values[0][0], values[0][1]
+    return None
+
+
 def check_layer_counts(config) -> None:
     """A ``models:`` merge combines layer i of every model: refuse models of different depth
     (``slices:`` configs choose their layer ranges and are left to mergekit)."""
-    if config.slices:
-        return
-    depths = [(path, _config_value(path, LAYER_KEYS)) for path in _local_models(config)]
-    depths = [(path, depth) for path, depth in depths if depth is not None]
-    for path, depth in depths[1:]:
-        if depth != depths[0][1]:
-            raise ValueError(
-                f"{path} has {depth} layers but {depths[0][0]} has {depths[0][1]}: a models: merge needs the same "
-                "number of layers in every model (choose layer ranges with slices:)"
-            )
+    differing = None if config.slices else _first_disagreement(config, LAYER_KEYS)
+    if differing:
+        path, depth, first, first_depth = differing
+        raise ValueError(
+            f"{path} has {depth} layers but {first} has {first_depth}: a models: merge needs the same "
+            "number of layers in every model (choose layer ranges with slices:)"
+        )
 
 
 def check_vocabularies(config) -> None:
@@ -178,14 +186,13 @@ def check_vocabularies(config) -> None:
     with which mergekit aligns the embedding rows by token; without one, refuse."""
     if config.tokenizer_source is not None or getattr(config, "tokenizer", None) is not None:
         return
-    sizes = [(path, _config_value(path, VOCABULARY_KEYS)) for path in _local_models(config)]
-    sizes = [(path, size) for path, size in sizes if size is not None]
-    for path, size in sizes[1:]:
-        if size != sizes[0][1]:
-            raise ValueError(
-                f"vocabulary size {size} in {path} but {sizes[0][1]} in {sizes[0][0]}: set tokenizer_source: base "
-                "(keep the base's tokens) or union (all tokens) so mergekit aligns the embeddings by token"
-            )
+    differing = _first_disagreement(config, VOCABULARY_KEYS)
+    if differing:
+        path, size, first, first_size = differing
+        raise ValueError(
+            f"vocabulary size {size} in {path} but {first_size} in {first}: set tokenizer_source: base "
+            "(keep the base's tokens) or union (all tokens) so mergekit aligns the embeddings by token"
+        )
 
 
 def dtype_note(config) -> Optional[str]:
