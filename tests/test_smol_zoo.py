@@ -247,6 +247,42 @@ def test_tiny_smol_zoo_layout_and_rebuild_does_nothing(tiny_smol_zoo, tiny_gguf)
 
 
 @pytest.mark.slow
+def test_an_interrupted_build_resumes_after_its_last_saved_model(tiny_smol_zoo, tiny_gguf, tmp_path, monkeypatch):
+    """A build stopped during the second LoRA keeps the base, the experts and the first adapter;
+    the rebuild trains only what is missing and ends with the uninterrupted build's manifest metrics."""
+    from mergekit_ext.zoo import train as train_module
+    from mergekit_ext.zoo.smol import PROGRESS_NAME, build_smol_zoo
+
+    reference, settings = tiny_smol_zoo
+    real_train = train_module.train
+    calls = []
+
+    def train_then_stop(model, tokenizer, tasks, **kwargs):
+        calls.append(kwargs["description"])
+        if len(calls) == 2 * len(settings.tasks):  # the last LoRA of the build
+            raise KeyboardInterrupt
+        return real_train(model, tokenizer, tasks, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", train_then_stop)
+    root = tmp_path / "zoo"
+    with pytest.raises(KeyboardInterrupt):
+        build_smol_zoo(root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False)
+    assert not (root / "manifest.json").exists() and (root / PROGRESS_NAME).is_file()
+    saved = {path: path.stat().st_mtime_ns for path in (root / "base" / "model.safetensors", *sorted(root.glob("experts/*/model.safetensors")))}
+    assert len(saved) == 1 + len(settings.tasks)
+
+    calls.clear()
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: calls.append(kwargs["description"]) or real_train(*args, **kwargs))
+    zoo = build_smol_zoo(root, seed=3, settings=settings, gguf_file=tiny_gguf[0], progress=False)
+    assert len(calls) == 1 and calls[0].startswith("LoRA ")
+    assert {path: path.stat().st_mtime_ns for path in saved} == saved
+    assert not (root / PROGRESS_NAME).exists() and not (root / ".zoo-building").exists()
+    for part in ("base", "experts", "adapters"):
+        assert zoo.manifest["metrics"][part] == reference.manifest["metrics"][part]
+    assert zoo.manifest["build_seconds"] > 0 and set(zoo.manifest["metrics"]["build"]["phase_seconds"]) == {"convert", "score_base", "finetune", "lora"}
+
+
+@pytest.mark.slow
 def test_chat_prompts_are_what_lm_eval_renders_with_its_chat_template(tiny_smol_zoo):
     """Each stored prompt equals lm-eval's own rendering of the plain question (system instruction,
     example turns as a multi-turn chat, ``--apply_chat_template``)."""

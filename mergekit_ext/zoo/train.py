@@ -167,16 +167,14 @@ def greedy_generate(
     for index, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(index)
     model.eval()
-    # transformers renamed forward's ``past_key_values`` to ``cache`` (the old name warns).
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_argument = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    cache_name = cache_argument(model)
     for length in sorted(groups):
         members = groups[length]
         for first in range(0, len(members), batch_size):
             chunk = members[first : first + batch_size]
             ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
             cache = DynamicCache()
-            out = model(input_ids=ids, use_cache=True, **{cache_argument: cache})
+            out = model(input_ids=ids, use_cache=True, **{cache_name: cache})
             generated = []
             done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
@@ -185,7 +183,7 @@ def greedy_generate(
                 done |= token == stop_id
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
-                out = model(input_ids=token[:, None], use_cache=True, **{cache_argument: cache})
+                out = model(input_ids=token[:, None], use_cache=True, **{cache_name: cache})
             tokens = torch.stack(generated, dim=1).tolist()
             for row, index in enumerate(chunk):
                 sequence = tokens[row]
@@ -193,6 +191,12 @@ def greedy_generate(
                     sequence = sequence[: sequence.index(stop_id)]
                 outputs[index] = tokenizer.decode(sequence) if decode else "".join(tokenizer.convert_ids_to_tokens(sequence))
     return outputs
+
+
+def cache_argument(model) -> str:
+    """The name of forward's KV-cache argument: transformers renamed ``past_key_values`` to ``cache`` (the old name warns)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def exact_match(model, tokenizer, documents: Sequence[Dict], *, device="cpu", batch_size: int = 512) -> float:
