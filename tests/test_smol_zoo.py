@@ -395,3 +395,61 @@ def test_moved_smol_zoo_rewrites_chat_yamls_and_draws_fresh_unlabeled_prompts(ti
     assert len({d["question"] for d in fresh}) == 5 and not held & {d["question"] for d in fresh}
     assert all(d["prompt"].startswith(moved.documents("upper", "test")[0]["prompt"].split(shots[-1][1])[0]) for d in fresh)
     assert fresh == moved.unlabeled_documents("upper", 5)
+
+
+# --------------------------------------------------------------------------
+# benchmarks/smol_quality.py: its statistics, and one run on the tiny zoo.
+
+
+def test_smol_quality_statistics_by_hand():
+    from benchmarks import smol_quality as bench
+
+    assert bench.stderr_of([1, 0, 1, 1]) == pytest.approx(0.25)  # sample std 0.5 over sqrt(4)
+    paired = bench.paired_difference({"a": [1, 1, 0, 1], "b": [1, 1]}, {"a": [0, 1, 0, 0], "b": [0, 1]}, ["a", "b"])
+    # a: differences 1,0,0,1 -> mean 0.5, se sqrt(1/3)/2; b: 1,0 -> 0.5, se 0.5
+    assert paired["delta"] == pytest.approx(0.5)
+    assert paired["stderr"] == pytest.approx(((1 / 12) + 0.25) ** 0.5 / 2)
+
+    def seed(seed_number, ta, method, z):
+        models = {
+            "base": {"mean_accuracy": 0.2, "accuracy": {"t": 0.2}, "retention": {"r": 0.9}},
+            "task_arithmetic": {"mean_accuracy": ta, "accuracy": {"t": ta}, "retention": {"r": 0.9}, "vs_task_arithmetic": {"delta": 0.0, "z": 0.0}, "vs_base_retention": {"r": {"z": 0.0}}},
+            "tsv_m": {"mean_accuracy": method, "accuracy": {"t": method}, "retention": {"r": 0.8}, "vs_task_arithmetic": {"delta": method - ta, "z": z}, "vs_base_retention": {"r": {"z": -3.0}}},
+        }
+        return {"machine": {}, "seed": seed_number, "zoo": f"z{seed_number}", "parameters": 1, "tasks": ["t"], "retention_tasks": ["r"],
+                "test_items_per_task": 80, "metric": "m", "settings": {}, "selection": {"task_arithmetic": {"chosen": {"lambda": 0.4}}},
+                "test_report": {"models": models}}
+
+    agg = bench.aggregate([seed(0, 0.5, 0.6, 2.5), seed(1, 0.4, 0.45, 1.0), seed(2, 0.6, 0.75, 3.0)])
+    entry = agg["methods"]["tsv_m"]
+    assert entry["delta_vs_ta"] == pytest.approx([0.1, 0.05, 0.15])
+    assert entry["delta_vs_ta_mean_std"]["mean"] == pytest.approx(0.1) and entry["delta_vs_ta_mean_std"]["std"] == pytest.approx(0.05)  # sample std
+    assert entry["delta_vs_ta_t"] == pytest.approx(0.1 / (0.05 / 3 ** 0.5))  # 3.46 < 4.303: not beyond noise on 3 seeds
+    assert entry["beyond_noise"] is False and entry["below_base_retention_2se"] == {"r": 3}
+    assert agg["methods"]["task_arithmetic"]["lambda"] == [0.4, 0.4, 0.4]
+    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | 0.100 ± 0.050 | no (t 3.5) |" in bench.render_aggregate_markdown(agg)
+
+
+@pytest.mark.slow
+def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
+    """The benchmark's scores are the zoo scorer's, the reference λ comes from its validation grid."""
+    from benchmarks import smol_quality as bench
+    from mergekit_ext.zoo.smol import score_documents, smol_documents
+
+    zoo, settings = tiny_smol_zoo
+    bench.main(["--zoo", str(zoo.root), "--methods", "ties", "tsv_m", "--name", "tiny", "--out-dir", str(tmp_path), "-q"])
+    result = json.loads((tmp_path / "tiny.json").read_text())
+    models = result["test_report"]["models"]
+    assert set(models) == {"base", "expert", "task_arithmetic", "ties", "tsv_m"} and not result["failures"]
+    chosen = result["selection"]["task_arithmetic"]
+    assert chosen["chosen"]["lambda"] in bench.TA_LAMBDAS and len(chosen["validation_mean_accuracy"]) == len(bench.TA_LAMBDAS)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+    base = AutoModelForCausalLM.from_pretrained(str(zoo.base), dtype=torch.float32).eval()
+    stop = zoo.manifest["chat"]["end_of_turn"]
+    for task in zoo.tasks:
+        assert models["base"]["accuracy"][task] == score_documents(base, tokenizer, smol_documents(zoo, task, "test"), "generation", stop=stop, max_new_tokens=settings.max_new_tokens)
+    assert models["base"]["retention"]["facts"] == zoo.manifest["metrics"]["base"]["facts"]["test"]
+    assert models["tsv_m"]["vs_task_arithmetic"]["delta"] == pytest.approx(models["tsv_m"]["mean_accuracy"] - models["task_arithmetic"]["mean_accuracy"])
+    assert "| task_arithmetic |" in (tmp_path / "tiny.md").read_text()

@@ -98,9 +98,15 @@ def train(model, tokenizer, tasks, *, steps, lr, batch_size, seed, held_out, dev
     return loss_value
 
 
-@torch.no_grad()
 def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, batch_size: int = 256, device="cpu", delimiter: str = " ") -> float:
-    """lm-eval's ``acc`` for the zoo's multiple-choice documents, computed in process.
+    """lm-eval's ``acc`` for the zoo's multiple-choice documents, computed in process."""
+    correct = multiple_choice_correct(model, tokenizer, documents, batch_size=batch_size, device=device, delimiter=delimiter)
+    return sum(correct) / max(1, len(documents))
+
+
+@torch.no_grad()
+def multiple_choice_correct(model, tokenizer, documents: Sequence[Dict], *, batch_size: int = 256, device="cpu", delimiter: str = " ") -> List[int]:
+    """1 or 0 per document: lm-eval's ``acc`` item by item.
 
     Same requests as lm-eval: context = query, continuation = ``delimiter`` + choice
     (the task's ``target_delimiter``), score = sum of the continuation's token
@@ -125,14 +131,14 @@ def multiple_choice_accuracy(model, tokenizer, documents: Sequence[Dict], *, bat
             targets = ids[row, start : len(sequence)]
             picked = log_probs[row, start - 1 : len(sequence) - 1].gather(-1, targets[:, None])
             scores[first + row] = picked.sum().double()
-    correct = 0
+    correct: List[int] = []
     offset = 0
     for document in documents:
         count = len(document["choices"])
         prediction = int(torch.argmax(scores[offset : offset + count]))
-        correct += int(prediction == document["label"])
+        correct.append(int(prediction == document["label"]))
         offset += count
-    return correct / max(1, len(documents))
+    return correct
 
 
 @torch.no_grad()

@@ -1,0 +1,384 @@
+"""Quality on a real pretrained LLM: every merge method on a `smol` zoo (SmolLM2-135M-Instruct experts).
+
+What a user of mergekit gets without tuning, against the one baseline that the
+study of real LLM merges (arXiv 2511.21437) finds reliable:
+
+* ``base`` and each ``expert`` on its own task (the zoo's build scores);
+* ``task_arithmetic`` with its λ chosen on the VALIDATION split (mean exact
+  match over the instruction tasks) from ``TA_LAMBDAS``: the reference;
+* every other method of this package and of mergekit at its shipped setting
+  (``DEFAULT_SETTINGS``: our methods' documented defaults, mergekit's methods as
+  the recipes in ``recipes/`` set them); no validation is spent on them, so the
+  comparison with the tuned reference is conservative for them.
+
+Every merge runs through mergekit's own engine (``merge_state_dicts``) and is
+scored on the TEST split by the smol zoo's in-process scorer (greedy chat
+replies, exact match; tests/test_smol_zoo.py checks it against lm-eval reply
+by reply), plus the retention task (what the base knew). Per item results are
+kept, so each method's difference to task arithmetic has a paired standard
+error within the seed.
+
+    mergekit-ext zoo /work/cache/zoo-smol-s0 --preset smol --seed 0
+    python benchmarks/smol_quality.py --zoo /work/cache/zoo-smol-s0 --name smol-quality-s0 --threads 1
+    python benchmarks/smol_quality.py --aggregate results/smol-quality-s0.json results/smol-quality-s1.json ... --name smol-quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import runner  # noqa: E402
+
+REFERENCE = "task_arithmetic"
+TA_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+# What a user gets with no parameters of their own: our methods' defaults (parameters
+# left out), mergekit's methods as this project's recipes write them.
+TIES_RECIPE = {"weight": 1.0, "density": 0.5, "lambda": 0.8}
+DEFAULT_SETTINGS: Dict[str, Dict[str, Any]] = {
+    "linear": {"weight": 1.0, "normalize": True},
+    "model_stock": {},
+    "ties": TIES_RECIPE,
+    "dare_ties": TIES_RECIPE,
+    "breadcrumbs_ties": dict(TIES_RECIPE, gamma=0.01),
+    "della": dict(TIES_RECIPE, epsilon=0.1),
+    "consensus_ta": {},
+    "consensus_ties": {},
+    "cart": {},
+    "tsv_m": {},
+    "iso_c": {},
+    "iso_cts": {},
+    "opcm": {},
+    "rmm": {},
+}
+
+
+class SmolScorer:
+    """Per item correctness of a state dict on a split of every task (one model object, weights swapped)."""
+
+    def __init__(self, zoo, device: str = "cpu"):
+        from transformers import AutoTokenizer
+
+        from mergekit_ext.zoo import load_causal_lm
+        from mergekit_ext.zoo.smol import end_of_turn, smol_documents
+
+        self.zoo, self.device = zoo, device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
+        self.stop = end_of_turn(self.tokenizer)
+        self.max_new_tokens = zoo.manifest["chat"]["max_new_tokens"]
+        self.retention = list(zoo.manifest.get("retention", {}))
+        self.documents = {(name, split): smol_documents(zoo, name, split) for name in zoo.tasks + self.retention for split in ("validation", "test")}
+        self.model = load_causal_lm(zoo.base, device)
+
+    def __call__(self, state: Dict[str, torch.Tensor], split: str, names: Sequence[str]) -> Dict[str, List[int]]:
+        from mergekit_ext.zoo.smol import chat_generate
+        from mergekit_ext.zoo.train import multiple_choice_correct
+
+        self.model.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, strict=False)
+        items: Dict[str, List[int]] = {}
+        with torch.no_grad():
+            for name in names:
+                documents = self.documents[(name, split)]
+                if name in self.retention:
+                    items[name] = multiple_choice_correct(self.model, self.tokenizer, documents, batch_size=32, device=self.device, delimiter="")
+                else:
+                    replies = chat_generate(self.model, self.tokenizer, [d["prompt"] for d in documents], stop=self.stop, max_new_tokens=self.max_new_tokens, device=self.device)
+                    items[name] = [int(reply == d["answer"]) for reply, d in zip(replies, documents)]
+        return items
+
+
+def stderr_of(items: Sequence[float]) -> float:
+    """lm-eval's standard error of a mean metric: sample std / sqrt(n)."""
+    n = len(items)
+    if n < 2:
+        return float("nan")
+    mean = sum(items) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in items) / (n - 1) / n)
+
+
+def summarize(items: Dict[str, List[int]], tasks: Sequence[str], retention: Sequence[str], expert_scores: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Per task accuracy and stderr, the mean over the instruction tasks (its stderr), retention, normalized."""
+    accuracy = {name: sum(values) / len(values) for name, values in items.items()}
+    stderr = {name: stderr_of(values) for name, values in items.items()}
+    entry: Dict[str, Any] = {
+        "accuracy": {task: accuracy[task] for task in tasks},
+        "stderr": {task: stderr[task] for task in tasks},
+        "mean_accuracy": sum(accuracy[task] for task in tasks) / len(tasks),
+        "mean_stderr": math.sqrt(sum(stderr[task] ** 2 for task in tasks)) / len(tasks),
+        "retention": {name: accuracy[name] for name in retention if name in accuracy},
+        "retention_stderr": {name: stderr[name] for name in retention if name in stderr},
+    }
+    if expert_scores:
+        normalized = {task: accuracy[task] / expert_scores[task] for task in tasks if expert_scores[task] > 0}
+        entry["normalized_accuracy"] = normalized
+        entry["mean_normalized_accuracy"] = sum(normalized.values()) / len(normalized) if normalized else None
+    return entry
+
+
+def paired_difference(items: Dict[str, List[int]], reference: Dict[str, List[int]], tasks: Sequence[str]) -> Dict[str, float]:
+    """Mean over tasks of (method − reference) on the same items, with its paired standard error."""
+    means, variances = [], []
+    for task in tasks:
+        differences = [a - b for a, b in zip(items[task], reference[task])]
+        means.append(sum(differences) / len(differences))
+        variances.append(stderr_of(differences) ** 2)
+    delta = sum(means) / len(tasks)
+    se = math.sqrt(sum(variances)) / len(tasks)
+    return {"delta": delta, "stderr": se, "z": delta / se if se > 0 else (math.inf if delta else 0.0)}
+
+
+def run(args) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    from mergekit_ext.modeling import load_state_dict
+    from mergekit_ext.zoo import load_zoo, merge_in_memory
+
+    started = time.perf_counter()
+    zoo = load_zoo(args.zoo)
+    if "chat" not in zoo.manifest:
+        raise SystemExit(f"{zoo.root} is not a smol zoo (build one with `mergekit-ext zoo DIR --preset smol`)")
+    tasks = zoo.tasks
+    scorer = SmolScorer(zoo, args.device)
+    retention = scorer.retention
+    every = tasks + retention
+    metrics = zoo.manifest["metrics"]
+    expert_scores = {task: metrics["experts"][task][task]["test"] for task in tasks}
+
+    base_state = load_state_dict(zoo.base)
+    experts = {task: load_state_dict(zoo.expert(task)) for task in tasks}
+    models: Dict[str, Any] = {}
+    items_by_label: Dict[str, Dict[str, List[int]]] = {}
+    seconds: Dict[str, Dict[str, float]] = {}
+
+    def merge(method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # DARE and DELLA drop at random: the same draw on every run
+        with torch.no_grad():
+            return merge_in_memory(base_state, experts, method, dict(setting), use_base=runner.needs_base(method) or method == "cart")
+
+    items_by_label["base"] = scorer(base_state, "test", every)
+    models["base"] = summarize(items_by_label["base"], tasks, retention)
+    models["expert"] = {
+        "accuracy": dict(expert_scores),
+        "mean_accuracy": sum(expert_scores.values()) / len(tasks),
+        "retention": {name: min(metrics["experts"][task][name]["test"] for task in tasks) for name in retention},
+        "note": "each expert on its own task (the zoo build's score); retention: the lowest over the experts",
+    }
+
+    # The reference: task arithmetic at its validation-best λ.
+    selection: Dict[str, Any] = {}
+    validation = []
+    for value in tqdm(TA_LAMBDAS, desc="task arithmetic λ on validation", unit="λ", disable=args.quiet):
+        state = merge(REFERENCE, {"weight": 1.0, "lambda": value})
+        scores = scorer(state, "validation", tasks)
+        validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
+    best = max(range(len(TA_LAMBDAS)), key=lambda i: (validation[i], -i))  # ties: the smaller λ
+    selection[REFERENCE] = {
+        "grid": [{"weight": 1.0, "lambda": value} for value in TA_LAMBDAS],
+        "validation_mean_accuracy": validation,
+        "chosen": {"weight": 1.0, "lambda": TA_LAMBDAS[best]},
+        "chosen_validation_mean_accuracy": validation[best],
+    }
+    settings = {REFERENCE: selection[REFERENCE]["chosen"], **{m: s for m, s in DEFAULT_SETTINGS.items() if not args.methods or m in args.methods}}
+    failures: Dict[str, str] = {}
+    for method, setting in tqdm(settings.items(), desc="merge + score test", unit="method", disable=args.quiet):
+        begun = time.perf_counter()
+        try:
+            state = merge(method, setting)
+        except Exception as error:  # a failing method is reported, not fatal for the others
+            failures[method] = f"{type(error).__name__}: {error}"
+            tqdm.write(f"merge {method} failed: {failures[method]}")
+            continue
+        merged_at = time.perf_counter()
+        if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+            failures[method] = "non-finite merged weights"
+            continue
+        items_by_label[method] = scorer(state, "test", every)
+        models[method] = summarize(items_by_label[method], tasks, retention, expert_scores)
+        models[method]["setting"] = setting
+        seconds[method] = {"merge": round(merged_at - begun, 1), "score": round(time.perf_counter() - merged_at, 1)}
+        del state
+    for label in models:
+        if label in items_by_label and label != "base":
+            models[label]["vs_task_arithmetic"] = paired_difference(items_by_label[label], items_by_label[REFERENCE], tasks)
+            models[label]["vs_base_retention"] = {
+                name: paired_difference(items_by_label[label], items_by_label["base"], [name]) for name in retention
+            }
+    return {
+        **runner.zoo_context(zoo),
+        "seed": zoo.manifest["seed"],
+        "parameters": zoo.manifest["parameters"],
+        "tasks": tasks,
+        "retention_tasks": retention,
+        "test_items_per_task": len(scorer.documents[(tasks[0], "test")]),
+        "metric": "exact match of the greedy chat reply (instruction tasks); 4-way log-likelihood choice (retention)",
+        "reference": REFERENCE,
+        "selection": selection,
+        "settings": settings,
+        "failures": failures,
+        "seconds": {"per_method": seconds, "total": round(time.perf_counter() - started, 1)},
+        "test_report": {"split": "test", "tasks": tasks, "models": models},
+        "items": items_by_label,
+    }
+
+
+# --------------------------------------------------------------------------
+# Reports.
+
+
+def _row(label: str, model: Dict[str, Any], tasks: Sequence[str], retention: Sequence[str]) -> List[str]:
+    cells = [label, f"{model['mean_accuracy']:.3f}" + (f" ± {model['mean_stderr']:.3f}" if "mean_stderr" in model else "")]
+    cells += [f"{model['accuracy'][task]:.3f}" for task in tasks]
+    cells += [f"{model['retention'][name]:.3f}" for name in retention]
+    versus = model.get("vs_task_arithmetic")
+    cells.append(f"{versus['delta']:+.3f} ± {versus['stderr']:.3f}" if versus and label != REFERENCE else "")
+    return cells
+
+
+def render_markdown(result: Dict[str, Any]) -> str:
+    tasks, retention = result["tasks"], result["retention_tasks"]
+    models = result["test_report"]["models"]
+    chosen = result["selection"][REFERENCE]
+    order = ["base", "expert", REFERENCE] + sorted((m for m in models if m not in ("base", "expert", REFERENCE)), key=lambda m: -models[m]["mean_accuracy"])
+    header = ["model", "mean ± stderr"] + tasks + [f"{name} (retention)" for name in retention] + ["− task arithmetic (paired)"]
+    rows = [_row(label, models[label], tasks, retention) for label in order]
+    lines = [
+        f"# Merging SmolLM2-135M-Instruct experts: smol zoo, seed {result['seed']}",
+        "",
+        f"Test split, {result['test_items_per_task']} items per task; {result['metric']}. "
+        f"task arithmetic's λ chosen on validation: {chosen['chosen']['lambda']} "
+        f"(validation means {', '.join(f'{v:.3f}' for v in chosen['validation_mean_accuracy'])} for λ {', '.join(str(g['lambda']) for g in chosen['grid'])}). "
+        "Every other method at its shipped setting. `expert`: each expert on its own task; its retention is the lowest over the experts.",
+        "",
+        runner.markdown_table(header, rows),
+        "",
+    ]
+    if result["failures"]:
+        lines += ["Failures: " + "; ".join(f"{m}: {e}" for m, e in result["failures"].items()), ""]
+    lines.append(f"Benchmark time {result['seconds']['total']:.0f} s on this machine.")
+    return "\n".join(lines) + "\n"
+
+
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per method over seeds: mean ± sample std of the test mean and of retention, and the paired difference
+    to task arithmetic (per seed, its within-seed z; across seeds, the paired t and whether it is beyond noise)."""
+    import statistics
+
+    def mean_std(values: Sequence[float]) -> Dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    tasks, retention = results[0]["tasks"], results[0]["retention_tasks"]
+    labels = [label for label in results[0]["test_report"]["models"] if all(label in r["test_report"]["models"] for r in results)]
+    methods: Dict[str, Any] = {}
+    for label in labels:
+        per_seed = [r["test_report"]["models"][label] for r in results]
+        entry: Dict[str, Any] = {
+            "test": [m["mean_accuracy"] for m in per_seed],
+            "test_mean_std": mean_std([m["mean_accuracy"] for m in per_seed]),
+            "per_task": {task: mean_std([m["accuracy"][task] for m in per_seed]) for task in tasks},
+            "retention": {name: mean_std([m["retention"][name] for m in per_seed]) for name in retention},
+        }
+        if "vs_task_arithmetic" in per_seed[0] and label != REFERENCE:
+            deltas = [m["vs_task_arithmetic"]["delta"] for m in per_seed]
+            stats = mean_std(deltas)
+            n = stats["n"]
+            t = stats["mean"] / (stats["std"] / math.sqrt(n)) if n > 1 and stats["std"] > 0 else (math.inf if stats["mean"] else 0.0)
+            entry["delta_vs_ta"] = deltas
+            entry["delta_vs_ta_mean_std"] = stats
+            entry["delta_vs_ta_within_seed_z"] = [m["vs_task_arithmetic"]["z"] for m in per_seed]
+            entry["delta_vs_ta_t"] = t
+            entry["beyond_noise"] = bool(n > 1 and abs(t) > T_CRITICAL.get(n - 1, 2.0))
+            entry["below_base_retention_2se"] = {
+                name: sum(1 for m in per_seed if m["vs_base_retention"][name]["z"] < -2) for name in retention
+            }
+        if label == REFERENCE:
+            entry["lambda"] = [r["selection"][REFERENCE]["chosen"]["lambda"] for r in results]
+        methods[label] = entry
+    return {
+        "machine": results[0]["machine"],
+        "seeds": [r["seed"] for r in results],
+        "zoos": [r["zoo"] for r in results],
+        "parameters": results[0]["parameters"],
+        "tasks": tasks,
+        "retention_tasks": retention,
+        "test_items_per_task": results[0]["test_items_per_task"],
+        "metric": results[0]["metric"],
+        "settings": results[0]["settings"],
+        "methods": methods,
+        "note": "std: sample standard deviation over seeds (independent zoos); delta_vs_ta: per seed, the method's test mean minus "
+        "task arithmetic's on the same items; beyond_noise: |paired t| over seeds above Student's two-sided 95 % critical value",
+    }
+
+
+def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
+    methods, retention = agg["methods"], agg["retention_tasks"]
+    seeds = len(agg["seeds"])
+    references = [label for label in ("base", "expert", REFERENCE) if label in methods]
+    order = references + sorted((m for m in methods if m not in references), key=lambda m: -methods[m]["test_mean_std"]["mean"])
+
+    def pm(stats: Dict[str, float]) -> str:
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+    header = ["model", "test mean"] + [f"{name} (retention)" for name in retention] + ["− task arithmetic", "beyond noise?"]
+    rows = []
+    for label in order:
+        entry = methods[label]
+        verdict = ""
+        if "delta_vs_ta_mean_std" in entry:
+            d = entry["delta_vs_ta_mean_std"]
+            verdict = (f"**yes, {'better' if d['mean'] > 0 else 'worse'}**" if entry["beyond_noise"] else "no") + f" (t {entry['delta_vs_ta_t']:.1f})"
+        delta = pm(entry["delta_vs_ta_mean_std"]) if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == REFERENCE else "")
+        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, verdict])
+    lambdas = methods[REFERENCE]["lambda"]
+    lines = [
+        f"# Merging SmolLM2-135M-Instruct experts: {seeds} seeds",
+        "",
+        f"Test split of {seeds} smol zoos (seeds {', '.join(map(str, agg['seeds']))}), {agg['test_items_per_task']} items per task and seed; "
+        f"mean ± sample std over seeds. task arithmetic's λ chosen on validation per seed ({', '.join(map(str, lambdas))}); "
+        "every other method at its shipped setting. − task arithmetic: the paired per-seed difference; beyond noise: paired t over seeds "
+        "above the 95 % critical value.",
+        "",
+        runner.markdown_table(header, rows),
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", help="a smol zoo (`mergekit-ext zoo DIR --preset smol --seed N`)")
+    parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
+    parser.add_argument("--methods", nargs="+", help="only these methods (besides the references)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 lets a second job share a 2-core machine)")
+    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
+    parser.add_argument("--name", required=True, help="basename of the result files")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.aggregate:
+        agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
+        runner.save_results(args.out_dir, args.name, agg, render_aggregate_markdown(agg), echo=not args.quiet)
+        return
+    if not args.zoo:
+        parser.error("give --zoo DIR (or --aggregate FILES)")
+    runner.apply_threads(args)
+    runner.ensure_registered()
+    result = run(args)
+    runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
+
+
+if __name__ == "__main__":
+    main()
