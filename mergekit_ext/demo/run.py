@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mergekit_ext.evaluate.protocol import grids as protocol_grids
+
 DemoMerge = Tuple[str, str, Dict[str, object]]
 RECIPE_ZOO_ROOT = "./demo-zoo"  # what `mergekit-ext demo` builds: the recipes merge it
 DEMO_PRESET = "demo-hard"
@@ -55,19 +57,9 @@ DEMO_MERGES: List[DemoMerge] = [
     ("adarank", "adarank", {"variant": "cart", "prior": 1.5, "init_rank_ratio": 0.05, "objective": "distill", "steps": 100, "batch_size": 8}),
 ]
 
-# Per-method grids for `demo --tune`; parameters not listed keep DEMO_MERGES' value.
-DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
-    "task_arithmetic": {"lambda": (0.3, 0.4, 0.5, 0.6, 0.8)},
-    "ties": {"density": (0.5, 0.8), "lambda": (0.45, 0.6, 0.8)},
-    "consensus_ta": {"k": (1, 2), "lambda": (0.4, 0.6, 0.8)},
-    "consensus_ties": {"k": (1, 2), "lambda": (0.5, 0.7, 0.9)},
-    "opcm": {"alpha": (0.2, 0.4, 0.6)},
-    "rmm": {"k": (4, 6), "weight": (0.45, 0.6, 0.8)},
-    "cart": {"rank_ratio": (0.05, 0.1), "lambda": (1.0, 1.5, 2.0)},
-    "tsv_m": {"lambda": (1.5, 2.0, 2.5)},
-    "iso_c": {"lambda": (2.0, 2.5, 3.0)},
-    "iso_cts": {"lambda": (2.5, 3.0, 3.5)},
-}
+# Per-method grids for `demo --tune` (the protocol's one table, ``demo`` entries);
+# parameters not listed keep DEMO_MERGES' value.
+DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = protocol_grids.DEMO_GRIDS[protocol_grids.GENERATION]
 
 # The multiple-choice `demo` zoo (4 tasks): `demo --preset demo` (and recipes/consensus_ta_lora.yml).
 MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
@@ -89,16 +81,7 @@ MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
     ("adarank", "adarank", {"variant": "cart", "prior": 1.3, "init_rank_ratio": 0.15, "objective": "distill", "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
 ]
 
-MULTIPLE_CHOICE_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
-    "task_arithmetic": {"lambda": (0.2, 0.4, 0.6, 0.8, 1.0)},
-    "ties": {"density": (0.2, 0.5), "lambda": (0.4, 0.6, 0.8, 1.0)},
-    "consensus_ta": {"k": (1, 2), "lambda": (0.4, 0.6, 0.8, 1.0)},
-    "consensus_ties": {"k": (1, 2), "density": (0.2, 0.5), "lambda": (0.6, 0.8, 1.0)},
-    "rmm": {"k": (1, 2, 3), "weight": (0.4, 0.6, 0.8, 1.0)},
-    "tsv_m": {"lambda": (0.5, 0.75, 1.0, 1.5)},
-    "iso_c": {"lambda": (0.75, 1.0, 1.5, 2.0)},
-    "iso_cts": {"lambda": (0.75, 1.0, 1.5, 2.0)},
-}
+MULTIPLE_CHOICE_GRIDS: Dict[str, Dict[str, Sequence[object]]] = protocol_grids.DEMO_GRIDS[protocol_grids.MULTIPLE_CHOICE]
 
 
 def merges_for(kind: str) -> List[DemoMerge]:
