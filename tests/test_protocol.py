@@ -123,3 +123,19 @@ def test_one_grid_table_serves_every_user():
     assert grids.quality_grid("new_method", "generation", ["lambda"]) == [{"lambda": v} for v in grids.WIDE_LAMBDAS]
     assert grids.quality_grid("new_method", "multiple_choice", ["alpha"]) == [{}]
     assert grids.axes_settings({"k": (1, 2), "lambda": (0.5,)}, {"weight": 1.0}) == [{"weight": 1.0, "k": 1, "lambda": 0.5}, {"weight": 1.0, "k": 2, "lambda": 0.5}]
+
+
+def test_adarank_tables_state_the_sample_std_of_the_quality_table():
+    """The same three task-arithmetic scores print the same ± in the AdaRank and quality tables,
+    and every committed AdaRank table is what its JSON renders to today."""
+    from benchmarks import adarank_bench
+
+    quality = json.loads((RESULTS / "quality-hard.json").read_text())["methods"]["task_arithmetic"]["test_mean_std"]
+    expected = f"{quality['mean']:.3f} ± {quality['std']:.3f}"
+    assert expected == "0.622 ± 0.034"
+    for name in ("adarank", "adarank-defaults", "adarank-schedule", "adarank-unlabeled"):
+        text = adarank_bench.summarise(json.loads((RESULTS / f"{name}.json").read_text()))
+        assert (RESULTS / f"{name}.md").read_text() == text + "\n", f"{name}.md: run python benchmarks/adarank_bench.py --render benchmarks/results/{name}.json"
+        if name != "adarank-unlabeled":  # the unlabeled runs used other zoos
+            row = next(line for line in text.splitlines() if line.startswith("| ta | (base method"))
+            assert f"| {expected} |" in row, row
