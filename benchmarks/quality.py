@@ -39,7 +39,9 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks import runner  # noqa: E402
 
 from mergekit_ext.evaluate.protocol import grids as _grids  # noqa: E402
+from mergekit_ext.evaluate.protocol import scorer as _scorer  # noqa: E402
 from mergekit_ext.evaluate.protocol import stats  # noqa: E402
+from mergekit_ext.evaluate.protocol.selection import select  # noqa: E402
 
 # The grids live in the protocol's one table (mergekit_ext/evaluate/protocol/grids.py).
 GRID_SIZE, HARD_GRID_SIZE = _grids.GRID_SIZE, _grids.HARD_GRID_SIZE
@@ -94,33 +96,9 @@ def quality_specs(methods: Optional[Sequence[str]], kind: str = "multiple_choice
     return specs
 
 
-class Scorer:
-    """The zoo's in-process scorer on one split: lm-eval's metric exactly (``acc`` or greedy ``exact_match``).
-
-    One model object is kept and its weights swapped, so a grid point costs one
-    ``load_state_dict`` plus the scoring itself.
-    """
-
-    def __init__(self, zoo, split: str, device: str):
-        from transformers import AutoTokenizer
-
-        from mergekit_ext.zoo import load_causal_lm
-
-        self.zoo, self.split, self.device = zoo, split, device
-        self.tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
-        self.documents = {task: zoo.documents(task, split) for task in zoo.tasks}
-        self.model = load_causal_lm(zoo.base, device)
-
-    def __call__(self, state: Optional[Dict[str, torch.Tensor]] = None, path: Optional[Path] = None) -> Dict[str, Any]:
-        from mergekit_ext.modeling import load_state_dict
-        from mergekit_ext.zoo import score
-
-        if state is None:
-            state = load_state_dict(path)
-        self.model.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, strict=True)
-        with torch.no_grad():
-            values = {task: score(self.model, self.tokenizer, self.documents[task], kind=self.zoo.kind(task), device=self.device) for task in self.zoo.tasks}
-        return {"accuracy": values, "mean_accuracy": sum(values.values()) / len(values)}
+# The protocol's in-process scorer (= lm-eval's acc / greedy exact_match).
+Scorer = _scorer.Scorer
+SCORER_NAMES = _scorer.SCORER_NAMES
 
 
 def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: str) -> Dict[str, Any]:
@@ -130,12 +108,6 @@ def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: 
     for label, path in tqdm(merged_paths.items(), desc=f"score {split}", unit="model"):
         models[label] = {"model": str(path), **scorer(path=path)}
     return {"split": split, "scorer": SCORER_NAMES[zoo.task_kind], "tasks": list(zoo.tasks), "models": models}
-
-
-SCORER_NAMES = {
-    "multiple_choice": "in-process (zoo.multiple_choice_accuracy, = lm-eval acc)",
-    "generation": "in-process (zoo.exact_match: greedy generation until the stop, = lm-eval exact_match)",
-}
 
 
 def adarank_selection(zoo, chosen: Dict[str, runner.MergeSpec], selection: Dict[str, Any], merged_paths: Dict[str, Path], work: Path, args) -> None:
@@ -178,7 +150,7 @@ def adarank_selection(zoo, chosen: Dict[str, runner.MergeSpec], selection: Dict[
         scores.append((score, label, time.perf_counter() - started))
     if not scores:
         return
-    best = max(range(len(scores)), key=lambda index: (scores[index][0], -index))
+    best = select(range(len(scores)), [score for score, _, _ in scores]).index  # ties: the first variant
     selection["adarank"] = {
         "grid": rows,
         "validation_mean_accuracy": [score for score, _, _ in scores],
@@ -255,17 +227,17 @@ def run(args) -> Dict[str, Any]:
     chosen: Dict[str, runner.MergeSpec] = {}
     selection: Dict[str, Any] = {}
     for method, rows in specs.items():
-        scored = [(validation["models"][spec.label]["mean_accuracy"], index, spec) for index, spec in enumerate(rows) if spec.label in validation["models"]]
-        if not scored:
+        scores = [validation["models"][spec.label]["mean_accuracy"] if spec.label in validation["models"] else None for spec in rows]
+        if all(score is None for score in scores):
             continue
-        best_score, _, best = max(scored, key=lambda item: (item[0], -item[1]))  # ties: the first setting
-        chosen[method] = best
+        picked = select(rows, scores)  # ties: the first setting; failed merges are never chosen
+        best = chosen[method] = picked.setting
         selection[method] = {
             "grid": [dict(spec.parameters) for spec in rows],
-            "validation_mean_accuracy": [validation["models"][spec.label]["mean_accuracy"] if spec.label in validation["models"] else None for spec in rows],
+            "validation_mean_accuracy": picked.scores,
             "label": best.label,
             "chosen": dict(best.parameters),
-            "chosen_validation_mean_accuracy": best_score,
+            "chosen_validation_mean_accuracy": picked.score,
             "merge_seconds": (grid_seconds.get(best.label) or {}).get("merge"),
         }
     if in_memory:

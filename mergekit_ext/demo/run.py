@@ -24,7 +24,6 @@ exact match for generation zoos, accuracy for multiple-choice ones);
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -224,39 +223,36 @@ def tune(
 ) -> Dict[str, Dict]:
     """Best parameters per demo merge by mean validation score (in memory, mergekit's engine).
 
-    The score is the zoo's own (``zoo.score``: exact match of greedy generation
-    for a generation zoo, log-likelihood accuracy for a multiple-choice one),
-    which equals lm-eval's metric for the zoo's task YAMLs.
+    The score is the protocol's in-process scorer (``zoo.score``: exact match of
+    greedy generation for a generation zoo, log-likelihood accuracy for a
+    multiple-choice one), which equals lm-eval's metric for the zoo's task YAMLs;
+    ties go to the first setting of the grid.
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
+    from mergekit_ext.evaluate.protocol.scorer import Scorer
+    from mergekit_ext.evaluate.protocol.selection import select
     from mergekit_ext.modeling import load_state_dict
-    from mergekit_ext.zoo import load_causal_lm, load_zoo, merge_in_memory, score
+    from mergekit_ext.zoo import load_zoo, merge_in_memory
 
     zoo = load_zoo(zoo_dir)
     kind = zoo.task_kind
     merges = merges if merges is not None else merges_for(kind)
     grids = grids if grids is not None else grids_for(kind)
-    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
     base_state = load_state_dict(zoo.base)
     expert_states = {task: load_state_dict(zoo.expert(task)) for task in zoo.tasks}
-    documents = {task: zoo.documents(task, "validation") for task in zoo.tasks}
-    probe = load_causal_lm(zoo.base, "cpu")
+    scorer = Scorer(zoo, "validation", "cpu")
     winners: Dict[str, Dict] = {}
     for label, method, parameters in merges:
         if not is_registered(method) or method == "adarank":  # adarank learns its settings
             continue
-        grid = grids.get(label, {})
-        names = list(grid)
-        best_score, best_parameters = -1.0, dict(parameters)
-        for values in tqdm(list(itertools.product(*(grid[n] for n in names))), desc=f"tune {label}", disable=not progress):
-            candidate = {**parameters, **dict(zip(names, values))}
+        candidates = protocol_grids.axes_settings(dict(grids.get(label, {})), dict(parameters))
+        scores = []
+        for candidate in tqdm(candidates, desc=f"tune {label}", disable=not progress):
             with torch.no_grad():
-                probe.load_state_dict(merge_in_memory(base_state, expert_states, method, candidate), strict=True)
-            validation = sum(score(probe, tokenizer, documents[t], kind=kind) for t in zoo.tasks) / len(zoo.tasks)
-            if validation > best_score:
-                best_score, best_parameters = validation, candidate
-        winners[label] = {"parameters": best_parameters, "validation_score": best_score, "metric": zoo.metric.split(",")[0]}
+                merged = merge_in_memory(base_state, expert_states, method, candidate)
+            scores.append(scorer(state=merged)["mean_accuracy"])
+        chosen = select(candidates, scores)
+        winners[label] = {"parameters": chosen.setting, "validation_score": chosen.score, "metric": zoo.metric.split(",")[0]}
     return winners

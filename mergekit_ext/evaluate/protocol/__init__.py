@@ -24,6 +24,8 @@ _EXPORTS = {
     "Selection": "selection",
     "SelectionError": "selection",
     "select": "selection",
+    "Scorer": "scorer",
+    "SCORER_NAMES": "scorer",
     "T_CRITICAL": "stats",
     "summary": "stats",
     "mean": "stats",
