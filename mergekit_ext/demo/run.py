@@ -221,7 +221,8 @@ def tune(
     grids: Optional[Mapping[str, Mapping[str, Sequence[object]]]] = None,
     progress: bool = True,
 ) -> Dict[str, Dict]:
-    """Best parameters per demo merge by mean validation score (in memory, mergekit's engine).
+    """Best parameters per demo merge by mean validation score (in memory, mergekit's engine),
+    with every grid setting's score (``grid``).
 
     The score is the protocol's in-process scorer (``zoo.score``: exact match of
     greedy generation for a generation zoo, log-likelihood accuracy for a
@@ -254,5 +255,10 @@ def tune(
                 merged = merge_in_memory(base_state, expert_states, method, candidate)
             scores.append(scorer(state=merged)["mean_accuracy"])
         chosen = select(candidates, scores)
-        winners[label] = {"parameters": chosen.setting, "validation_score": chosen.score, "metric": zoo.metric.split(",")[0]}
+        winners[label] = {
+            "parameters": chosen.setting,
+            "validation_score": chosen.score,
+            "metric": zoo.metric.split(",")[0],
+            "grid": [{"parameters": setting, "validation_score": value} for setting, value in zip(candidates, scores)],  # the evidence
+        }
     return winners
