@@ -13,6 +13,7 @@ task arithmetic (its validation-chosen λ) on each zoo.
 
     python benchmarks/adarank_bench.py /work/scratch/hard-bench/zoo-s0 ... --out benchmarks/results/adarank.json
     python benchmarks/adarank_bench.py --summarise benchmarks/results/adarank.json
+    python benchmarks/adarank_bench.py --render benchmarks/results/adarank.json   # rewrite adarank.md
 
 ``--lr-schedule cosine`` runs decay the rate to 0 over ``--steps`` (keyed ``:scosine``;
 give ``--checkpoints`` only the last step: an earlier step of a cosine run is not a shorter
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -118,6 +118,7 @@ def _mean(values):
 
 
 def bench_zoo(path: Path, args, results: Dict, save) -> None:
+    from mergekit_ext.evaluate.protocol.selection import select
     from mergekit_ext.methods.adarank import learn as L
 
     zoo_key = str(path)
@@ -174,7 +175,9 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
             for value in grid:
                 setup.reset(L.LearnOptions(**{**asdict(options), "prior": value}))
                 validation[str(value)] = score("validation")
-            best = max(grid, key=lambda value: (_mean(validation[str(value)]), -abs(value - grid[len(grid) // 2])))
+            # ties: the λ nearest the grid's middle (the method's default), then the first
+            middle = grid[len(grid) // 2]
+            best = select(grid, [_mean(validation[str(value)]) for value in grid], prefer=lambda value: -abs(value - middle)).setting
             setup.reset(L.LearnOptions(**{**asdict(options), "prior": best}))
             record["runs"][base_key] = {
                 "prior": best, "init_rank_ratio": init, "grid": validation,
@@ -274,6 +277,9 @@ def train_all_weights(setup, steps, wanted, score_with) -> Dict:
 
 
 def summarise(results: Dict) -> str:
+    from mergekit_ext.evaluate.protocol.selection import select
+    from mergekit_ext.evaluate.protocol.stats import summary
+
     zoos = [key for key in results if isinstance(results[key], dict) and "experts" in results[key]]
     lines = [
         "| base | objective | mode | lr | steps | val EM | test EM (mean ± std) | base test EM | gap closed (mean ± std) | normalized | − TA per zoo | zoos |",
@@ -288,7 +294,8 @@ def summarise(results: Dict) -> str:
     ]
 
     def stats(values):
-        return (_mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
+        entry = summary(values)  # mean and SAMPLE std over zoos, as in every table of the project
+        return entry["mean"], entry["std"]
 
     ta_runs = [results[zoo]["runs"].get("ta:base") for zoo in zoos]
     ta_test = [_mean(run["test"]) for run in ta_runs] if all(ta_runs) else None
@@ -326,7 +333,9 @@ def summarise(results: Dict) -> str:
             complete = {k: v for k, v in candidates.items() if len(v) == len(zoos)}
             if not complete:
                 continue
-            (lr, step), points = max(complete.items(), key=lambda kv: _mean([_mean(p["validation"]) for p in kv[1].values()]))
+            choices = list(complete)  # ties: the first (lr, step)
+            lr, step = select(choices, [_mean([_mean(p["validation"]) for p in complete[choice].values()]) for choice in choices]).setting
+            points = complete[(lr, step)]
             test = [_mean(points[zoo]["test"]) for zoo in zoos]
             closed = [(t - b) / g for t, b, g in zip(test, base_test, gaps)]
             normalized = [_mean([a / max(x, 1e-9) for a, x in zip(points[zoo]["test"], results[zoo]["experts"]["test"])]) for zoo in zoos]
@@ -345,6 +354,8 @@ def summarise(results: Dict) -> str:
 def every_run(results: Dict, zoos: List[str], expert_test: List[float]) -> List[str]:
     """Every run complete on all zoos at its last checkpoint (the table above keeps the best lr
     per configuration): how each lr and schedule did, with the paired difference to its base."""
+    from mergekit_ext.evaluate.protocol.stats import summary
+
     lines = [
         "",
         "Every run at its last step (test EM per zoo in zoo order; gap closed of its own base method):",
@@ -364,8 +375,8 @@ def every_run(results: Dict, zoos: List[str], expert_test: List[float]) -> List[
         closed = [(t - b) / (e - b) for t, b, e in zip(test, base_test, expert_test)]
         lines.append(
             f"| `{key}` | {max(runs[0]['checkpoints'], key=int)} | {_mean([_mean(point['validation']) for point in last]):.3f} | "
-            f"{_mean(test):.3f} ± {statistics.pstdev(test):.3f} | {' '.join(f'{t:.3f}' for t in test)} | "
-            f"{_mean(closed):+.2f} ± {statistics.pstdev(closed):.2f} | {' '.join(f'{t - b:+.3f}' for t, b in zip(test, base_test))} |"
+            f"{summary(test)['mean']:.3f} ± {summary(test)['std']:.3f} | {' '.join(f'{t:.3f}' for t in test)} | "
+            f"{summary(closed)['mean']:+.2f} ± {summary(closed)['std']:.2f} | {' '.join(f'{t - b:+.3f}' for t, b in zip(test, base_test))} |"
         )
     return lines
 
@@ -379,6 +390,7 @@ def main() -> None:
     parser.add_argument("zoos", nargs="*", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adarank.json"))
     parser.add_argument("--summarise", type=Path, default=None, help="Print the table of a results file and exit.")
+    parser.add_argument("--render", type=Path, default=None, help="Rewrite the .md beside a results file from its JSON (no model is run) and exit.")
     parser.add_argument("--bases", default="cart,ta")
     parser.add_argument("--objectives", default="distill,entropy,entropy-answer")
     parser.add_argument("--modes", default="full,coef")
@@ -389,10 +401,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--entropy-steps", type=int, default=200)
     parser.add_argument("--checkpoints", default="50,100,200,300")
-    parser.add_argument("--ta-grid", default="0.3,0.4,0.5,0.6,0.8")
-    parser.add_argument("--cart-grid", default="1.0,1.5,2.0,2.5,3.0")
-    parser.add_argument("--tsv-grid", default="1.0,1.5,2.0,2.5,3.0", help="TSV-M λ grid (the hard zoo's default, 2.0, in the middle)")
-    parser.add_argument("--iso-grid", default="2.0,2.5,3.0,3.5,4.0", help="Iso-CTS λ grid (the hard zoo's default, 3.0, in the middle)")
+    from mergekit_ext.evaluate.protocol.grids import ADARANK_PRIOR_GRIDS
+
+    # The base grids are the protocol table's (adarank_prior): each method's hard-zoo default in the middle.
+    priors = {variant: ",".join(f"{value:g}" for value in grid) for variant, grid in ADARANK_PRIOR_GRIDS.items()}
+    parser.add_argument("--ta-grid", default=priors["ta"])
+    parser.add_argument("--cart-grid", default=priors["cart"])
+    parser.add_argument("--tsv-grid", default=priors["tsv_m"], help="TSV-M λ grid (the hard zoo's default, 2.0, in the middle)")
+    parser.add_argument("--iso-grid", default=priors["iso_cts"], help="Iso-CTS λ grid (the hard zoo's default, 3.0, in the middle)")
     parser.add_argument("--cart-rank", type=float, default=0.1)
     parser.add_argument("--max-rank-ratio", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=BENCH_BATCH_SIZE, help="prompts per task per step")
@@ -403,6 +419,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.summarise is not None:
         print(summarise(json.loads(args.summarise.read_text())))
+        return
+    if args.render is not None:
+        args.render.with_suffix(".md").write_text(summarise(json.loads(args.render.read_text())) + "\n")
         return
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)

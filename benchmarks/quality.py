@@ -25,10 +25,7 @@ Writes results/<name>.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,93 +38,21 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
 
-GRID_SIZE = 4
+from mergekit_ext.evaluate.protocol import grids as _grids  # noqa: E402
+from mergekit_ext.evaluate.protocol import scorer as _scorer  # noqa: E402
+from mergekit_ext.evaluate.protocol import stats  # noqa: E402
+from mergekit_ext.evaluate.protocol.selection import select  # noqa: E402
 
-
-def product(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
-    names = list(axes)
-    return [dict(zip(names, values)) for values in itertools.product(*(axes[name] for name in names))]
-
-
-LAMBDAS = (0.25, 0.5, 0.75, 1.0)
-# TIES-family: disjoint SUM (normalize: false) scaled by lambda, as in the TIES paper.
-TIES_GRID = [dict(setting, weight=1.0, normalize=False) for setting in product(density=(0.2, 0.5), **{"lambda": (0.5, 1.0)})]
-
-# (fixed parameters, grid) per method, for the multiple-choice zoos (demo, bench).
-# Fixed parameters apply to every setting.
-GRIDS: Dict[str, List[Dict[str, Any]]] = {
-    # No free hyperparameter: the plain average of the experts, and Model Stock's closed form.
-    "linear": [dict(weight=1.0, normalize=True)],
-    "model_stock": [dict()],
-    "task_arithmetic": [{"weight": 1.0, "lambda": value} for value in LAMBDAS],
-    "ties": TIES_GRID,
-    "dare_ties": TIES_GRID,
-    "breadcrumbs_ties": [dict(setting, gamma=0.01) for setting in TIES_GRID],
-    "della": [dict(setting, epsilon=0.1) for setting in TIES_GRID],
-    # Ours. Consensus keeps the paper's mask defaults (λt 0.4, k 2) and tunes the
-    # final scale like task arithmetic / TIES.
-    "consensus_ta": [{"k": 2, "tall_lambda": 0.4, "lambda": value} for value in LAMBDAS],
-    "consensus_ties": [dict(k=2, tall_lambda=0.4, **setting) for setting in product(density=(0.2, 0.5), **{"lambda": (0.5, 1.0)})],
-    # CART: around the paper's starting points (2.0 / 0.12 vision, 1.3 / 0.01 GPT-2).
-    "cart": product(rank_ratio=(0.05, 0.15), **{"lambda": (1.3, 2.0)}),
-    # OPCM in mergekit-yaml (per-tensor norm matching): its one free parameter.
-    "opcm": [{"alpha": value} for value in (0.3, 0.5, 0.7, 0.9)],
-    # RMM product space: basis size K and the weight of each reconstructed delta.
-    "rmm": product(k=(1, 2), weight=(0.5, 1.0)),
-}
-
-# The generation zoo (`hard`): 9 settings per method. Two-parameter grids pair each
-# value of the first parameter with the scales that suit it (a TALL mask that keeps
-# fewer weights, a larger CART rank or a larger consensus k want a different λ):
-# a first run on seed 0's VALIDATION split (benchmarks/results/quality-hard.md,
-# "Grid design") found the TIES family, consensus, CART at rank 0.05 and RMM
-# best at an edge of plain 3 x 3 grids, and these grids move those edges outward.
-HARD_GRID_SIZE = 9
-HARD_TIES_GRID = [dict(setting, weight=1.0, normalize=False) for setting in product(density=(0.2, 0.5, 0.8), **{"lambda": (0.3, 0.45, 0.6)})]
-# TSV-M and Iso: their update is much smaller than the task-vector sum (Iso keeps the
-# nuclear norm with a flat spectrum, and both use the MEAN of the task vectors outside
-# the block matrices), so their best lambda is large (seed 0: Iso-C still rising at
-# 2.5 on a grid ending there).
-WIDE_LAMBDAS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
-
-
-def paired(first: str, pairs: Sequence[Any], **fixed: Any) -> List[Dict[str, Any]]:
-    """Settings from (first parameter value, its lambdas) pairs."""
-    return [dict(fixed, **{first: value, "lambda": scale}) for value, scales in pairs for scale in scales]
-
-
-HARD_GRIDS: Dict[str, List[Dict[str, Any]]] = {
-    "linear": [dict(weight=1.0, normalize=True)],
-    "model_stock": [dict()],
-    "task_arithmetic": [{"weight": 1.0, "lambda": value} for value in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)],
-    "ties": HARD_TIES_GRID,
-    "dare_ties": HARD_TIES_GRID,
-    "breadcrumbs_ties": [dict(setting, gamma=0.01) for setting in HARD_TIES_GRID],
-    "della": [dict(setting, epsilon=0.1) for setting in HARD_TIES_GRID],
-    # consensus_ta answers tall_lambda (at k 2), consensus_ties answers k (at λt 0.4, top 20 %).
-    "consensus_ta": paired("tall_lambda", [(0.2, (0.4, 0.55, 0.7)), (0.4, (0.8, 1.0, 1.2)), (0.6, (1.0, 1.3, 1.6))], k=2),
-    "consensus_ties": paired("k", [(1, (0.5, 0.7, 0.9)), (2, (0.6, 0.8, 1.0)), (3, (0.9, 1.2, 1.5))], tall_lambda=0.4, density=0.2),
-    "cart": paired("rank_ratio", [(0.05, (1.0, 1.3)), (0.1, (1.5, 2.0, 2.5)), (0.15, (1.5, 2.0, 2.5)), (0.2, (2.5,))]),
-    "tsv_m": [{"lambda": value} for value in WIDE_LAMBDAS],
-    "iso_c": [{"lambda": value} for value in WIDE_LAMBDAS],
-    "iso_cts": product(common_space_fraction=(0.6, 0.8, 0.95), **{"lambda": (2.5, 3.5, 4.5)}),
-    "opcm": [{"alpha": value} for value in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)],
-    # k = n with weight w is task arithmetic with lambda w (the rank-n fit is exact).
-    "rmm": product(k=(2, 4, 6), weight=(0.3, 0.45, 0.6)),
-}
+# The grids live in the protocol's one table (mergekit_ext/evaluate/protocol/grids.py).
+GRID_SIZE, HARD_GRID_SIZE = _grids.GRID_SIZE, _grids.HARD_GRID_SIZE
+LAMBDAS, WIDE_LAMBDAS = _grids.LAMBDAS, _grids.WIDE_LAMBDAS
+product, paired = _grids.product, _grids.paired
+GRIDS: Dict[str, List[Dict[str, Any]]] = _grids.QUALITY_GRIDS[_grids.MULTIPLE_CHOICE]
+HARD_GRIDS: Dict[str, List[Dict[str, Any]]] = _grids.QUALITY_GRIDS[_grids.GENERATION]
 assert all(len(grid) == HARD_GRID_SIZE for name, grid in HARD_GRIDS.items() if name not in ("linear", "model_stock"))
-
-
 # Wider validation-only sweeps for the defaults (`--defaults-sweep`): not part of the
-# quality table (whose grids are the same size for every method), only evidence for
-# the constants in methods/<family>/__init__.py.
-SWEEP_GRIDS: Dict[str, List[Dict[str, Any]]] = {
-    "consensus_ta": product(k=(1, 2, 3), tall_lambda=(0.2, 0.3, 0.4, 0.5, 0.6), **{"lambda": (0.5, 0.7, 0.9, 1.1)}),
-    "cart": product(rank_ratio=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3), **{"lambda": (1.0, 1.3, 1.5, 2.0, 2.5, 3.0)}),
-    "iso_cts": product(common_space_fraction=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95), **{"lambda": (2.0, 2.5, 3.0, 3.5, 4.0, 5.0)}),
-    "iso_c": [{"lambda": value} for value in (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0)],
-    "tsv_m": [{"lambda": value} for value in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)],
-}
+# quality table, only evidence for the constants in methods/<family>/__init__.py.
+SWEEP_GRIDS: Dict[str, List[Dict[str, Any]]] = _grids.SWEEP_GRIDS
 
 
 def defaults_sweep(args) -> Dict[str, Any]:
@@ -150,14 +75,10 @@ def grids_for_kind(kind: str) -> Dict[str, List[Dict[str, Any]]]:
 
 
 def grid_for(method: str, kind: str = "multiple_choice") -> List[Dict[str, Any]]:
-    grids = grids_for_kind(kind)
-    if method in grids:
-        return grids[method]
-    # A method registered after this file was written: tune its lambda if it has one.
-    names = {parameter.name for parameter in runner.method_spec(method).parameters}
-    if "lambda" in names:
-        return [{"lambda": value} for value in (LAMBDAS if kind != "generation" else WIDE_LAMBDAS)]
-    return [dict()]
+    if method in grids_for_kind(kind):
+        return grids_for_kind(kind)[method]
+    # A method registered after the table was written: tune its lambda if it has one.
+    return _grids.quality_grid(method, kind, [parameter.name for parameter in runner.method_spec(method).parameters])
 
 
 def quality_specs(methods: Optional[Sequence[str]], kind: str = "multiple_choice") -> Dict[str, List[runner.MergeSpec]]:
@@ -175,33 +96,9 @@ def quality_specs(methods: Optional[Sequence[str]], kind: str = "multiple_choice
     return specs
 
 
-class Scorer:
-    """The zoo's in-process scorer on one split: lm-eval's metric exactly (``acc`` or greedy ``exact_match``).
-
-    One model object is kept and its weights swapped, so a grid point costs one
-    ``load_state_dict`` plus the scoring itself.
-    """
-
-    def __init__(self, zoo, split: str, device: str):
-        from transformers import AutoTokenizer
-
-        from mergekit_ext.zoo import load_causal_lm
-
-        self.zoo, self.split, self.device = zoo, split, device
-        self.tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
-        self.documents = {task: zoo.documents(task, split) for task in zoo.tasks}
-        self.model = load_causal_lm(zoo.base, device)
-
-    def __call__(self, state: Optional[Dict[str, torch.Tensor]] = None, path: Optional[Path] = None) -> Dict[str, Any]:
-        from mergekit_ext.modeling import load_state_dict
-        from mergekit_ext.zoo import score
-
-        if state is None:
-            state = load_state_dict(path)
-        self.model.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, strict=True)
-        with torch.no_grad():
-            values = {task: score(self.model, self.tokenizer, self.documents[task], kind=self.zoo.kind(task), device=self.device) for task in self.zoo.tasks}
-        return {"accuracy": values, "mean_accuracy": sum(values.values()) / len(values)}
+# The protocol's in-process scorer (= lm-eval's acc / greedy exact_match).
+Scorer = _scorer.Scorer
+SCORER_NAMES = _scorer.SCORER_NAMES
 
 
 def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: str) -> Dict[str, Any]:
@@ -211,12 +108,6 @@ def score_in_process(zoo, merged_paths: Dict[str, Path], *, split: str, device: 
     for label, path in tqdm(merged_paths.items(), desc=f"score {split}", unit="model"):
         models[label] = {"model": str(path), **scorer(path=path)}
     return {"split": split, "scorer": SCORER_NAMES[zoo.task_kind], "tasks": list(zoo.tasks), "models": models}
-
-
-SCORER_NAMES = {
-    "multiple_choice": "in-process (zoo.multiple_choice_accuracy, = lm-eval acc)",
-    "generation": "in-process (zoo.exact_match: greedy generation until the stop, = lm-eval exact_match)",
-}
 
 
 def adarank_selection(zoo, chosen: Dict[str, runner.MergeSpec], selection: Dict[str, Any], merged_paths: Dict[str, Path], work: Path, args) -> None:
@@ -259,7 +150,7 @@ def adarank_selection(zoo, chosen: Dict[str, runner.MergeSpec], selection: Dict[
         scores.append((score, label, time.perf_counter() - started))
     if not scores:
         return
-    best = max(range(len(scores)), key=lambda index: (scores[index][0], -index))
+    best = select(range(len(scores)), [score for score, _, _ in scores]).index  # ties: the first variant
     selection["adarank"] = {
         "grid": rows,
         "validation_mean_accuracy": [score for score, _, _ in scores],
@@ -336,17 +227,17 @@ def run(args) -> Dict[str, Any]:
     chosen: Dict[str, runner.MergeSpec] = {}
     selection: Dict[str, Any] = {}
     for method, rows in specs.items():
-        scored = [(validation["models"][spec.label]["mean_accuracy"], index, spec) for index, spec in enumerate(rows) if spec.label in validation["models"]]
-        if not scored:
+        scores = [validation["models"][spec.label]["mean_accuracy"] if spec.label in validation["models"] else None for spec in rows]
+        if all(score is None for score in scores):
             continue
-        best_score, _, best = max(scored, key=lambda item: (item[0], -item[1]))  # ties: the first setting
-        chosen[method] = best
+        picked = select(rows, scores)  # ties: the first setting; failed merges are never chosen
+        best = chosen[method] = picked.setting
         selection[method] = {
             "grid": [dict(spec.parameters) for spec in rows],
-            "validation_mean_accuracy": [validation["models"][spec.label]["mean_accuracy"] if spec.label in validation["models"] else None for spec in rows],
+            "validation_mean_accuracy": picked.scores,
             "label": best.label,
             "chosen": dict(best.parameters),
-            "chosen_validation_mean_accuracy": best_score,
+            "chosen_validation_mean_accuracy": picked.score,
             "merge_seconds": (grid_seconds.get(best.label) or {}).get("merge"),
         }
     if in_memory:
@@ -469,8 +360,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 # Several seeds: mean ± std per method, paired differences to task arithmetic.
 
-# Two-sided 95 % critical values of Student's t for n − 1 degrees of freedom.
-T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# The statistics are the protocol's (mergekit_ext/evaluate/protocol/stats.py).
+T_CRITICAL = stats.T_CRITICAL
 REFERENCE = "task_arithmetic"
 
 
@@ -486,10 +377,7 @@ def gain_normalized(report: Dict[str, Any], label: str) -> float:
 
 
 def _mean_std(values: Sequence[float]) -> Dict[str, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return stats.summary(values)
 
 
 def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -515,25 +403,18 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             entry["validation"] = [r["selection"].get(label, {}).get("chosen_validation_mean_accuracy") for r in results]
             if REFERENCE in labels:
                 reference = [r["test_report"]["models"][REFERENCE]["mean_accuracy"] for r in results]
-                differences = [m["mean_accuracy"] - ref for m, ref in zip(per_seed, reference)]
-                stats = _mean_std(differences)
-                n = stats["n"]
-                t = stats["mean"] / (stats["std"] / math.sqrt(n)) if n > 1 and stats["std"] > 0 else (math.inf if stats["mean"] else 0.0)
                 # Within a seed: the difference against the two means' lm-eval standard
                 # errors combined as if independent (conservative: both are scored on the
                 # same items, so the paired error is smaller).
                 reference_se = [r["test_report"]["models"][REFERENCE].get("mean_stderr") for r in results]
-                within = [
-                    (d / math.sqrt(se * se + rse * rse)) if se and rse else None
-                    for d, se, rse in zip(differences, entry["test_stderr"], reference_se)
-                ]
-                entry["delta_vs_ta"] = differences
-                entry["delta_vs_ta_mean_std"] = stats
-                entry["delta_vs_ta_t"] = t
-                entry["delta_vs_ta_within_seed_z"] = within
-                entry["seeds_better_2se"] = sum(1 for z in within if z is not None and z > 2)
-                entry["seeds_worse_2se"] = sum(1 for z in within if z is not None and z < -2)
-                entry["beyond_noise"] = bool(n > 1 and abs(t) > T_CRITICAL.get(n - 1, 2.0) and label != REFERENCE)
+                versus = stats.versus_reference([m["mean_accuracy"] for m in per_seed], reference, entry["test_stderr"], reference_se)
+                entry["delta_vs_ta"] = versus["differences"]
+                entry["delta_vs_ta_mean_std"] = versus["summary"]
+                entry["delta_vs_ta_t"] = versus["t"]
+                entry["delta_vs_ta_within_seed_z"] = versus["within_seed_z"]
+                entry["seeds_better_2se"] = versus["seeds_better"]
+                entry["seeds_worse_2se"] = versus["seeds_worse"]
+                entry["beyond_noise"] = versus["beyond_noise"] and label != REFERENCE
         methods[label] = entry
     # The validation grids, per setting: mean over seeds (the evidence for the defaults).
     grids: Dict[str, Any] = {}
@@ -652,7 +533,7 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
         "Mean ± sample standard deviation over seeds; normalized = merged / expert, gain-normalized = (merged − base) / (expert − base), "
         "both means over tasks. Δ vs TA: the paired per-seed difference of test means to task arithmetic. "
         "Beyond noise, two ways: across seeds, **yes** when |paired t| > the two-sided 95 % critical value of Student's t "
-        f"({T_CRITICAL.get(len(seeds) - 1, 2.0):.2f} for {len(seeds) - 1} degrees of freedom: strict with so few seeds); within each seed, "
+        f"({stats.t_critical(len(seeds) - 1):.2f} for {len(seeds) - 1} degrees of freedom: strict with so few seeds); within each seed, "
         "whether Δ exceeds 2 standard errors of the two lm-eval means combined as if independent (conservative: both are scored "
         "on the same items). Bold method names are this package's.",
         "",

@@ -22,7 +22,7 @@ STEPS = {
     "recipe": "step 5: add recipes/<method>.yml",
     "demo": "step 6: add an entry to DEMO_MERGES in mergekit_ext/demo/run.py",
     "multiple-choice demo": "step 6: add an entry to MULTIPLE_CHOICE_MERGES in mergekit_ext/demo/run.py",
-    "tune space": "step 7: add an entry to DEFAULT_SPACES in mergekit_ext/tune/space.py",
+    "tune space": "step 7: add a `tune` entry to its row of METHOD_GRIDS in mergekit_ext/evaluate/protocol/grids.py",
     "tests": "step 8: test it through the real engine in tests/test_<family>.py (run_mergekit_yaml / run_merge_in_process)",
 }
 # Files that mention every method's name for reasons of their own.

@@ -65,6 +65,8 @@ def test_tune_chooses_on_validation_exact_match(hard_zoo):
     best = max(grid, key=lambda s: scores[s])  # first best, as tune keeps the first of equals
     assert chosen["parameters"]["lambda"] == best
     assert chosen["validation_score"] == pytest.approx(scores[best])
+    assert [row["parameters"]["lambda"] for row in chosen["grid"]] == list(grid)
+    assert [row["validation_score"] for row in chosen["grid"]] == pytest.approx([scores[scale] for scale in grid])
 
 
 @pytest.mark.slow

@@ -24,10 +24,11 @@ exact match for generation zoos, accuracy for multiple-choice ones);
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mergekit_ext.evaluate.protocol import grids as protocol_grids
 
 DemoMerge = Tuple[str, str, Dict[str, object]]
 RECIPE_ZOO_ROOT = "./demo-zoo"  # what `mergekit-ext demo` builds: the recipes merge it
@@ -55,19 +56,9 @@ DEMO_MERGES: List[DemoMerge] = [
     ("adarank", "adarank", {"variant": "cart", "prior": 1.5, "init_rank_ratio": 0.05, "objective": "distill", "steps": 100, "batch_size": 8}),
 ]
 
-# Per-method grids for `demo --tune`; parameters not listed keep DEMO_MERGES' value.
-DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
-    "task_arithmetic": {"lambda": (0.3, 0.4, 0.5, 0.6, 0.8)},
-    "ties": {"density": (0.5, 0.8), "lambda": (0.45, 0.6, 0.8)},
-    "consensus_ta": {"k": (1, 2), "lambda": (0.4, 0.6, 0.8)},
-    "consensus_ties": {"k": (1, 2), "lambda": (0.5, 0.7, 0.9)},
-    "opcm": {"alpha": (0.2, 0.4, 0.6)},
-    "rmm": {"k": (4, 6), "weight": (0.45, 0.6, 0.8)},
-    "cart": {"rank_ratio": (0.05, 0.1), "lambda": (1.0, 1.5, 2.0)},
-    "tsv_m": {"lambda": (1.5, 2.0, 2.5)},
-    "iso_c": {"lambda": (2.0, 2.5, 3.0)},
-    "iso_cts": {"lambda": (2.5, 3.0, 3.5)},
-}
+# Per-method grids for `demo --tune` (the protocol's one table, ``demo`` entries);
+# parameters not listed keep DEMO_MERGES' value.
+DEMO_GRIDS: Dict[str, Dict[str, Sequence[object]]] = protocol_grids.DEMO_GRIDS[protocol_grids.GENERATION]
 
 # The multiple-choice `demo` zoo (4 tasks): `demo --preset demo` (and recipes/consensus_ta_lora.yml).
 MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
@@ -89,16 +80,7 @@ MULTIPLE_CHOICE_MERGES: List[DemoMerge] = [
     ("adarank", "adarank", {"variant": "cart", "prior": 1.3, "init_rank_ratio": 0.15, "objective": "distill", "steps": 100, "batch_size": 8, "max_new_tokens": 4}),
 ]
 
-MULTIPLE_CHOICE_GRIDS: Dict[str, Dict[str, Sequence[object]]] = {
-    "task_arithmetic": {"lambda": (0.2, 0.4, 0.6, 0.8, 1.0)},
-    "ties": {"density": (0.2, 0.5), "lambda": (0.4, 0.6, 0.8, 1.0)},
-    "consensus_ta": {"k": (1, 2), "lambda": (0.4, 0.6, 0.8, 1.0)},
-    "consensus_ties": {"k": (1, 2), "density": (0.2, 0.5), "lambda": (0.6, 0.8, 1.0)},
-    "rmm": {"k": (1, 2, 3), "weight": (0.4, 0.6, 0.8, 1.0)},
-    "tsv_m": {"lambda": (0.5, 0.75, 1.0, 1.5)},
-    "iso_c": {"lambda": (0.75, 1.0, 1.5, 2.0)},
-    "iso_cts": {"lambda": (0.75, 1.0, 1.5, 2.0)},
-}
+MULTIPLE_CHOICE_GRIDS: Dict[str, Dict[str, Sequence[object]]] = protocol_grids.DEMO_GRIDS[protocol_grids.MULTIPLE_CHOICE]
 
 
 def merges_for(kind: str) -> List[DemoMerge]:
@@ -239,41 +221,44 @@ def tune(
     grids: Optional[Mapping[str, Mapping[str, Sequence[object]]]] = None,
     progress: bool = True,
 ) -> Dict[str, Dict]:
-    """Best parameters per demo merge by mean validation score (in memory, mergekit's engine).
+    """Best parameters per demo merge by mean validation score (in memory, mergekit's engine),
+    with every grid setting's score (``grid``).
 
-    The score is the zoo's own (``zoo.score``: exact match of greedy generation
-    for a generation zoo, log-likelihood accuracy for a multiple-choice one),
-    which equals lm-eval's metric for the zoo's task YAMLs.
+    The score is the protocol's in-process scorer (``zoo.score``: exact match of
+    greedy generation for a generation zoo, log-likelihood accuracy for a
+    multiple-choice one), which equals lm-eval's metric for the zoo's task YAMLs;
+    ties go to the first setting of the grid.
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
+    from mergekit_ext.evaluate.protocol.scorer import Scorer
+    from mergekit_ext.evaluate.protocol.selection import select
     from mergekit_ext.modeling import load_state_dict
-    from mergekit_ext.zoo import load_causal_lm, load_zoo, merge_in_memory, score
+    from mergekit_ext.zoo import load_zoo, merge_in_memory
 
     zoo = load_zoo(zoo_dir)
     kind = zoo.task_kind
     merges = merges if merges is not None else merges_for(kind)
     grids = grids if grids is not None else grids_for(kind)
-    tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
     base_state = load_state_dict(zoo.base)
     expert_states = {task: load_state_dict(zoo.expert(task)) for task in zoo.tasks}
-    documents = {task: zoo.documents(task, "validation") for task in zoo.tasks}
-    probe = load_causal_lm(zoo.base, "cpu")
+    scorer = Scorer(zoo, "validation", "cpu")
     winners: Dict[str, Dict] = {}
     for label, method, parameters in merges:
         if not is_registered(method) or method == "adarank":  # adarank learns its settings
             continue
-        grid = grids.get(label, {})
-        names = list(grid)
-        best_score, best_parameters = -1.0, dict(parameters)
-        for values in tqdm(list(itertools.product(*(grid[n] for n in names))), desc=f"tune {label}", disable=not progress):
-            candidate = {**parameters, **dict(zip(names, values))}
+        candidates = protocol_grids.axes_settings(dict(grids.get(label, {})), dict(parameters))
+        scores = []
+        for candidate in tqdm(candidates, desc=f"tune {label}", disable=not progress):
             with torch.no_grad():
-                probe.load_state_dict(merge_in_memory(base_state, expert_states, method, candidate), strict=True)
-            validation = sum(score(probe, tokenizer, documents[t], kind=kind) for t in zoo.tasks) / len(zoo.tasks)
-            if validation > best_score:
-                best_score, best_parameters = validation, candidate
-        winners[label] = {"parameters": best_parameters, "validation_score": best_score, "metric": zoo.metric.split(",")[0]}
+                merged = merge_in_memory(base_state, expert_states, method, candidate)
+            scores.append(scorer(state=merged)["mean_accuracy"])
+        chosen = select(candidates, scores)
+        winners[label] = {
+            "parameters": chosen.setting,
+            "validation_score": chosen.score,
+            "metric": zoo.metric.split(",")[0],
+            "grid": [{"parameters": setting, "validation_score": value} for setting, value in zip(candidates, scores)],  # the evidence
+        }
     return winners

@@ -21,35 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from mergekit_ext.evaluate.protocol import grids as _protocol_grids
+
 # --------------------------------------------------------------------------
-# Default spaces: what `tune` tries when the SPACE names no methods.
-#
-# One small grid per method (2 to 4 settings), around what won on the `hard` zoo's
-# validation split over 3 seeds (benchmarks/results/quality-hard-defaults-sweep.md and
-# the validation grids in quality-hard.md): TA λ 0.5-0.6, TIES density 0.5 λ 0.45,
-# CART rank 0.1 λ 2.0 (rank 0.05 λ 1.3 on one seed), TSV-M λ 2.0, Iso-C λ 2.5,
-# Iso-CTS λ 3.0-3.5, OPCM α 0.2-0.4, RMM k 6 (of 8) weight 0.45-0.6. Each grid brackets the
-# winner with a neighbour on the side other models are likely to need (real LLM
-# task vectors are larger than the zoo's, so smaller scales are kept in reach).
-# Every method of this package is tried (those that need a learned file, such as
-# adarank, are skipped); a method of this package missing from the table is tried
-# once with its own defaults. task_arithmetic and ties are mergekit's.
-DEFAULT_SPACES: Dict[str, Dict[str, Any]] = {
-    "task_arithmetic": {"lambda": [0.3, 0.5, 0.7, 1.0]},
-    # normalize false, as in the quality grid: mergekit's default (true) divides the
-    # elected sum by the agreeing weights, which at density 0.5, λ 0.45 scored 0.476
-    # validation exact match on hard zoo seed 0 against 0.583 without it (the first run of
-    # benchmarks/tune_bench.py, one seed; its file was replaced when this space changed).
-    "ties": {"density": [0.5, 0.8], "lambda": [0.45, 0.7], "normalize": False},
-    "consensus_ta": {"k": [1, 2], "lambda": [0.55, 0.8]},
-    "consensus_ties": {"k": [1, 2], "density": 0.5, "lambda": [0.7, 0.9]},
-    "cart": {"rank_ratio": [0.05, 0.1], "lambda": [1.3, 2.0]},
-    "opcm": {"alpha": [0.2, 0.4]},
-    "rmm": {"k": [2, 6], "weight": [0.45, 0.6]},  # k above the number of models is that number
-    "tsv_m": {"lambda": [1.0, 2.0]},
-    "iso_c": {"lambda": [1.5, 2.5]},
-    "iso_cts": {"lambda": [2.0, 3.0]},
-}
+# Default spaces: what `tune` tries when the SPACE names no methods: one small grid
+# per method, kept with every other grid of the method in the protocol's one table
+# (mergekit_ext/evaluate/protocol/grids.py, ``tune`` entries). Every method of this
+# package is tried (those that need a learned file, such as adarank, are skipped); a
+# method of this package missing from the table is tried once with its own defaults.
+# task_arithmetic and ties are mergekit's.
+DEFAULT_SPACES: Dict[str, Dict[str, Any]] = _protocol_grids.DEFAULT_SPACES
 # mergekit's methods tried by default beside every method of this package.
 DEFAULT_MERGEKIT_METHODS = ("task_arithmetic", "ties")
 

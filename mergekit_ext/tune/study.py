@@ -42,6 +42,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mergekit_ext import io
+from mergekit_ext.evaluate.protocol.selection import select
 from mergekit_ext.tune import GRACE_FACTOR, HEARTBEAT_INTERVAL
 from mergekit_ext.tune.space import TuneSpace, setting_label
 
@@ -940,7 +941,7 @@ def _plain_at_best_lambda(study, space: TuneSpace, chosen, trials, options: RunO
     jobs = [(_cache_key("config", configs[lam], tasks, evaluation), f"lambda:{lam}", config_scorer(configs[lam], None, tasks)) for lam in grid]
     scores = _shared_scores(study, jobs, trials, options, lambda _: None)
     means = {lam: mean([s.value for s in scores[f"lambda:{lam}"].values()]) for lam in grid}
-    lam = max(grid, key=lambda value: (means[value], -grid.index(value)))
+    lam = select(grid, [means[value] for value in grid]).setting  # ties: the first λ
     return {"config": configs[lam], "lambda": lam, "chosen_by": f"validation mean over lambda in {grid}", "source": "search"}
 
 
@@ -996,13 +997,14 @@ def finalize(study, space: TuneSpace, out_dir: Union[str, os.PathLike], options:
     tests = space.test_tasks
     jobs: List[Tuple[str, Callable[[], Dict[str, TaskScore]]]] = []
 
-    # Per method: its validation-best trial (ties: the earlier trial).
+    # Per method: its validation-best trial (the protocol's selection; ties: the earlier trial).
     chosen: Dict[str, Any] = {}
     for method in space.methods:
-        candidates = [t for t in complete if t.user_attrs.get("method") == method]
+        candidates = sorted((t for t in complete if t.user_attrs.get("method") == method), key=lambda t: t.number)
         if candidates:
-            chosen[method] = max(candidates, key=lambda t: (t.value, -t.number))
-    best = max(chosen.values(), key=lambda t: (t.value, -t.number))
+            chosen[method] = select(candidates, [t.value for t in candidates]).setting
+    finalists = sorted(chosen.values(), key=lambda t: t.number)
+    best = select(finalists, [t.value for t in finalists]).setting
 
     def config_scorer(config: Dict[str, Any], kept: Optional[Path], tasks: Sequence[str] = tests) -> Callable[[], Dict[str, TaskScore]]:
         def compute() -> Dict[str, TaskScore]:

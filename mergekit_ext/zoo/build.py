@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from mergekit_ext import io
+from mergekit_ext.evaluate.protocol.selection import select
 from mergekit_ext.modeling import load_state_dict
 from mergekit_ext.zoo.format import (
     MANIFEST_NAME,
@@ -317,7 +318,8 @@ def _build(root: Path, settings: Preset, *, seed: int, device: str, progress: bo
         merged = merge_in_memory(base_state, expert_states, "task_arithmetic", {"weight": 1.0, "lambda": scale})
         probe.load_state_dict(merged, strict=True)
         grid[f"{scale:g}"] = {task.name: {"validation": accuracy(probe, task.name, "validation")} for task in tasks}
-    best = max(grid, key=lambda key: sum(grid[key][t]["validation"] for t in settings.tasks))
+    keys = list(grid)  # the protocol's selection on the validation sum over tasks; ties: the first λ
+    best = select(keys, [sum(grid[key][t]["validation"] for t in settings.tasks) for key in keys]).setting
     probe.load_state_dict(merge_in_memory(base_state, expert_states, "task_arithmetic", {"weight": 1.0, "lambda": float(best)}))
     for task in tasks:
         grid[best][task.name]["test"] = accuracy(probe, task.name, "test")
