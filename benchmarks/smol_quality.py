@@ -98,11 +98,9 @@ class SmolScorer:
 
 def stderr_of(items: Sequence[float]) -> float:
     """lm-eval's standard error of a mean metric: sample std / sqrt(n)."""
-    n = len(items)
-    if n < 2:
-        return float("nan")
-    mean = sum(items) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in items) / (n - 1) / n)
+    from mergekit_ext.evaluate.protocol.stats import standard_error
+
+    return standard_error(items) if len(items) > 1 else float("nan")
 
 
 def summarize(items: Dict[str, List[int]], tasks: Sequence[str], retention: Sequence[str], expert_scores: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
@@ -139,6 +137,7 @@ def paired_difference(items: Dict[str, List[int]], reference: Dict[str, List[int
 def run(args) -> Dict[str, Any]:
     from tqdm import tqdm
 
+    from mergekit_ext.evaluate.protocol.selection import select
     from mergekit_ext.modeling import load_state_dict
     from mergekit_ext.zoo import load_zoo, merge_in_memory
 
@@ -180,12 +179,12 @@ def run(args) -> Dict[str, Any]:
         state = merge(REFERENCE, {"weight": 1.0, "lambda": value})
         scores = scorer(state, "validation", tasks)
         validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
-    best = max(range(len(TA_LAMBDAS)), key=lambda i: (validation[i], -i))  # ties: the smaller λ
+    chosen = select([{"weight": 1.0, "lambda": value} for value in TA_LAMBDAS], validation)  # ties: the smaller λ
     selection[REFERENCE] = {
-        "grid": [{"weight": 1.0, "lambda": value} for value in TA_LAMBDAS],
+        "grid": chosen.settings,
         "validation_mean_accuracy": validation,
-        "chosen": {"weight": 1.0, "lambda": TA_LAMBDAS[best]},
-        "chosen_validation_mean_accuracy": validation[best],
+        "chosen": chosen.setting,
+        "chosen_validation_mean_accuracy": chosen.score,
     }
     settings = {REFERENCE: selection[REFERENCE]["chosen"], **{m: s for m, s in DEFAULT_SETTINGS.items() if not args.methods or m in args.methods}}
     failures: Dict[str, str] = {}
@@ -267,16 +266,11 @@ def render_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
-
-
 def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Per method over seeds: mean ± sample std of the test mean and of retention, and the paired difference
-    to task arithmetic (per seed, its within-seed z; across seeds, the paired t and whether it is beyond noise)."""
-    import statistics
-
-    def mean_std(values: Sequence[float]) -> Dict[str, float]:
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    to task arithmetic (per seed, its within-seed z on the same items; across seeds, the paired t and the
+    beyond-noise verdict of the project's one statistics helper)."""
+    from mergekit_ext.evaluate.protocol.stats import beyond_noise, paired_t, summary
 
     tasks, retention = results[0]["tasks"], results[0]["retention_tasks"]
     labels = [label for label in results[0]["test_report"]["models"] if all(label in r["test_report"]["models"] for r in results)]
@@ -285,20 +279,17 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         per_seed = [r["test_report"]["models"][label] for r in results]
         entry: Dict[str, Any] = {
             "test": [m["mean_accuracy"] for m in per_seed],
-            "test_mean_std": mean_std([m["mean_accuracy"] for m in per_seed]),
-            "per_task": {task: mean_std([m["accuracy"][task] for m in per_seed]) for task in tasks},
-            "retention": {name: mean_std([m["retention"][name] for m in per_seed]) for name in retention},
+            "test_mean_std": summary([m["mean_accuracy"] for m in per_seed]),
+            "per_task": {task: summary([m["accuracy"][task] for m in per_seed]) for task in tasks},
+            "retention": {name: summary([m["retention"][name] for m in per_seed]) for name in retention},
         }
         if "vs_task_arithmetic" in per_seed[0] and label != REFERENCE:
             deltas = [m["vs_task_arithmetic"]["delta"] for m in per_seed]
-            stats = mean_std(deltas)
-            n = stats["n"]
-            t = stats["mean"] / (stats["std"] / math.sqrt(n)) if n > 1 and stats["std"] > 0 else (math.inf if stats["mean"] else 0.0)
             entry["delta_vs_ta"] = deltas
-            entry["delta_vs_ta_mean_std"] = stats
+            entry["delta_vs_ta_mean_std"] = summary(deltas)
             entry["delta_vs_ta_within_seed_z"] = [m["vs_task_arithmetic"]["z"] for m in per_seed]
-            entry["delta_vs_ta_t"] = t
-            entry["beyond_noise"] = bool(n > 1 and abs(t) > T_CRITICAL.get(n - 1, 2.0))
+            entry["delta_vs_ta_t"] = paired_t(deltas)
+            entry["beyond_noise"] = beyond_noise(deltas)
             entry["below_base_retention_2se"] = {
                 name: sum(1 for m in per_seed if m["vs_base_retention"][name]["z"] < -2) for name in retention
             }
