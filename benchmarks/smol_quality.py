@@ -78,12 +78,16 @@ class SmolScorer:
         self.retention = list(zoo.manifest.get("retention", {}))
         self.documents = {(name, split): smol_documents(zoo, name, split) for name in zoo.tasks + self.retention for split in ("validation", "test")}
         self.model = load_causal_lm(zoo.base, device)
+        self.tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()  # the checkpoint stores the embedding once
 
     def __call__(self, state: Dict[str, torch.Tensor], split: str, names: Sequence[str]) -> Dict[str, List[int]]:
         from mergekit_ext.zoo.smol import chat_generate
         from mergekit_ext.zoo.train import multiple_choice_correct
 
-        self.model.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, strict=False)
+        outcome = self.model.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, strict=False)
+        untied_missing = [name for name in outcome.missing_keys if name not in self.tied]
+        if outcome.unexpected_keys or untied_missing:
+            raise ValueError(f"merged state does not fit the base: missing {untied_missing[:3]}, unexpected {outcome.unexpected_keys[:3]}")
         items: Dict[str, List[int]] = {}
         with torch.no_grad():
             for name in names:
