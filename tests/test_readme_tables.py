@@ -31,6 +31,17 @@ def test_tables_live_in_the_readme_and_the_docs():
     assert all(path.parent == render_readme.DOCS for path in locations["adarank"])
 
 
+def test_adarank_table_agrees_with_the_benchmarks_own_reports():
+    """Every score of the rendered AdaRank table is one that `adarank_bench.py --render` wrote
+    into results/adarank.md or results/adarank-schedule.md (same runs, same selection)."""
+    import re
+
+    reports = "".join((render_readme.RESULTS / name).read_text(encoding="utf-8") for name in ("adarank.md", "adarank-schedule.md"))
+    scores = re.findall(r"\d\.\d{3} ± \d\.\d{3}", render_readme.RENDERERS["adarank"]())
+    assert len(scores) == 4 * 4
+    assert [score for score in scores if score not in reports] == []
+
+
 @pytest.mark.parametrize("name", sorted(render_readme.RENDERERS))
 def test_a_changed_number_is_caught(name):
     """The check can fail: one digit changed in a table is reported, wherever it lives, and rendering restores it."""
