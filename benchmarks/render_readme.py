@@ -1,6 +1,6 @@
-"""The README's result tables, rendered from the committed result files.
+"""The result tables of README.md and docs/*.md, rendered from the committed result files.
 
-Each rendered table sits in README.md between two markers::
+Each rendered table sits in README.md or in a page of docs/ between two markers::
 
     <!-- begin table:NAME -->
     | ... |
@@ -8,9 +8,11 @@ Each rendered table sits in README.md between two markers::
 
 and ``RENDERERS[NAME]`` is the function that renders it from files under
 ``benchmarks/results/`` (a result file a command of this repository wrote).
-A new table is one ``@renderer("name")`` function here plus its two markers.
+A new table is one ``@renderer("name")`` function here plus its two markers, in
+one of those files (each table is marked once). A table whose result file has
+not been written yet is listed in ``PENDING`` and stays empty until it has.
 
-    python -m benchmarks.render_readme           # rewrite the tables in README.md
+    python -m benchmarks.render_readme           # rewrite the tables in README.md and docs/*.md
     python -m benchmarks.render_readme --check   # exit 1 naming every table that differs from its file
 
 tests/test_readme_tables.py runs the check.
@@ -23,13 +25,18 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 
 RENDERERS: Dict[str, Callable[[], str]] = {}
+# Tables marked before their benchmark has written its file: NAME -> that file under
+# benchmarks/results/. The block must stay empty while the file is missing; once the
+# file exists, the table needs its renderer like any other.
+PENDING: Dict[str, str] = {"smol-quality": "smol-quality.json"}
 _BLOCK = re.compile(r"(<!-- begin table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end table:(?P=name) -->)", re.S)
 
 
@@ -123,7 +130,99 @@ def architectures_table() -> str:
     return render_table(_load("architectures.json"))
 
 
+@renderer("adarank")
+def adarank_table() -> str:
+    """AdaRank's learner on every base method (`adarank_bench.py`): validation prompts only
+    (results/adarank.json), + 384 unlabeled prompts at the earlier constant rate, and the
+    learner's defaults (results/adarank-schedule.json); mean ± sample std over the zoos."""
+    from mergekit_ext.evaluate.protocol.selection import select
+    from mergekit_ext.evaluate.protocol.stats import summary
+    from mergekit_ext.methods import adarank as defaults
+
+    def zoos(result: Dict) -> List[str]:
+        return [key for key, value in result.items() if isinstance(value, dict) and "experts" in value]
+
+    def mean(values) -> float:
+        return sum(values) / len(values)
+
+    def test_of(result: Dict, key: str) -> List[float]:
+        """Each zoo's test exact match of run ``key``: a base method's, or a learned run's at its last step."""
+        scores = []
+        for zoo in zoos(result):
+            run = result[zoo]["runs"][key]
+            if "checkpoints" in run:
+                run = run["checkpoints"][max(run["checkpoints"], key=int)]
+            scores.append(mean(run["test"]))
+        return scores
+
+    def validation_chosen(result: Dict, config: str) -> List[float]:
+        """Test per zoo at the (lr, step) of ``config`` with the best mean validation (adarank_bench --summarise)."""
+        candidates: Dict[Tuple[str, int], Dict[str, Dict]] = {}
+        for zoo in zoos(result):
+            for key, run in result[zoo]["runs"].items():
+                if key.rsplit(":", 1)[0] == config:
+                    for step, point in run["checkpoints"].items():
+                        candidates.setdefault((key.rsplit(":", 1)[1], int(step)), {})[zoo] = point
+        complete = [choice for choice, points in candidates.items() if len(points) == len(zoos(result))]
+        scores = [mean([mean(point["validation"]) for point in candidates[choice].values()]) for choice in complete]
+        points = candidates[select(complete, scores).setting]
+        return [mean(points[zoo]["test"]) for zoo in zoos(result)]
+
+    def closed(test: List[float], base: List[float], experts: List[float]) -> Dict:
+        return summary([(t - b) / (e - b) for t, b, e in zip(test, base, experts)])
+
+    def cell(test: List[float], gap: Dict, bold: bool = False) -> Tuple[str, str]:
+        stats = summary(test)
+        score = f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+        share = f"{100 * gap['mean']:.0f} ± {100 * gap['std']:.0f} %"
+        return (f"**{score}**", f"**{share}**") if bold else (score, share)
+
+    before, after = _load("adarank.json"), _load("adarank-schedule.json")
+    experts = [mean(after[zoo]["experts"]["test"]) for zoo in zoos(after)]
+    experts_before = [mean(before[zoo]["experts"]["test"]) for zoo in zoos(before)]
+    ta = test_of(after, "ta:base")
+    constant = f"u{defaults.DEFAULT_ZOO_UNLABELED}:b{defaults.DEFAULT_BATCH_SIZE}:0.003"
+    default = f"u{defaults.DEFAULT_ZOO_UNLABELED}:b{defaults.DEFAULT_BATCH_SIZE}:s{defaults.DEFAULT_LR_SCHEDULE}:{defaults.DEFAULT_LR:g}"
+    rate = f"{defaults.DEFAULT_LR:.0e}".replace("e-0", "e-")
+    names = {"cart": "CART", "ta": "TA", "tsv_m": "TSV-M", "iso_cts": "Iso-CTS"}
+    lines = [
+        f"| base method (λ chosen on validation per seed) | base | validation prompts only, ≤ 300 steps, constant lr 3e-3, batch 16 |"
+        f" + {defaults.DEFAULT_ZOO_UNLABELED} unlabeled, {defaults.DEFAULT_STEPS} steps, constant lr 3e-3 |"
+        f" **defaults: {defaults.DEFAULT_LR_SCHEDULE} lr {rate}** | gap closed (defaults) | − task arithmetic, per seed (defaults) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, name in names.items():
+        priors = ", ".join(str(after[zoo]["runs"][f"{variant}:base"]["prior"]) for zoo in zoos(after))
+        base = test_of(after, f"{variant}:base")
+        base_before = test_of(before, f"{variant}:base")
+        first = validation_chosen(before, f"{variant}:distill:full")
+        second = test_of(after, f"{variant}:distill:full:{constant}")
+        learned = test_of(after, f"{variant}:distill:full:{default}")
+        score, share = cell(learned, closed(learned, base, experts), bold=True)
+        cells = [
+            "{} ({})".format(*cell(first, closed(first, base_before, experts_before))),
+            "{} ({})".format(*cell(second, closed(second, base, experts))),
+            score,
+            share,
+            " / ".join(_signed(t - a) for t, a in zip(learned, ta)),
+        ]
+        lines.append(f"| {name} ({priors}) | {cell(base, summary([0.0]))[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------
+
+
+def documents() -> List[Path]:
+    """The files whose tables are rendered: README.md and every docs/*.md."""
+    return [README] + sorted(DOCS.glob("*.md"))
+
+
+def _check_pending(name: str, body: str) -> None:
+    if (RESULTS / PENDING[name]).exists():
+        raise KeyError(f"table '{name}': benchmarks/results/{PENDING[name]} exists, so the table needs its renderer in benchmarks/render_readme.py")
+    if body.strip():
+        raise KeyError(f"table '{name}' has no renderer yet: its block must stay empty until benchmarks/results/{PENDING[name]} exists")
 
 
 def render(text: str) -> str:
@@ -132,7 +231,10 @@ def render(text: str) -> str:
     def replace(match: re.Match) -> str:
         name = match.group("name")
         if name not in RENDERERS:
-            raise KeyError(f"README table '{name}' has no renderer in benchmarks/render_readme.py")
+            if name in PENDING:
+                _check_pending(name, match.group("body"))
+                return match.group(0)
+            raise KeyError(f"table '{name}' has no renderer in benchmarks/render_readme.py")
         return match.group(1) + RENDERERS[name]() + match.group(4)
 
     return _BLOCK.sub(replace, text)
@@ -143,7 +245,11 @@ def stale_tables(text: str) -> List[str]:
     stale = []
     for match in _BLOCK.finditer(text):
         name = match.group("name")
-        if name not in RENDERERS or RENDERERS[name]() != match.group("body"):
+        if name not in RENDERERS:
+            if name in PENDING and not (RESULTS / PENDING[name]).exists() and not match.group("body").strip():
+                continue
+            stale.append(name)
+        elif RENDERERS[name]() != match.group("body"):
             stale.append(name)
     return stale
 
@@ -152,22 +258,41 @@ def marked_tables(text: str) -> List[str]:
     return [match.group("name") for match in _BLOCK.finditer(text)]
 
 
+def table_locations() -> Dict[str, List[Path]]:
+    """Every marked table name -> the files that mark it (README.md and docs/*.md)."""
+    locations: Dict[str, List[Path]] = {}
+    for path in documents():
+        for name in marked_tables(path.read_text(encoding="utf-8")):
+            locations.setdefault(name, []).append(path)
+    return locations
+
+
+def table_file(name: str) -> Optional[Path]:
+    """The file that marks table ``name`` (None if none does)."""
+    return next(iter(table_locations().get(name, [])), None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a table differs from its file")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--readme", type=Path, default=None, help="one file only (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
-    text = args.readme.read_text(encoding="utf-8")
-    if args.check:
-        stale = stale_tables(text)
-        for name in stale:
-            print(f"{args.readme}: table '{name}' differs from its result file; run: python -m benchmarks.render_readme", file=sys.stderr)
-        return 1 if stale else 0
-    rendered = render(text)
-    if rendered != text:
-        args.readme.write_text(rendered, encoding="utf-8")
-    print(f"{args.readme}: {len(marked_tables(text))} tables rendered ({', '.join(marked_tables(text))})")
-    return 0
+    paths = [args.readme] if args.readme else documents()
+    stale_any = False
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        if not marked_tables(text):
+            continue
+        if args.check:
+            for name in stale_tables(text):
+                stale_any = True
+                print(f"{path}: table '{name}' differs from its result file; run: python -m benchmarks.render_readme", file=sys.stderr)
+            continue
+        rendered = render(text)
+        if rendered != text:
+            path.write_text(rendered, encoding="utf-8")
+        print(f"{path}: {len(marked_tables(text))} tables rendered ({', '.join(marked_tables(text))})")
+    return 1 if stale_any else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 built here, no hub): each cell works (the input's tensor names, a model transformers loads,
 finite logits, the method's identity where benchmarks/architectures.py checks one) or refuses
 with one line. The committed benchmarks/results/architectures.json, and the README table
-rendered from it, must say what this run sees."""
+rendered from it (docs/architectures.md), must say what this run sees."""
 
 from __future__ import annotations
 
@@ -52,9 +52,10 @@ def test_results_file_covers_the_matrix():
 def test_readme_table_is_the_results_file():
     from benchmarks import render_readme
 
-    text = render_readme.README.read_text(encoding="utf-8")
-    assert "architectures" in render_readme.marked_tables(text), "README.md has no architectures table markers"
-    assert "architectures" not in render_readme.stale_tables(text), "README's table differs: run `python -m benchmarks.render_readme`"
+    page = render_readme.table_file("architectures")
+    assert page is not None, "neither README.md nor docs/*.md has the architectures table markers"
+    text = page.read_text(encoding="utf-8")
+    assert "architectures" not in render_readme.stale_tables(text), f"{page.name}'s table differs: run `python -m benchmarks.render_readme`"
 
 
 def test_a_failed_check_is_not_a_pass(tmp_path):
