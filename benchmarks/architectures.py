@@ -1,4 +1,4 @@
-"""Every method and command on the architectures people merge: the matrix behind the README's
+"""Every method and command on the architectures people merge: the matrix behind docs/architectures.md's
 "Supported architectures" table and tests/test_architectures.py.
 
 For each layout of ``modeling.ARCHITECTURES`` a tiny random base (hidden 32, 2 layers, the char
@@ -17,7 +17,7 @@ average; ``adarank learn`` (variant ta, prior 1, every component, lr 1e-6) = θ0
 reverts an adapter exactly.
 
     python -m benchmarks.architectures              # writes benchmarks/results/architectures.{json,md}
-    python -m benchmarks.architectures --readme     # also re-renders README.md's tables
+    python -m benchmarks.architectures --readme     # also re-renders the tables of README.md and docs/
     python -m benchmarks.architectures --cells tune --readme   # rerun some cells, update the file
     python -m benchmarks.architectures --render-only --readme   # re-render from the committed file
 """
@@ -414,7 +414,7 @@ def write_check_task(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# The result file and the README table
+# The result file and the docs table
 
 
 def run_matrix(root: Path, architectures=None, cells=CELLS, progress: bool = True) -> Dict:
@@ -438,7 +438,7 @@ def run_matrix(root: Path, architectures=None, cells=CELLS, progress: bool = Tru
 
 
 def render_table(data: Dict) -> str:
-    """The README's table: one row per method or command, one column per architecture."""
+    """The docs table: one row per method or command, one column per architecture."""
     names = list(data["architectures"])
     lines = ["| method / command | " + " | ".join(f"`{name}`" for name in names) + " |", "|---|" + "---|" * len(names)]
     notes: List[str] = []
@@ -490,10 +490,10 @@ def updated(previous: Dict, subset: Dict) -> Dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="writes OUT.json and OUT.md")
-    parser.add_argument("--readme", action="store_true", help="also re-render README.md's tables (benchmarks/render_readme.py)")
+    parser.add_argument("--readme", action="store_true", help="also re-render the README and docs tables (benchmarks/render_readme.py)")
     parser.add_argument("--architectures", default=None, help="comma-separated subset (default: all)")
     parser.add_argument("--cells", default=None, help="comma-separated subset of cells (default: all)")
-    parser.add_argument("--render-only", action="store_true", help="re-render OUT.md (and README with --readme) from OUT.json, running nothing")
+    parser.add_argument("--render-only", action="store_true", help="re-render OUT.md (and the docs tables with --readme) from OUT.json, running nothing")
     arguments = parser.parse_args(argv)
     from mergekit_ext import io
 

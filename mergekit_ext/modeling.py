@@ -135,7 +135,7 @@ def architecture_config(name: str, vocab_size: int):
     return builders[name]()
 
 
-# name: what the layout adds (the README's table lists these).
+# name: what the layout adds (docs/architectures.md's table lists these).
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM, untied lm_head",
     "llama-tied": "LlamaForCausalLM, tie_word_embeddings (Llama-3.2-1B/3B, SmolLM2)",

@@ -181,5 +181,5 @@ PRESETS: Dict[str, Preset] = {
 # <= 10 minutes on 2 cores): the hard preset's model, tasks and training, with half its
 # validation and test items (50 + 100 per task: 400 + 800) and LoRA adapters trained for
 # half the steps (the demo merges the full fine-tunes only; the adapters stay for
-# `lora merge` and the recipes). Measured numbers are in demo/run.py and the README.
+# `lora merge` and the recipes). Measured numbers: benchmarks/results/demo.md.
 PRESETS["demo-hard"] = replace(PRESETS["hard"], name="demo-hard", lora_steps=30, validation_items=50, test_items=100, lambda_grid=(0.3, 0.5, 0.7))

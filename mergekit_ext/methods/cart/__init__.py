@@ -16,8 +16,7 @@ PAPER_URL = "https://arxiv.org/abs/2412.12153"
 # setting is 0.12 / 2.0.
 DEFAULT_LAMBDA = 2.0
 DEFAULT_RANK_RATIO = 0.1
-# Top-k eigenvectors of the smaller Gram matrix: agrees with a full LAPACK SVD
-# to ~1e-5 relative on realistic spectra and is 2-11x faster at every k
-# measured; "randomized" is faster still for small k but its truncation can
-# differ from the SVD's by ~5-15 % on flat spectra (see the README numbers).
+# Top-k eigenvectors of the smaller Gram matrix: the same subspace as a full
+# LAPACK SVD (tests/test_factorizations.py) for less work; "randomized" is
+# cheaper still for small k, but its truncation is approximate on flat spectra.
 DEFAULT_SVD = "gram"
