@@ -5,11 +5,14 @@ study of real LLM merges (arXiv 2511.21437) finds reliable:
 
 * ``base`` and each ``expert`` on its own task (the zoo's build scores);
 * ``task_arithmetic`` with its λ chosen on the VALIDATION split (mean exact
-  match over the instruction tasks) from ``TA_LAMBDAS``: the reference;
+  match over the instruction tasks) from its grid: the reference;
 * every other method of this package and of mergekit at its shipped setting
-  (``DEFAULT_SETTINGS``: our methods' documented defaults, mergekit's methods as
-  the recipes in ``recipes/`` set them); no validation is spent on them, so the
-  comparison with the tuned reference is conservative for them.
+  (our methods' documented defaults, mergekit's methods as the recipes in
+  ``recipes/`` set them); no validation is spent on them, so the comparison
+  with the tuned reference is conservative for them.
+
+The settings are the ``smol`` entries of the protocol's grid table
+(``mergekit_ext.evaluate.protocol.grids.SMOL_GRIDS``).
 
 Every merge runs through mergekit's own engine (``merge_state_dicts``) and is
 scored on the TEST split by the smol zoo's in-process scorer (greedy chat
@@ -39,27 +42,13 @@ import torch  # noqa: E402
 from benchmarks import runner  # noqa: E402
 
 REFERENCE = "task_arithmetic"
-TA_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
-# What a user gets with no parameters of their own: our methods' defaults (parameters
-# left out), mergekit's methods as this project's recipes write them.
-TIES_RECIPE = {"weight": 1.0, "density": 0.5, "lambda": 0.8}
-DEFAULT_SETTINGS: Dict[str, Dict[str, Any]] = {
-    "linear": {"weight": 1.0, "normalize": True},
-    "model_stock": {},
-    "ties": TIES_RECIPE,
-    "dare_ties": TIES_RECIPE,
-    "breadcrumbs_ties": dict(TIES_RECIPE, gamma=0.01),
-    "della": dict(TIES_RECIPE, epsilon=0.1),
-    "consensus_ta": {},
-    "consensus_ties": {},
-    "cart": {},
-    "tsv_m": {},
-    "iso_c": {},
-    "iso_cts": {},
-    "opcm": {},
-    "rmm": {},
-}
+
+def smol_settings() -> Dict[str, List[Dict[str, Any]]]:
+    """Each method's settings on the smol zoo, from the protocol's one grid table."""
+    from mergekit_ext.evaluate.protocol.grids import SMOL_GRIDS
+
+    return SMOL_GRIDS
 
 
 class SmolScorer:
@@ -179,18 +168,19 @@ def run(args) -> Dict[str, Any]:
     # The reference: task arithmetic at its validation-best λ.
     selection: Dict[str, Any] = {}
     validation = []
-    for value in tqdm(TA_LAMBDAS, desc="task arithmetic λ on validation", unit="λ", disable=args.quiet):
-        state = merge(REFERENCE, {"weight": 1.0, "lambda": value})
+    grids = smol_settings()
+    for setting in tqdm(grids[REFERENCE], desc="task arithmetic λ on validation", unit="λ", disable=args.quiet):
+        state = merge(REFERENCE, setting)
         scores = scorer(state, "validation", tasks)
         validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
-    chosen = select([{"weight": 1.0, "lambda": value} for value in TA_LAMBDAS], validation)  # ties: the smaller λ
+    chosen = select(grids[REFERENCE], validation)  # ties: the smaller λ
     selection[REFERENCE] = {
         "grid": chosen.settings,
         "validation_mean_accuracy": validation,
         "chosen": chosen.setting,
         "chosen_validation_mean_accuracy": chosen.score,
     }
-    settings = {REFERENCE: selection[REFERENCE]["chosen"], **{m: s for m, s in DEFAULT_SETTINGS.items() if not args.methods or m in args.methods}}
+    settings = {REFERENCE: chosen.setting, **{m: grid[0] for m, grid in grids.items() if m != REFERENCE and (not args.methods or m in args.methods)}}
     failures: Dict[str, str] = {}
     for method, setting in tqdm(settings.items(), desc="merge + score test", unit="method", disable=args.quiet):
         begun = time.perf_counter()

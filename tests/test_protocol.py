@@ -116,8 +116,12 @@ def test_one_grid_table_serves_every_user():
     assert DEFAULT_SPACES is grids.DEFAULT_SPACES
     assert demo.DEMO_GRIDS is grids.DEMO_GRIDS["generation"] and demo.MULTIPLE_CHOICE_GRIDS is grids.DEMO_GRIDS["multiple_choice"]
     # every grid of a method is in its one entry, under a known use
-    uses = {"quality", "demo", "tune", "sweep", "adarank_prior"}
+    uses = {"quality", "demo", "tune", "sweep", "adarank_prior", "smol"}
     assert all(set(entry) <= uses for entry in grids.METHOD_GRIDS.values())
+    from benchmarks import smol_quality
+
+    assert smol_quality.smol_settings() is grids.SMOL_GRIDS
+    assert all(grids.METHOD_GRIDS[method]["smol"] is grid for method, grid in grids.SMOL_GRIDS.items())
     assert grids.quality_grid("task_arithmetic", "generation")[0] == {"weight": 1.0, "lambda": 0.2}
     # a method without an entry tunes its lambda if it has one, else runs once
     assert grids.quality_grid("new_method", "generation", ["lambda"]) == [{"lambda": v} for v in grids.WIDE_LAMBDAS]

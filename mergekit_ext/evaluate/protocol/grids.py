@@ -11,6 +11,8 @@ An entry names the grid each user of the protocol searches:
   searched, a scalar is fixed);
 - ``sweep``: the wider validation-only sweep of ``quality.py --defaults-sweep`` (the
   evidence for the defaults in ``methods/<family>/__init__.py``);
+- ``smol``: ``benchmarks/smol_quality.py``'s settings on the real-LLM zoo (task
+  arithmetic's λ grid; one shipped setting for every other method);
 - ``adarank_prior``: the λ grid ``benchmarks/adarank_bench.py`` chooses a base method's
   setting from before AdaRank learns on top of it.
 
@@ -191,6 +193,22 @@ DEMO_GRIDS: Dict[str, Dict[str, Dict[str, Sequence[Any]]]] = {kind: _view("demo"
 DEFAULT_SPACES: Dict[str, Dict[str, Any]] = _view(
     "tune", order=("task_arithmetic", "ties", "consensus_ta", "consensus_ties", "cart", "opcm", "rmm", "tsv_m", "iso_c", "iso_cts")
 )
+# The real-LLM benchmark (benchmarks/smol_quality.py): task arithmetic's λ is chosen on
+# validation; every other method runs once, at what a user gets without tuning (our
+# methods' documented defaults; mergekit's TIES family as recipes/ties.yml sets it).
+_RECIPE_TIES = {"weight": 1.0, "density": 0.5, "lambda": 0.8}
+SMOL_GRIDS: Dict[str, List[Setting]] = {
+    "task_arithmetic": [{"weight": 1.0, "lambda": value} for value in (0.2, 0.4, 0.6, 0.8, 1.0)],
+    "linear": [{"weight": 1.0, "normalize": True}],
+    "model_stock": [{}],
+    "ties": [_RECIPE_TIES],
+    "dare_ties": [_RECIPE_TIES],
+    "breadcrumbs_ties": [dict(_RECIPE_TIES, gamma=0.01)],
+    "della": [dict(_RECIPE_TIES, epsilon=0.1)],
+    **{method: [{}] for method in ("consensus_ta", "consensus_ties", "cart", "tsv_m", "iso_c", "iso_cts", "opcm", "rmm")},
+}
+for _method, _grid in SMOL_GRIDS.items():
+    METHOD_GRIDS[_method]["smol"] = _grid
 SWEEP_GRIDS: Dict[str, List[Setting]] = _view("sweep", order=("consensus_ta", "cart", "iso_cts", "iso_c", "tsv_m"))
 # adarank_bench's variants and the methods whose grids they start from.
 ADARANK_BASES = {"ta": "task_arithmetic", "cart": "cart", "tsv_m": "tsv_m", "iso_cts": "iso_cts"}
