@@ -306,16 +306,16 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
-def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
+def aggregate_table(agg: Dict[str, Any]) -> str:
+    """The aggregate as one Markdown table: references first, then the methods by test mean."""
     methods, retention = agg["methods"], agg["retention_tasks"]
-    seeds = len(agg["seeds"])
     references = [label for label in ("base", "expert", REFERENCE) if label in methods]
     order = references + sorted((m for m in methods if m not in references), key=lambda m: -methods[m]["test_mean_std"]["mean"])
 
     def pm(stats: Dict[str, float]) -> str:
         return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
-    header = ["model", "test mean"] + [f"{name} (retention)" for name in retention] + ["− task arithmetic", "beyond noise?"]
+    header = ["model", "test exact match"] + [f"{name} (retention)" for name in retention] + ["− task arithmetic", "beyond noise?"]
     rows = []
     for label in order:
         entry = methods[label]
@@ -325,7 +325,12 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
             verdict = (f"**yes, {'better' if d['mean'] > 0 else 'worse'}**" if entry["beyond_noise"] else "no") + f" (t {entry['delta_vs_ta_t']:.1f})"
         delta = pm(entry["delta_vs_ta_mean_std"]) if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == REFERENCE else "")
         rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, verdict])
-    lambdas = methods[REFERENCE]["lambda"]
+    return runner.markdown_table(header, rows) + "\n"
+
+
+def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
+    seeds = len(agg["seeds"])
+    lambdas = agg["methods"][REFERENCE]["lambda"]
     lines = [
         f"# Merging SmolLM2-135M-Instruct experts: {seeds} seeds",
         "",
@@ -334,10 +339,9 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
         "every other method at its shipped setting. − task arithmetic: the paired per-seed difference; beyond noise: paired t over seeds "
         "above the 95 % critical value.",
         "",
-        runner.markdown_table(header, rows),
-        "",
+        aggregate_table(agg),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
