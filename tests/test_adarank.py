@@ -328,7 +328,7 @@ def test_learner_refuses_bad_options(tiny_family):
         learn([tiny_family["ft0"]], _pools()[:1], options=LearnOptions(variant="ta"), progress=False)
 
 
-@pytest.mark.slow  # prepares a learner: tokenises, builds teacher answers, factorises every layer
+@pytest.mark.slow  # prepares a learner on three tiny models: about 2 s of CPU
 def test_learner_architecture_holds_no_weights_and_needs_every_one(tiny_family, tmp_path):
     """The learner's architecture is built on the meta device (no float32 copy of the
     checkpoint); a checkpoint without a weight the architecture needs is refused by name."""
