@@ -15,7 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# an explicit OMP_NUM_THREADS (a contributor sharing the machine) wins over the 2-thread default
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,6 @@ def test_straight_through_forward_is_hard_and_gradient_flows_through_p():
     torch.testing.assert_close(paper.detach(), mask.detach() * weights)
 
 
-@pytest.mark.slow
 def test_initial_logits_and_band():
     logits = initial_logits(3, (20, 12), band=8, init_rank_ratio=0.25)  # k = int(0.25·12) = 3
     assert logits.shape == (3, 8)
@@ -329,6 +328,7 @@ def test_learner_refuses_bad_options(tiny_family):
         learn([tiny_family["ft0"]], _pools()[:1], options=LearnOptions(variant="ta"), progress=False)
 
 
+@pytest.mark.slow  # prepares a learner on three tiny models: about 2 s of CPU
 def test_learner_architecture_holds_no_weights_and_needs_every_one(tiny_family, tmp_path):
     """The learner's architecture is built on the meta device (no float32 copy of the
     checkpoint); a checkpoint without a weight the architecture needs is refused by name."""

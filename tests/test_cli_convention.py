@@ -107,6 +107,7 @@ def test_lora_merge_suggests_a_parameter_and_a_method(tiny_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and mergekit
 def test_eval_checks_every_path_before_running_any(tiny_family, tmp_path):
     """The second model's typo is reported before lm-eval is even imported, not after the first model's run."""
     args = ["eval", str(tiny_family["base"]), str(tmp_path / "typo"), "--tasks", "x", "--include-path", str(tmp_path)]

@@ -278,6 +278,7 @@ def test_cpu_gram_eigensolver_choice(monkeypatch):
         assert relative(vectors.double() @ vectors.double().mT, exact @ exact.mT) <= 1e-3
 
 
+@pytest.mark.slow  # 3 BLAS threads on a 2-core machine spin for seconds
 def test_cpu_gram_path_uses_torchs_thread_count(monkeypatch):
     """scipy's BLAS runs on as many threads as torch while the Gram path uses it (no
     oversubscription beside a merge limited with --threads / OMP_NUM_THREADS)."""

@@ -35,6 +35,7 @@ def test_stock_mergekit_sees_methods_without_importing_us():
     assert "task_arithmetic" in names  # mergekit's own registry is intact
 
 
+@pytest.mark.slow  # two fresh interpreters that import torch and mergekit
 @pytest.mark.parametrize("first", ["", "import mergekit_ext.methods.cart.method\n"])
 def test_registration_patches_nothing_of_mergekit(first):
     # get / registered_methods are mergekit's own functions, whoever imported mergekit first

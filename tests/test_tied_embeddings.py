@@ -62,6 +62,7 @@ def _task_arithmetic(tied, out, scale):
     return out
 
 
+@pytest.mark.slow  # runs the learner through the CLI, then stock mergekit-yaml
 def test_adarank_learn_cli_step_zero_is_task_arithmetic(tied, tmp_path):
     """The command of the issue, on a tied checkpoint; step 0 through stock mergekit-yaml = TA."""
     prompts = tmp_path / "prompts.txt"

@@ -204,6 +204,7 @@ def test_a_worker_with_another_space_is_refused_with_one_line(zoo, postgres_url,
     assert not out.exists()
 
 
+@pytest.mark.slow  # its space names the trained test zoo, built by the fixture
 @pytest.mark.parametrize(
     "url, says",
     [
