@@ -47,7 +47,7 @@ from mergekit_ext.zoo.format import (
     write_chat_task_yamls,
 )
 from mergekit_ext.zoo.tasks import GENERATION
-from mergekit_ext.zoo.train import cache_argument
+from mergekit_ext.zoo.train import cache_argument, greedy_tokens
 
 SMOL_CARD = "README.md"
 
@@ -142,19 +142,15 @@ def chat_generate(model, tokenizer, prompts: Sequence[str], *, stop: str, max_ne
         if shared:
             cache.batch_repeat_interleave(len(chunk))
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_name: cache})
-        position = positions[:, -1:] + 1
-        generated = []
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = out.logits[:, -1, :].argmax(dim=-1)
-            generated.append(token)
-            done |= token == stop_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=mask.dtype, device=device)], dim=1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{cache_name: cache})
-            position = position + 1
-        tokens = torch.stack(generated, dim=1).tolist()
+        state = {"mask": mask, "position": positions[:, -1:] + 1}
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], torch.ones(len(token), 1, dtype=state["mask"].dtype, device=device)], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=state["mask"], position_ids=state["position"], use_cache=True, **{cache_name: cache}).logits
+            state["position"] = state["position"] + 1
+            return logits
+
+        tokens = greedy_tokens(out.logits, step, stop_id=stop_id, max_new_tokens=max_new_tokens)
         for row, index in enumerate(chunk):
             reply = tokens[row]
             if stop_id in reply:

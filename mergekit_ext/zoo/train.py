@@ -181,22 +181,33 @@ def greedy_generate(
             ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
             cache = DynamicCache()
             out = model(input_ids=ids, use_cache=True, **{cache_name: cache})
-            generated = []
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for step in range(max_new_tokens):
-                token = out.logits[:, -1, :].argmax(dim=-1)
-                generated.append(token)
-                done |= token == stop_id
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                out = model(input_ids=token[:, None], use_cache=True, **{cache_name: cache})
-            tokens = torch.stack(generated, dim=1).tolist()
+            tokens = greedy_tokens(
+                out.logits, lambda token: model(input_ids=token[:, None], use_cache=True, **{cache_name: cache}).logits,
+                stop_id=stop_id, max_new_tokens=max_new_tokens,
+            )
             for row, index in enumerate(chunk):
                 sequence = tokens[row]
                 if stop_id in sequence:
                     sequence = sequence[: sequence.index(stop_id)]
                 outputs[index] = tokenizer.decode(sequence) if decode else "".join(tokenizer.convert_ids_to_tokens(sequence))
     return outputs
+
+
+def greedy_tokens(logits: torch.Tensor, step, *, stop_id: int, max_new_tokens: int) -> List[List[int]]:
+    """Greedy decoding from the prompt's ``logits`` ([rows, positions, vocab]): ``step(tokens)``
+    feeds one new token per row (through the caller's KV cache) and returns its logits.
+    Stops when every row has produced ``stop_id`` or after ``max_new_tokens``; rows keep
+    whatever follows their stop (the caller cuts there)."""
+    generated = []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for index in range(max_new_tokens):
+        token = logits[:, -1, :].argmax(dim=-1)
+        generated.append(token)
+        done |= token == stop_id
+        if bool(done.all()) or index == max_new_tokens - 1:
+            break
+        logits = step(token)
+    return torch.stack(generated, dim=1).tolist()
 
 
 def cache_argument(model) -> str:
