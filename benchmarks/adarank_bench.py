@@ -185,8 +185,6 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
             }  # fmt: skip
             save()
         prior = record["runs"][base_key]["prior"]
-        teacher_pools = (setup.train_pools, setup.held_out_pools)
-        prompt_pools = tuple([[item.sequence.ids[: item.sequence.start] for item in pool] for pool in pools] for pools in teacher_pools)
         for objective, mode, lr, steps in args.plan:
             key = f"{variant}:{objective}:{mode}{suffix}:{lr}"
             if key in record["runs"]:
@@ -194,9 +192,7 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
             run_options = L.LearnOptions(
                 **{**asdict(options), "prior": prior, "objective": objective, "lr": lr, "lr_schedule": args.lr_schedule, "steps": steps, "coefficients_only": mode == "coef"}
             )
-            setup.reset(run_options)
-            setup.objective = L.make_objective(setup.options, setup.tokenizer.pad_token_id or 0, device, setup.stop_ids)
-            setup.train_pools, setup.held_out_pools = teacher_pools if objective == "distill" else prompt_pools
+            setup.reset(run_options)  # the objective too: its items come from the teachers' answers prepared above
             checkpoints = {}
 
             def on_step(step):
@@ -229,7 +225,6 @@ def bench_zoo(path: Path, args, results: Dict, save) -> None:
                 flush=True,
             )
             save()
-        setup.train_pools, setup.held_out_pools = teacher_pools
 
 
 class AllWeights:
@@ -253,12 +248,9 @@ class AllWeights:
 def train_all_weights(setup, steps, wanted, score_with) -> Dict:
     """Train AllWeights from the setup's current state (the base method) with the learner's own
     loop and options; the held-out objective before and after."""
-    from mergekit_ext.methods.adarank import learn as L
-
     reference = AllWeights(setup.model)
     checkpoints = {}
-    with torch.no_grad():
-        before = float(setup.objective(reference, setup.held_out_pools)[0])
+    before = setup.measure(model=reference)[0]
 
     def on_reference_step(step):
         if step in wanted or step == steps:
@@ -266,9 +258,8 @@ def train_all_weights(setup, steps, wanted, score_with) -> Dict:
                 weights = {name: tensor.detach() for name, tensor in reference.weights.items()}
                 checkpoints[str(step)] = {"validation": score_with(weights, "validation"), "test": score_with(weights, "test")}
 
-    history = L._train(reference, setup.objective, setup.train_pools, setup.options, progress=False, on_step=on_reference_step)
-    with torch.no_grad():
-        after = float(setup.objective(reference, setup.held_out_pools)[0])
+    history = setup.train(reference, on_step=on_reference_step)
+    after = setup.measure(model=reference)[0]
     return {
         "checkpoints": checkpoints,
         "history": history[:: max(1, steps // 50)],

@@ -623,3 +623,32 @@ def test_cosine_schedule_settles_the_last_steps(tiny_family):
     assert last_moves["cosine"] < 0.1 * last_moves["constant"]
     with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
         LearnOptions(lr_schedule="linear").resolved()
+
+
+@pytest.mark.slow
+def test_reset_switches_the_objective_of_a_prepared_learner(tiny_family):
+    """One setup prepared for distill serves every objective (the benchmark's grid): after reset
+    the items are the prompts of the teachers' items and measure what a setup prepared for that
+    objective measures; a setup without teachers refuses distill, and the options the
+    factorisation and prompts were built with cannot change."""
+    models = [tiny_family[name] for name in MODELS]
+
+    def prepared(objective):
+        options = LearnOptions(variant="ta", objective=objective, steps=0, batch_size=4, max_new_tokens=3)
+        return prepare(models, _pools(), base=tiny_family["base"], options=options, progress=False)
+
+    shared = prepared("distill")
+    teachers = shared.measure()
+    for objective in ("entropy", "entropy-answer"):
+        direct = prepared(objective)
+        shared.reset(dataclasses.replace(shared.options, objective=objective))
+        assert shared.objective.name == objective
+        assert shared.train_pools == direct.train_pools and shared.held_out_pools == direct.held_out_pools
+        assert shared.measure()[0] == pytest.approx(direct.measure()[0], rel=1e-6)
+    shared.reset(dataclasses.replace(shared.options, objective="distill"))
+    assert shared.measure()[0] == pytest.approx(teachers[0], rel=1e-6)
+    assert shared.measure(model=shared.model) == shared.measure()
+    with pytest.raises(ValueError, match="objective distill needs the experts' answers"):
+        direct.reset(dataclasses.replace(direct.options, objective="distill"))
+    with pytest.raises(ValueError, match="variant can only be set by prepare"):
+        shared.reset(dataclasses.replace(shared.options, variant="cart"))

@@ -30,8 +30,8 @@ so its masks prune directions of the isotropic Σt τt and its coefficient scale
 them, while the task coefficients act only on non-matrix tensors.
 
 ``mask`` [T, band] is binary and ``coef`` [T] is one scalar per task per
-tensor; both are learned at test time (``mergekit_ext.adarank``) by
-minimising prediction entropy on unlabeled prompts, with a straight-through
+tensor; both are learned at test time (``learner.py``) by minimising a label-free
+objective on unlabeled prompts (``objectives.py``), with a straight-through
 estimator on ``p = sigmoid(logit / 10)``.
 
 The band: only the top ``band = max(1, int(max_rank_ratio · min(m, n)))``
@@ -46,8 +46,12 @@ learned file: safetensors with hard masks and coefficients, JSON metadata),
 ``method.py`` (``merge_method: adarank``, which applies a learned file in the
 stock ``mergekit-yaml``: per tensor it recomputes the same deterministic float32
 factorisation and applies the stored masks and coefficients, so the merge
-streams one tensor at a time like any other method), ``learn.py`` (the
-test-time learner) and ``cli.py`` (``mergekit-ext adarank learn / show``).
+streams one tensor at a time like any other method), ``cli.py`` (``mergekit-ext
+adarank learn / show``), and the test-time learner, one module per job:
+``options.py``, ``prompts.py``, ``decoding.py``, ``teacher.py``, ``factorise.py``,
+``merged.py``, ``objectives.py``, ``training.py``, ``masks.py``, ``learner.py``
+(prepare / run / learn), ``apply.py`` and ``describe.py``; ``learn.py`` gathers
+their public names.
 This module holds the constants and defaults only and imports nothing heavy.
 """
 
@@ -86,36 +90,19 @@ VARIANT_DEFAULTS = {
 }
 DEFAULT_VARIANT = "cart"
 DEFAULT_MAX_RANK_RATIO = 1.0
-# Chosen on the hard zoo's validation split (benchmarks/adarank_bench.py; README "AdaRank"),
-# no answers used, three seeds, test exact match mean ± std
-# and the share of the base method's gap to the experts closed:
-# - objective, benchmarks/results/adarank.{json,md}: `distill` is the only objective that
-#   moves exact match; `entropy` and `entropy-answer` stay within ±0.03 of the base method
-#   or fall (CART entropy 0.686 -> 0.657 at 150 steps); lr 1e-3 gets about half as far as 3e-3.
-# - unlabeled prompts and steps, benchmarks/results/adarank-unlabeled.{json,md} (zoos from
-#   an earlier `zoo` build: base 0.364, experts 0.891): on the 100 validation prompts alone, 300 steps close
-#   0.62 ± 0.05 of CART's gap and 0.66 ± 0.08 of TA's; with 384 more unlabeled prompts
-#   per task and 600 steps (batch 16), 0.73 ± 0.07 and 0.76 ± 0.11; validation rose from
-#   300 to 600 steps on all 12 runs (4 bases × 3 seeds); 768 prompts and 1200 steps on
-#   CART gained nothing more (0.71 ± 0.09).
-# - batch, benchmarks/results/adarank-defaults.{json,md} (the zoos `mergekit-ext zoo --preset
-#   hard --seed 0/1/2` builds, the same as adarank.md's: base 0.380, experts 0.876), with the
-#   unlabeled prompts above at a constant rate: CART 0.674 -> 0.801 ± 0.020 (0.62 ± 0.06 of
-#   its gap; 0.54 on validation prompts alone), TA 0.622 -> 0.810 ± 0.015 (0.73 ± 0.03;
-#   0.61 on validation prompts alone). Batch 8 per task equals 16 (CART 0.801 vs 0.797, TA 0.810 vs 0.807) in 58 % of
-#   the time (~165 s vs ~285 s a run); lr 1e-2 on CART chose fewer steps on validation
-#   (0.804 vs 0.813) and scored 0.803 on test.
-# - rate and schedule, benchmarks/results/adarank-schedule.{json,md} (the same zoos, one run, 600 steps, batch
-#   8, every run scored at its last step): a cosine decay of the rate to 0 lets a 10x larger
-#   rate work (our reading: the mask logits stop crossing 0 at the end, so the last step is
-#   a settled merge rather than a sample of the noise a constant rate keeps up). Validation / test on
-#   CART: constant 3e-3 0.807 / 0.806 ± 0.009 (65 % of its gap); cosine 3e-3 0.815, 1e-2
-#   0.829, 3e-2 0.831 / 0.828 ± 0.021 (76 ± 1 %), 1e-1 0.833 / 0.829 (flat past 3e-2).
-#   On TA: constant 3e-3 0.812 / 0.810 (73 %); cosine 1e-2 0.823, 3e-2 0.828 / 0.830 ± 0.019
-#   (81 ± 4 %); TSV-M 63 -> 76 ± 6 %, Iso-CTS 67 -> 75 ± 1 %. Per seed, cosine 3e-2 minus
-#   constant 3e-3 (test): CART +0.023 / +0.043 / -0.001, TA +0.023 / +0.026 / +0.013,
-#   TSV-M +0.010 / +0.047 / +0.017, Iso-CTS +0.015 / +0.020 / +0.003. Training every weight
-#   of CART's merge instead (the bench's reference) reaches the experts (0.873 ± 0.019).
+# Chosen on the hard zoo's validation split with no answers used, three seeds, scored by test
+# exact match (benchmarks/adarank_bench.py; docs/adarank.md; each run in CHANGELOG.md and
+# benchmarks/results/adarank*.md):
+# - objective distill: the only objective that moves exact match; entropy and entropy-answer
+#   stay within ±0.03 of the base method or fall (results/adarank.md).
+# - 384 unlabeled prompts per task and 600 steps: more prompts and more steps raised validation
+#   on all 12 runs (4 bases × 3 seeds); 768 prompts and 1200 steps gained nothing more
+#   (results/adarank-unlabeled.md).
+# - batch 8 per task: as good as 16 (CART 0.801 vs 0.797, TA 0.810 vs 0.807) in 58 % of the
+#   time (results/adarank-defaults.md).
+# - lr 3e-2 with a cosine decay to 0: CART 0.806 ± 0.011 -> 0.828 ± 0.026 (65 -> 76 % of its
+#   gap to the experts) against a constant 3e-3, flat past 3e-2; TA, TSV-M and Iso-CTS gain on
+#   every seed too (results/adarank-schedule.md).
 DEFAULT_STEPS = 600
 DEFAULT_LR = 3e-2
 DEFAULT_BATCH_SIZE = 8
