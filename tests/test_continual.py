@@ -211,7 +211,7 @@ def test_failed_add_leaves_previous_state_intact(tiny_family, tmp_path, monkeypa
     monkeypatch.setattr(io, "tensor_writer", failing_writer)
     if failure == "swap":
         # No atomic exchange, and the second rename fails: the first must be undone.
-        monkeypatch.setattr(io, "exchange", lambda first, second: False)
+        monkeypatch.setattr(io.outputs, "exchange", lambda first, second: False)  # swap_into_place looks it up there
         real_replace = continual.os.replace
 
         def replace(source, destination):

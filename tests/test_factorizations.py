@@ -21,7 +21,8 @@ from mergekit_ext.methods.cart.kernel import cart_merge
 from mergekit_ext.methods.iso import kernel as iso_kernel
 from mergekit_ext.methods.opcm import kernel as opcm_kernel
 from mergekit_ext.methods.tsv import kernel as tsv_kernel
-from mergekit_ext.tensors import polar_factor, singular_value_tolerance
+from mergekit_ext.methods.subspace import polar_factor
+from mergekit_ext.tensors import singular_value_tolerance
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from mergekit_ext.modeling import (
     random_model,
     save_model,
 )
-from mergekit_ext.tensors import polar_factor
+from mergekit_ext.methods.subspace import polar_factor
 
 LLAMA_MATRICES = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 GPT2_MATRICES = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")

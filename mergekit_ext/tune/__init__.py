@@ -1,9 +1,15 @@
 """``mergekit-ext tune``: choose a merge method and its parameters on validation tasks, report on test.
 
 Parts: ``space.py`` (the SPACE file: parsing, validation, ``DEFAULT_SPACES``),
-``study.py`` (the Optuna search; ``score_config``, the trial runner a
-benchmark can call on its own), ``report.py`` (``best.yml``, Markdown, JSON,
-PNGs), ``cli.py`` (``tune_command``, the click command named ``tune``).
+``scoring.py`` (lm-eval scores of a model or a config; ``score_config``, the
+trial runner a benchmark can call on its own), ``storage.py`` (the Optuna
+storage and study), ``sampling.py`` (sampler and ``HopelessPruner``),
+``options.py`` (``RunOptions``), ``workers.py`` (liveness, re-queueing and
+claims between workers), ``trial.py`` (the objective: one trial),
+``search.py`` (the search loop), ``study.py`` (after the search: each method's
+choice scored on test, baselines, verdicts; ``run_tune``, ``report_only``),
+``report.py`` (``best.yml``, Markdown, JSON, PNGs), ``cli.py``
+(``tune_command``, the click command named ``tune``).
 
 The SPACE file
 --------------
@@ -46,7 +52,7 @@ mergekit's required ``weight`` is 1.0 unless given. Higher scores are better.
 
 Protocol: a grid (GridSampler) when every domain is a list, else seeded TPE;
 after each validation task the running mean is reported as an intermediate
-value, and ``study.HopelessPruner`` stops a trial whose running mean falls
+value, and ``sampling.HopelessPruner`` stops a trial whose running mean falls
 more than 2 standard errors (lm-eval's) below the best finished trial of the
 same method at the same step (so a method's first trial is never pruned, and
 each method's choice is the best of its own settings). Each method's
@@ -72,6 +78,11 @@ from typing import Any
 HEARTBEAT_INTERVAL = 10
 GRACE_FACTOR = 6
 
+
+class TuneError(ValueError):
+    """A tuning run that cannot go on (every trial failed, a study of another space...)."""
+
+
 # Public names, loaded on first use so that importing the command stays cheap.
 _EXPORTS = {
     "DEFAULT_SPACES": "space",
@@ -84,16 +95,15 @@ _EXPORTS = {
     "load_space": "space",
     "parse_space": "space",
     "default_method_names": "space",
-    "TaskScore": "study",
-    "EvalSettings": "study",
-    "RunOptions": "study",
-    "TuneError": "study",
-    "HopelessPruner": "study",
-    "read_metric": "study",
-    "score_model": "study",
-    "score_config": "study",
-    "open_study": "study",
-    "run_search": "study",
+    "TaskScore": "scoring",
+    "EvalSettings": "scoring",
+    "RunOptions": "options",
+    "HopelessPruner": "sampling",
+    "read_metric": "scoring",
+    "score_model": "scoring",
+    "score_config": "scoring",
+    "open_study": "storage",
+    "run_search": "search",
     "finalize": "study",
     "run_tune": "study",
     "write_best_yaml": "report",
@@ -117,4 +127,4 @@ def __dir__():
     return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "TuneError"])

@@ -38,11 +38,8 @@ def compress_command(base, models, out, tall_lambda, names, overwrite, zoo_dir, 
     """
     from pathlib import Path
 
-    from mergekit_ext.methods.consensus.format import (
-        compress,
-        score_recovered,
-        zoo_tasks_of,
-    )
+    from mergekit_ext.methods.consensus.format import compress
+    from mergekit_ext.methods.consensus.recovery import score_recovered, zoo_tasks_of
 
     task_names = names.split(",") if names else None
     model_names = task_names or [Path(m).name for m in models]  # compress names them the same way

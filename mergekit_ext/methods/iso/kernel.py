@@ -36,10 +36,9 @@ from mergekit_ext.methods.iso import (
     DEFAULT_LAMBDA,
     SVD_METHOD,
 )
+from mergekit_ext.methods.subspace import polar_factor, subspace_merge
 from mergekit_ext.tensors import (
-    polar_factor,
     singular_value_tolerance,
-    subspace_merge,
     top_triplets_with_complement,
     truncated_svd,
 )
@@ -107,7 +106,7 @@ def iso_cts_components(
     owner = torch.cat([torch.full((size,), block, dtype=torch.long) for block, size in enumerate(sizes)])
     position = torch.cat([torch.arange(size, dtype=torch.long) for size in sizes])
     sigma = torch.cat([*(part[1] for part in tasks), s])
-    # Numerically zero σ are dropped, as in tensors.orthogonalized_stack_kept.
+    # Numerically zero σ are dropped, as in subspace.orthogonalized_stack_kept.
     kept = sigma > singular_value_tolerance((rows, cols), float(sigma.max()), sigma.dtype)
     task_kept, common_kept = kept[: -s.numel() or None], kept[sigma.numel() - s.numel() :]
     task_left = polar_factor(torch.cat([part[0] for part in tasks], dim=1)[:, task_kept])

@@ -27,13 +27,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_ext.methods.subspace import orthogonalized_stack_kept, subspace_merge
 from mergekit_ext.methods.tsv import DEFAULT_LAMBDA, SVD_METHOD
-from mergekit_ext.tensors import (
-    all_singular_triplets,
-    orthogonalized_stack_kept,
-    subspace_merge,
-    truncated_svd,
-)
+from mergekit_ext.tensors import all_singular_triplets, truncated_svd
 
 
 def tsv_components(vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

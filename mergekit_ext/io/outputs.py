@@ -1,7 +1,9 @@
-"""Checkpoint I/O shared by every command: open models, write atomically, hash.
+"""Outputs: never over an input, replace only what we wrote, swap atomically, leave nothing half-written.
 
-Reading and writing go through mergekit's own lazy loader and sharded writer,
-so commands stream one tensor at a time exactly like ``mergekit-yaml``.
+Every output folder gets a marker, so ``--overwrite`` can tell a result of
+ours from anything else; folders and files are written beside their target
+and renamed into place; staging leftovers of killed runs are recognised by the
+PID in their name.
 """
 
 from __future__ import annotations
@@ -10,191 +12,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
-
-from mergekit.io import LazyTensorLoader, TensorWriter
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# Everything in a model folder that is not weights: config, tokenizer, templates.
-SIDE_FILE_NAMES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
-class ModelFolderError(ValueError):
-    """A path given as a model is missing or holds no weights."""
-
-
-# Opting in to pickle checkpoints where torch.load could run their code (``mergekit-ext --allow-pickle-code``).
-ALLOW_PICKLE_ENV = "MERGEKIT_EXT_ALLOW_PICKLE_CODE"
-
-
-def pickle_loading_is_safe() -> bool:
-    """Whether this torch's ``torch.load`` defaults to ``weights_only`` (2.6 and later, unless forced off)."""
-    import torch
-
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    forced_off = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "").lower() in ("1", "true", "yes", "on")
-    return (major, minor) >= (2, 6) and not forced_off
-
-
-def check_pickle_checkpoints(folder: str | os.PathLike) -> None:
-    """Refuse a ``.bin`` (pickle) checkpoint that this torch would unpickle with code execution
-    allowed (mergekit's loader does not pass ``weights_only``), unless the user opted in."""
-    pickles = sorted(f.name for f in Path(folder).iterdir() if f.name.endswith(".bin"))
-    if not pickles or pickle_loading_is_safe() or os.environ.get(ALLOW_PICKLE_ENV) == "1":
-        return
-    raise ModelFolderError(
-        f"{Path(folder) / pickles[0]} is a pickle checkpoint, and this torch's torch.load can run code inside it; "
-        "convert it to .safetensors, use torch >= 2.6, or pass `mergekit-ext --allow-pickle-code` if you trust its source"
-    )
-
-
-def open_model(path: str | os.PathLike) -> LazyTensorLoader:
-    """A lazy tensor loader over a Hugging Face model folder, with a clear error."""
-    folder = Path(path)
-    if not folder.exists():
-        raise ModelFolderError(f"model path does not exist: {folder}")
-    if not folder.is_dir():
-        raise ModelFolderError(f"model path is not a folder: {folder}")
-    if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
-        raise ModelFolderError(f"no .safetensors or .bin weights in model folder: {folder}")
-    check_pickle_checkpoints(folder)
-    try:
-        return LazyTensorLoader.from_disk(str(folder), lazy_unpickle=False)
-    except Exception as error:  # truncated or corrupt shards, bad index: one line naming the folder
-        raise ModelFolderError(f"cannot read the weights of model folder {folder} (truncated or corrupt?): {error}") from None
-
-
-def tensor_names(loader: LazyTensorLoader) -> List[str]:
-    return sorted(loader.index.tensor_paths)
-
-
-def check_same_tensors(reference: LazyTensorLoader, other: LazyTensorLoader, *, reference_label: str, other_label: str) -> None:
-    """Refuse two checkpoints whose tensor names differ (shapes are checked while streaming)."""
-    ours, theirs = set(reference.index.tensor_paths), set(other.index.tensor_paths)
-    if ours != theirs:
-        missing = sorted(ours - theirs)[:5]
-        extra = sorted(theirs - ours)[:5]
-        raise ModelFolderError(
-            f"{other_label} does not have the same tensors as {reference_label}: "
-            f"missing {missing}, unexpected {extra}"
-        )
-
-
-def content_hash(path: str | os.PathLike, names: Optional[Sequence[str]] = None) -> str:
-    """sha256 over a folder's files (names and bytes, streamed), for provenance checks.
-
-    By default the weight files of a model folder; ``names`` lists the files to
-    hash instead (absent ones are skipped), e.g. an adapter's config and weights.
-    A plain file hashes its own bytes.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif names is None:
-        files = sorted(f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
-    else:
-        files = [path / name for name in names if (path / name).is_file()]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def folder_bytes(path: str | os.PathLike) -> int:
-    """Total size of the files below ``path``."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def weight_bytes(path: str | os.PathLike) -> int:
-    """Size of a model folder's weight files."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
-
-
-def header_shapes(path: str | os.PathLike, names: Optional[Iterable[str]] = None) -> Dict[str, Tuple[int, ...]]:
-    """Tensor shapes of a model folder (or one safetensors file) from the headers, no weights read.
-
-    ``names`` limits the result to those tensors. ``.bin`` checkpoints have no
-    header, so their tensors are loaded to read the shapes.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    wanted = None if names is None else set(names)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    if wanted is None or key in wanted:
-                        shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except Exception as error:
-            raise ModelFolderError(f"cannot read safetensors file {file}: {error}") from None
-    if not files and path.is_dir():
-        loader = open_model(path)
-        for key in loader.index.tensor_paths:
-            if wanted is None or key in wanted:
-                shapes[key] = tuple(loader.get_tensor(key).shape)
-    return shapes
-
-
-def header_dtypes(path: str | os.PathLike) -> Dict[str, str]:
-    """Each tensor's stored dtype (safetensors codes: F32, BF16, F16, …) from a model folder's
-    headers, no weights read (``.bin`` checkpoints: none)."""
-    from safetensors import safe_open
-
-    dtypes: Dict[str, str] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    dtypes[key] = handle.get_slice(key).get_dtype()
-        except Exception as error:
-            raise ModelFolderError(f"cannot read safetensors file {file}: {error}") from None
-    return dtypes
-
-
-def check_shape(tensor_name: str, tensor, reference, *, label: str, reference_label: str) -> None:
-    """Refuse a tensor whose shape differs from the reference's (the base, usually), naming both."""
-    if tuple(tensor.shape) != tuple(reference.shape):
-        raise ModelFolderError(
-            f"tensor {tensor_name}: shape {tuple(tensor.shape)} in {label} "
-            f"does not match {tuple(reference.shape)} in {reference_label}"
-        )
-
-
-def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Copy config, tokenizer and generation files (never weights) from a model folder."""
-    source, destination = Path(source), Path(destination)
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in SIDE_FILE_NAMES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, destination / name)
-
-
-# ---------------------------------------------------------------------------
-# Outputs: never over an input, replace only what we wrote, swap atomically
+from typing import Callable, Iterable, Iterator, List, Optional
 
 # Written into every output folder this package produces, so ``--overwrite`` can
 # tell a result of ours (which it may replace) from anything else (which it never deletes).
@@ -531,23 +354,6 @@ def check_sqlite_url(url: Optional[str], inputs: Iterable[Optional[str | os.Path
         check_output_not_input(database, inputs)
 
 
-def read_json_object(path: str | os.PathLike, *, error: type = ValueError, missing: Optional[str] = None) -> Dict:
-    """Read a JSON file that must hold an object; every failure raises ``error`` naming the file.
-
-    ``missing`` is the message for an absent file (default: which file is missing where).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise error(missing or f"no {path.name} in {path.parent}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as problem:
-        raise error(f"{path} is not valid JSON: {problem}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path} does not hold a JSON object")
-    return data
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path that becomes ``path`` (by rename) only if the block succeeds."""
@@ -564,96 +370,3 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
-
-
-def write_json(path: str | os.PathLike, data: Dict, *, indent: Optional[int] = 2) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
-    with atomic_file(path) as temporary:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=indent, sort_keys=False)
-            handle.write("\n")
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary file and rename."""
-    with atomic_file(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def read_jsonl(path: str | os.PathLike) -> List[Dict]:
-    """One JSON object per non-empty line; a bad line is reported with the file and line number."""
-    path = Path(path)
-    items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as problem:
-                raise ValueError(f"{path}:{number}: not valid JSON: {problem}") from None
-    return items
-
-
-def tensor_writer(folder: str | os.PathLike, *, max_shard_size: int = 2 * 1000**3) -> TensorWriter:
-    """mergekit's sharded safetensors writer: ``model.safetensors`` (+ index when sharded),
-    the layout mergekit's loader and transformers read back."""
-    return TensorWriter(str(folder), max_shard_size=max_shard_size, safe_serialization=True)
-
-
-# ---------------------------------------------------------------------------
-# Values and names that come from users
-
-
-class NonFiniteError(ValueError):
-    """A NaN or infinite number where a finite one is required."""
-
-
-def check_finite_tensor(tensor, *, tensor_name: str, source: str) -> None:
-    """Refuse a floating-point tensor holding NaN or ±Inf, naming the tensor and where it came from."""
-    import torch
-
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
-        return
-    bad = int((~finite).sum())
-    kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-    raise NonFiniteError(f"tensor {tensor_name} in {source} holds {bad} non-finite value(s) ({kind}); refusing to use it")
-
-
-def check_finite_number(value: float, *, label: str) -> float:
-    """Refuse a NaN or infinite option value, naming the option."""
-    import math
-
-    if value is not None and not math.isfinite(float(value)):
-        raise NonFiniteError(f"{label} must be a finite number, got {value}")
-    return value
-
-
-_FORBIDDEN_NAME_CHARS = set('/\\\0:*?"<>|')
-
-
-def check_name(name: str, *, what: str = "name") -> str:
-    """A name that becomes a file or folder name: no separators, no ``..``, not hidden, not empty."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{what} must not be empty")
-    bad = sorted(_FORBIDDEN_NAME_CHARS & set(name))
-    if bad or name in (".", "..") or name.startswith(".") or len(name.encode()) > 200 or any(ord(c) < 32 for c in name):
-        raise ValueError(
-            f"{what} {name!r} cannot be used as a file name (no path separators, '..', leading '.', "
-            "control or reserved characters, at most 200 bytes)"
-        )
-    return name
-
-
-def check_dtype_name(name: Optional[str], *, label: str = "--dtype") -> Optional[str]:
-    """Refuse a dtype mergekit cannot write, before any work."""
-    allowed = ("float32", "float16", "bfloat16", "float64")
-    if name is None:
-        return None
-    stripped = name[len("torch."):] if name.startswith("torch.") else name
-    if stripped not in allowed:
-        raise ValueError(f"{label}: unknown dtype {name!r}; choose one of {', '.join(allowed)}")
-    return name
