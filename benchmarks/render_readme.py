@@ -36,7 +36,7 @@ RENDERERS: Dict[str, Callable[[], str]] = {}
 # Tables marked before their benchmark has written its file: NAME -> that file under
 # benchmarks/results/. The block must stay empty while the file is missing; once the
 # file exists, the table needs its renderer like any other.
-PENDING: Dict[str, str] = {"smol-quality": "smol-quality.json"}
+PENDING: Dict[str, str] = {}
 _BLOCK = re.compile(r"(<!-- begin table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- end table:(?P=name) -->)", re.S)
 
 
@@ -120,6 +120,19 @@ def defaults_worst_case_table() -> str:
             worst = bold(f"{entry['worst'][value]:.2f}".replace("-", "−"))
             lines.append(f"| {method} | {bold(value)} | {cells} | {worst} |")
     return "\n".join(lines) + "\n"
+
+
+@renderer("smol-quality")
+def smol_quality_table() -> str:
+    """Every method on the real-LLM smol zoos, over seeds (`smol_quality.py --aggregate`, results/smol-quality.json)."""
+    from benchmarks.smol_quality import aggregate_table
+
+    result = _load("smol-quality.json")
+    caption = (
+        f"Seeds {', '.join(map(str, result['seeds']))} ({len(result['seeds'])} zoo(s)), {result['test_items_per_task']} test items per task "
+        f"and seed; mean ± sample std over seeds; task arithmetic's λ per seed: {', '.join(map(str, result['methods']['task_arithmetic']['lambda']))}.\n\n"
+    )
+    return caption + aggregate_table(result)
 
 
 @renderer("architectures")

@@ -312,19 +312,26 @@ def aggregate_table(agg: Dict[str, Any]) -> str:
     references = [label for label in ("base", "expert", REFERENCE) if label in methods]
     order = references + sorted((m for m in methods if m not in references), key=lambda m: -methods[m]["test_mean_std"]["mean"])
 
-    def pm(stats: Dict[str, float]) -> str:
-        return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+    def pm(stats: Dict[str, float], sign: str = "") -> str:
+        value = f"{stats['mean']:{sign}.3f}"
+        return value if stats["n"] < 2 else f"{value} ± {stats['std']:.3f}"  # one seed has no spread to state
 
-    header = ["model", "test exact match"] + [f"{name} (retention)" for name in retention] + ["− task arithmetic", "beyond noise?"]
+    header = ["model", "test exact match"] + [f"{name} (retention)" for name in retention] + [
+        "− task arithmetic", "paired z per seed", "beyond noise over seeds?",
+    ]
     rows = []
     for label in order:
         entry = methods[label]
-        verdict = ""
+        verdict, within = "", ""
         if "delta_vs_ta_mean_std" in entry:
             d = entry["delta_vs_ta_mean_std"]
-            verdict = (f"**yes, {'better' if d['mean'] > 0 else 'worse'}**" if entry["beyond_noise"] else "no") + f" (t {entry['delta_vs_ta_t']:.1f})"
-        delta = pm(entry["delta_vs_ta_mean_std"]) if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == REFERENCE else "")
-        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, verdict])
+            within = " / ".join(f"{z:+.1f}" for z in entry["delta_vs_ta_within_seed_z"])
+            if d["n"] < 2:
+                verdict = "– (one seed)"
+            else:
+                verdict = (f"**yes, {'better' if d['mean'] > 0 else 'worse'}**" if entry["beyond_noise"] else "no") + f" (t {entry['delta_vs_ta_t']:.1f})"
+        delta = pm(entry["delta_vs_ta_mean_std"], "+") if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == REFERENCE else "")
+        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, within, verdict])
     return runner.markdown_table(header, rows) + "\n"
 
 
@@ -336,8 +343,8 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
         "",
         f"Test split of {seeds} smol zoos (seeds {', '.join(map(str, agg['seeds']))}), {agg['test_items_per_task']} items per task and seed; "
         f"mean ± sample std over seeds. task arithmetic's λ chosen on validation per seed ({', '.join(map(str, lambdas))}); "
-        "every other method at its shipped setting. − task arithmetic: the paired per-seed difference; beyond noise: paired t over seeds "
-        "above the 95 % critical value.",
+        "every other method at its shipped setting. − task arithmetic: the paired per-seed difference; paired z: that difference "
+        "over its paired standard error on the seed's items; beyond noise: paired t over seeds above the 95 % critical value.",
         "",
         aggregate_table(agg),
     ]

@@ -427,7 +427,9 @@ def test_smol_quality_statistics_by_hand():
     assert entry["delta_vs_ta_t"] == pytest.approx(0.1 / (0.05 / 3 ** 0.5))  # 3.46 < 4.303: not beyond noise on 3 seeds
     assert entry["beyond_noise"] is False and entry["below_base_retention_2se"] == {"r": 3}
     assert agg["methods"]["task_arithmetic"]["lambda"] == [0.4, 0.4, 0.4]
-    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | 0.100 ± 0.050 | no (t 3.5) |" in bench.render_aggregate_markdown(agg)
+    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | +0.100 ± 0.050 | +2.5 / +1.0 / +3.0 | no (t 3.5) |" in bench.render_aggregate_markdown(agg)
+    one = bench.aggregate([seed(0, 0.5, 0.6, 2.5)])
+    assert "| tsv_m | 0.600 | 0.800 | +0.100 | +2.5 | – (one seed) |" in bench.aggregate_table(one)
 
 
 @pytest.mark.slow
