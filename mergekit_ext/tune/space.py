@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from mergekit_ext.evaluate.protocol import grids as _protocol_grids
 
@@ -300,23 +300,50 @@ def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **ov
     if not isinstance(document, dict):
         raise fail("a SPACE file is a YAML mapping (a mergekit config plus a `tune:` block)")
     document = dict(document)
-    tune = document.pop("tune", None) or {}
+    tune = _tune_block(document.pop("tune", None) or {}, overrides, fail)
+    top_method = document.pop("merge_method", None)
+    base_dir = source.parent if source.name != "<space>" else Path.cwd()
+    _resolve_config_models(document, base_dir, fail)
+
+    methods = _parse_methods(tune.get("methods"), top_method, document, fail)
+    _check_fixed_parameters(document, methods, fail)
+    validation, test = _parse_tasks(tune.get("tasks"), fail)
+    space = TuneSpace(
+        source=source,
+        base_config=document,
+        methods=methods,
+        validation_tasks=validation,
+        test_tasks=test,
+        include_path=_parse_include_path(tune.get("include_path"), validation + test, base_dir, fail),
+        reference=_parse_reference(tune.get("reference"), validation, test, base_dir, fail),
+        defaults_used=tune.get("methods") is None and top_method is None,
+        **_parse_run_options(tune, fail),
+    )
+    _check_configs(space, fail)
+    return space
+
+
+def _tune_block(tune: Any, overrides: Mapping[str, Any], fail) -> Dict[str, Any]:
+    """The ``tune:`` mapping with its keys checked and the command line's overrides applied."""
     if not isinstance(tune, dict):
         raise fail("`tune:` must be a mapping")
     unknown = sorted(set(tune) - set(TUNE_KEYS))
     if unknown:
         raise fail(f"unknown key(s) under tune: {', '.join(unknown)}{_did_you_mean(unknown[0], TUNE_KEYS)} (known: {', '.join(TUNE_KEYS)})")
+    tune = dict(tune)
     for key, value in overrides.items():
         if key not in TUNE_KEYS:
             raise TypeError(f"unknown override {key!r}")
         if value is not None:
             tune[key] = value
-    top_method = document.pop("merge_method", None)
+    return tune
 
+
+def _resolve_config_models(document: Dict[str, Any], base_dir: Path, fail) -> None:
+    """Check the mergekit part of the SPACE and resolve its model references in place (each listed once)."""
     for key in ("slices", "modules"):
         if document.get(key):
             raise fail(f"`{key}:` configs are not supported by tune; list whole models under `models:`")
-    base_dir = source.parent if source.name != "<space>" else Path.cwd()
     models = document.get("models")
     if not models:
         raise fail("no models: list the models to merge under `models:`")
@@ -341,23 +368,23 @@ def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **ov
     if parameters is not None and not isinstance(parameters, dict):
         raise fail("top-level `parameters:` must be a mapping")
 
-    methods = _parse_methods(tune.get("methods"), top_method, document, fail)
-    _check_fixed_parameters(document, methods, fail)
-    defaults_used = tune.get("methods") is None and top_method is None
 
-    validation, test = _parse_tasks(tune.get("tasks"), fail)
-    include_path = tune.get("include_path")
+def _parse_include_path(include_path: Any, tasks: Sequence[str], base_dir: Path, fail) -> Path:
+    """The folder of lm-eval task YAMLs, which must define every task named."""
     if not include_path:
         raise fail("no include_path: give `tune.include_path` (or --include-path), the folder of the lm-eval task YAMLs")
     include_path = _resolve_path(str(include_path), base_dir)
     if not include_path.is_dir():
         raise fail(f"include_path {include_path} is not a folder")
     known_tasks = local_task_names(include_path)
-    missing = [t for t in validation + test if t not in known_tasks]
+    missing = [t for t in tasks if t not in known_tasks]
     if missing:
         raise fail(f"task(s) {', '.join(missing)} not found in {include_path} (found: {', '.join(sorted(known_tasks)) or 'none'})")
+    return include_path
 
-    reference = _parse_reference(tune.get("reference"), validation, test, base_dir, fail)
+
+def _parse_run_options(tune: Mapping[str, Any], fail) -> Dict[str, Any]:
+    """metric, limit, trials, seed and prune of the ``tune:`` block, checked."""
     metric = tune.get("metric")
     if metric is not None and (not isinstance(metric, str) or not metric):
         raise fail("tune.metric must be a metric name such as acc or exact_match")
@@ -369,24 +396,13 @@ def parse_space(document: Any, source: Union[str, os.PathLike] = "<space>", **ov
     prune = tune.get("prune", True)
     if not isinstance(prune, bool):
         raise fail(f"tune.prune must be true or false, not {prune!r}")
-
-    space = TuneSpace(
-        source=source,
-        base_config=document,
-        methods=methods,
-        validation_tasks=validation,
-        test_tasks=test,
-        include_path=include_path,
-        reference=reference,
-        metric=metric,
-        limit=limit,
-        trials=trials,
-        seed=seed,
-        prune=prune,
-        defaults_used=defaults_used,
-    )
-    _check_configs(space, fail)
-    return space
+    return {
+        "metric": metric,
+        "limit": limit,
+        "trials": trials,
+        "seed": seed,
+        "prune": prune,
+    }
 
 
 def _positive_int(value: Any, name: str, fail) -> Optional[int]:
