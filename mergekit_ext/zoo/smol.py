@@ -47,7 +47,7 @@ from mergekit_ext.zoo.format import (
     write_chat_task_yamls,
 )
 from mergekit_ext.zoo.tasks import GENERATION
-from mergekit_ext.zoo.train import cache_argument, greedy_tokens
+from mergekit_ext.decoding import cache_argument, greedy_tokens
 
 SMOL_CARD = "README.md"
 
@@ -150,7 +150,7 @@ def chat_generate(model, tokenizer, prompts: Sequence[str], *, stop: str, max_ne
             state["position"] = state["position"] + 1
             return logits
 
-        tokens = greedy_tokens(out.logits, step, stop_id=stop_id, max_new_tokens=max_new_tokens)
+        tokens = greedy_tokens(out.logits, step, stop_ids=[stop_id], max_new_tokens=max_new_tokens)
         for row, index in enumerate(chunk):
             reply = tokens[row]
             if stop_id in reply:

@@ -8,13 +8,13 @@ the one for a task's kind.
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from typing import Dict, List, Sequence
 
 import torch
 
+from mergekit_ext.decoding import cache_argument, greedy_tokens
 from mergekit_ext.modeling import pad_right
 from mergekit_ext.zoo.tasks import GENERATION, GENERATION_STOP, MAX_ANSWER, training_pair
 
@@ -183,7 +183,7 @@ def greedy_generate(
             out = model(input_ids=ids, use_cache=True, **{cache_name: cache})
             tokens = greedy_tokens(
                 out.logits, lambda token: model(input_ids=token[:, None], use_cache=True, **{cache_name: cache}).logits,
-                stop_id=stop_id, max_new_tokens=max_new_tokens,
+                stop_ids=[stop_id], max_new_tokens=max_new_tokens,
             )
             for row, index in enumerate(chunk):
                 sequence = tokens[row]
@@ -191,29 +191,6 @@ def greedy_generate(
                     sequence = sequence[: sequence.index(stop_id)]
                 outputs[index] = tokenizer.decode(sequence) if decode else "".join(tokenizer.convert_ids_to_tokens(sequence))
     return outputs
-
-
-def greedy_tokens(logits: torch.Tensor, step, *, stop_id: int, max_new_tokens: int) -> List[List[int]]:
-    """Greedy decoding from the prompt's ``logits`` ([rows, positions, vocab]): ``step(tokens)``
-    feeds one new token per row (through the caller's KV cache) and returns its logits.
-    Stops when every row has produced ``stop_id`` or after ``max_new_tokens``; rows keep
-    whatever follows their stop (the caller cuts there)."""
-    generated = []
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    for index in range(max_new_tokens):
-        token = logits[:, -1, :].argmax(dim=-1)
-        generated.append(token)
-        done |= token == stop_id
-        if bool(done.all()) or index == max_new_tokens - 1:
-            break
-        logits = step(token)
-    return torch.stack(generated, dim=1).tolist()
-
-
-def cache_argument(model) -> str:
-    """The name of forward's KV-cache argument: transformers renamed ``past_key_values`` to ``cache`` (the old name warns)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def exact_match(model, tokenizer, documents: Sequence[Dict], *, device="cpu", batch_size: int = 512) -> float:

@@ -1,9 +1,7 @@
 """Greedy answers of a causal LM to tokenised prompts, and its logits at the answer positions.
 
-``mergekit_ext.zoo.train.greedy_generate`` decodes the same way (prompts grouped by length,
-no padding, a KV cache) from text to text for the zoo's scorer; this one works on token ids
-and keeps the positions the objectives read. Unifying the two belongs to the shared
-evaluation protocol.
+The decoding loop is the package's one (``mergekit_ext.decoding.greedy_tokens``, which the
+zoos' scorers use too); this module keeps the token ids and the positions the objectives read.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_ext.decoding import cache_argument, greedy_tokens
 from mergekit_ext.modeling import pad_right
 
 
@@ -38,7 +37,6 @@ def greedy_answers(forward, prompts: Sequence[Sequence[int]], stop_ids: Sequence
     groups: Dict[int, List[int]] = {}
     for index, ids in enumerate(prompts):
         groups.setdefault(len(ids), []).append(index)
-    stops = torch.tensor(list(stop_ids) or [-1], device=device)
     with torch.no_grad():
         for length in sorted(groups):
             members = groups[length]
@@ -46,16 +44,10 @@ def greedy_answers(forward, prompts: Sequence[Sequence[int]], stop_ids: Sequence
                 chunk = members[first : first + batch_size]
                 ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)
                 cache = DynamicCache()
-                output = forward(ids, cache)
-                generated, done = [], torch.zeros(len(chunk), dtype=torch.bool, device=device)
-                for step in range(max_new_tokens):
-                    token = output.logits[:, -1, :].argmax(dim=-1)
-                    generated.append(token)
-                    done |= torch.isin(token, stops)
-                    if bool(done.all()) or step == max_new_tokens - 1:
-                        break
-                    output = forward(token[:, None], cache)  # the cache is updated in place
-                rows = torch.stack(generated, dim=1).tolist()
+                rows = greedy_tokens(
+                    forward(ids, cache).logits, lambda token: forward(token[:, None], cache).logits,  # the cache is updated in place
+                    stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                )
                 for row, index in zip(rows, chunk):
                     cut = next((j + 1 for j, token in enumerate(row) if token in stop_ids), len(row))
                     answer = row[:cut]
@@ -66,9 +58,7 @@ def greedy_answers(forward, prompts: Sequence[Sequence[int]], stop_ids: Sequence
 
 def cache_keyword(model) -> str:
     """The keyword a causal LM's forward takes its KV cache by (``cache`` since transformers 5.x)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return cache_argument(model)
 
 
 def _answer_positions(sequences: Sequence[Answered], device) -> Tuple[torch.Tensor, torch.Tensor]:
