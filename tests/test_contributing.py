@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import List
 
-import pytest
 from conftest import REPO_ROOT
 
 STEPS = {

@@ -8,7 +8,6 @@ half-imported (a runtime import cycle, which reading the import statements canno
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
