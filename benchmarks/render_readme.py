@@ -76,6 +76,23 @@ def demo_table() -> str:
     return format_summary_markdown(_load("demo.json"))
 
 
+@renderer("demo-time")
+def demo_time_table() -> str:
+    """Where the demo's time went, from the same run's report (benchmarks/results/demo.json)."""
+    run = _load("demo.json")["demo"]
+    phases = run["phase_seconds"]
+    rows = [
+        ("build the zoo", run["zoo_seconds"]),
+        ("AdaRank learn", phases.get("adarank_learn", 0.0)),
+        ("merges", phases["merge"]),
+        ("lm-eval", phases["evaluate"]),
+        ("**total (wall)**", run["total_seconds"]),
+        ("CPU", run["cpu_seconds"]),
+    ]
+    lines = ["| phase | seconds |", "|---|---:|"] + [f"| {name} | {seconds:.1f} |" for name, seconds in rows]
+    return "\n".join(lines) + "\n"
+
+
 @renderer("quality-hard")
 def quality_hard_table() -> str:
     """The 3-seed quality table on the `hard` zoo (benchmarks/results/quality-hard.json, `quality.py --aggregate`)."""
