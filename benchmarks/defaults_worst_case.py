@@ -13,8 +13,16 @@ multiple-choice ones); the `hard` zoos' 3-seed sweep is read from
 seed's base and expert levels from ``results/quality-hard.json`` (its test split:
 validation levels were not recorded there).
 
+A `smol` zoo (real SmolLM2 experts) is swept with the smol benchmark's scorer
+(greedy chat replies, exact match over the instruction tasks), with its base and
+expert levels from the zoo's own validation scores; each candidate's retention
+score (what the base knew) is kept beside its share. Zoos swept by an earlier run
+stay in the result unless ``--zoo`` sweeps them again (``--fresh`` drops them), so
+one more zoo costs only its own sweep.
+
     mergekit-ext zoo ZOO_DEMO --preset demo; mergekit-ext demo   # the recipes' zoo and the demo's (./demo-zoo)
     python benchmarks/defaults_worst_case.py --zoo demo=ZOO_DEMO --zoo demo-hard=demo-zoo --threads 1
+    python benchmarks/defaults_worst_case.py --zoo smol-s2=ZOO_SMOL_S2 --threads 1   # adds a column
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ def sweep_zoo(zoo_dir: str) -> Dict:
     from mergekit_ext.zoo import load_causal_lm, load_zoo, merge_in_memory, score
 
     zoo = load_zoo(zoo_dir)
+    if "chat" in zoo.manifest:
+        return sweep_smol_zoo(zoo)
     tokenizer = AutoTokenizer.from_pretrained(str(zoo.base))
     base_state = load_state_dict(zoo.base)
     experts = {task: load_state_dict(zoo.expert(task)) for task in zoo.tasks}
@@ -73,6 +83,45 @@ def sweep_zoo(zoo_dir: str) -> Dict:
             rows.append({"lambda": _key(setting), "validation": mean_score(lambda task: merged)})
         methods[method] = rows
     return {"zoo": str(zoo.root), "kind": zoo.task_kind, "metric": zoo.metric, "base": base, "expert": expert, "methods": methods}
+
+
+def sweep_smol_zoo(zoo) -> Dict:
+    """The sweep on a real-LLM `smol` zoo: validation exact match of the chat replies, retention beside it."""
+    import torch
+
+    from benchmarks.smol_quality import SmolScorer
+    from mergekit_ext.modeling import load_state_dict
+    from mergekit_ext.zoo import merge_in_memory
+
+    tasks = zoo.tasks
+    scorer = SmolScorer(zoo)
+    levels = zoo.manifest["metrics"]
+    base_state = load_state_dict(zoo.base)
+    experts = {task: load_state_dict(zoo.expert(task)) for task in tasks}
+
+    def scores(state) -> Dict[str, float]:
+        items = scorer(state, "validation", tasks + scorer.retention)
+        accuracy = {name: sum(values) / len(values) for name, values in items.items()}
+        return {"validation": sum(accuracy[task] for task in tasks) / len(tasks), "retention": {name: accuracy[name] for name in scorer.retention}}
+
+    methods = {}
+    for method, settings in CANDIDATES.items():
+        rows = []
+        for setting in settings:
+            with torch.no_grad():
+                merged = merge_in_memory(base_state, experts, method, dict(setting))
+            rows.append({"lambda": _key(setting), **scores(merged)})
+        methods[method] = rows
+    return {
+        "zoo": str(zoo.root),
+        "kind": "chat",
+        "metric": zoo.metric,
+        "base": sum(levels["base"][task]["validation"] for task in tasks) / len(tasks),
+        "expert": sum(levels["experts"][task][task]["validation"] for task in tasks) / len(tasks),
+        "base_retention": {name: levels["base"][name]["validation"] for name in scorer.retention},
+        "levels_from": "the zoo's build scores (validation split)",
+        "methods": methods,
+    }
 
 
 def hard_zoos() -> Dict[str, Dict]:
@@ -103,6 +152,15 @@ def hard_zoos() -> Dict[str, Dict]:
     return zoos
 
 
+def earlier_sweeps() -> Dict[str, Dict]:
+    """The zoos an earlier run swept here (not the `hard` seeds, which come from their own sweep)."""
+    path = RESULTS / f"{NAME}.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    return {name: zoo for name, zoo in earlier["zoos"].items() if not name.startswith("hard-s")}
+
+
 def choose(zoos: Dict[str, Dict]) -> Dict[str, Dict]:
     """Per method: the gain share per (λ, zoo), the worst zoo per λ, and the λ with the best worst case."""
     chosen = {}
@@ -119,6 +177,18 @@ def choose(zoos: Dict[str, Dict]) -> Dict[str, Dict]:
     return chosen
 
 
+def retention_columns(result: Dict) -> List[str]:
+    """The zoos that score retention (real-LLM zoos), in column order."""
+    return [name for name, zoo in result["zoos"].items() if "base_retention" in zoo]
+
+
+def retention_cell(result: Dict, zoo_name: str, method: str, value: str) -> str:
+    """A candidate's retention on one zoo, with the base's beside it (``0.93 (base 0.95)``)."""
+    zoo = result["zoos"][zoo_name]
+    row = next(row for row in zoo["methods"][method] if row["lambda"] == float(value))
+    return " / ".join(f"{row['retention'][name]:.2f} (base {base:.2f})" for name, base in zoo["base_retention"].items())
+
+
 def render_markdown(result: Dict) -> str:
     zoo_names = list(result["zoos"])
     lines = [
@@ -129,11 +199,14 @@ def render_markdown(result: Dict) -> str:
         "",
     ]
     for method, entry in result["chosen"].items():
-        lines += [f"## {method}: λ {entry['lambda']}", "", "| λ | " + " | ".join(zoo_names) + " | worst |", "|---|" + "---|" * (len(zoo_names) + 1)]
+        kept = retention_columns(result)
+        header = "| λ | " + " | ".join(zoo_names) + " | worst |" + "".join(f" {name} retention |" for name in kept)
+        lines += [f"## {method}: λ {entry['lambda']}", "", header, "|---|" + "---|" * (len(zoo_names) + 1 + len(kept))]
         for value, shares in entry["shares"].items():
             mark = "**" if float(value) == entry["lambda"] else ""
             cells = " | ".join(f"{shares[name]:.2f}" for name in zoo_names)
-            lines.append(f"| {mark}{value}{mark} | {cells} | {mark}{entry['worst'][value]:.2f}{mark} |")
+            retained = "".join(f" {retention_cell(result, name, method, value)} |" for name in kept)
+            lines.append(f"| {mark}{value}{mark} | {cells} | {mark}{entry['worst'][value]:.2f}{mark} |{retained}")
         lines.append("")
     return "\n".join(lines)
 
@@ -142,15 +215,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", action="append", default=[], help="NAME=DIR of a built zoo to sweep (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true", help="forget the zoos swept by earlier runs (default: keep those not swept again)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    zoos = {}
+    zoos = {} if args.fresh else earlier_sweeps()
     for item in args.zoo:
         name, _, folder = item.partition("=")
+        swept = time.perf_counter()
         zoos[name] = sweep_zoo(folder)
+        zoos[name]["seconds"] = round(time.perf_counter() - swept, 1)
     zoos.update(hard_zoos())
     result = {"candidates": CANDIDATES, "zoos": zoos, "chosen": choose(zoos), "seconds": round(time.perf_counter() - started, 1)}
     (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
