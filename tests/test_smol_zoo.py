@@ -456,3 +456,19 @@ def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     assert models["base"]["retention"]["facts"] == zoo.manifest["metrics"]["base"]["facts"]["test"]
     assert models["tsv_m"]["vs_task_arithmetic"]["delta"] == pytest.approx(models["tsv_m"]["mean_accuracy"] - models["task_arithmetic"]["mean_accuracy"])
     assert "| task_arithmetic |" in (tmp_path / "tiny.md").read_text()
+
+
+@pytest.mark.slow  # builds the tiny smol zoo, learns and merges twice
+def test_smol_adarank_at_step_zero_is_its_base_method(tiny_smol_zoo, tmp_path):
+    """The AdaRank benchmark's learned merge at 0 steps scores item for item as the base method it starts from."""
+    from benchmarks import smol_adarank as bench
+
+    zoo, _ = tiny_smol_zoo
+    for variant in ("cart", "ta"):
+        bench.main(["--zoo", str(zoo.root), "--variant", variant, "--steps", "0", "--batch-size", "1", "--name", variant, "--out-dir", str(tmp_path), "-q"])
+        result = json.loads((tmp_path / f"{variant}.json").read_text())
+        method = result["base_method"]["method"]
+        assert method == {"cart": "cart", "ta": "task_arithmetic"}[variant]
+        assert result["items"]["adarank"] == result["items"][method]
+        assert result["vs_base_method"]["delta"] == 0
+        assert f"| {method} |" in (tmp_path / f"{variant}.md").read_text()
