@@ -165,6 +165,13 @@ def run(args) -> Dict[str, Any]:
         "note": "each expert on its own task (the zoo build's score); retention: the lowest over the experts",
     }
 
+    # Each expert on every task: the best single expert on the mean is the bar a merge must clear to be worth it.
+    single: Dict[str, Any] = {}
+    for task in tqdm(tasks, desc="each expert on every task", unit="expert", disable=args.quiet):
+        scored = summarize(scorer(experts[task], "test", tasks), tasks, [])
+        single[task] = {"accuracy": scored["accuracy"], "mean_accuracy": scored["mean_accuracy"]}
+    best_single = max(single, key=lambda task: single[task]["mean_accuracy"])
+
     # The reference: task arithmetic at its validation-best λ.
     selection: Dict[str, Any] = {}
     validation = []
@@ -219,6 +226,8 @@ def run(args) -> Dict[str, Any]:
         "failures": failures,
         "seconds": {"per_method": seconds, "total": round(time.perf_counter() - started, 1)},
         "test_report": {"split": "test", "tasks": tasks, "models": models},
+        "single_experts": single,
+        "best_single_expert": {"expert": best_single, **single[best_single]},
         "items": items_by_label,
     }
 
@@ -260,6 +269,15 @@ def render_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def beats_base_everywhere(result: Dict[str, Any], label: str) -> bool:
+    """Above the base on every instruction task of one seed's test split, and not below it on retention."""
+    models = result["test_report"]["models"]
+    model, base = models[label], models["base"]
+    return all(model["accuracy"][t] > base["accuracy"][t] for t in result["tasks"]) and all(
+        model["retention"][name] >= base["retention"][name] for name in result["retention_tasks"]
+    )
+
+
 def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Per method over seeds: mean ± sample std of the test mean and of retention, and the paired difference
     to task arithmetic (per seed, its within-seed z on the same items; across seeds, the paired t and the
@@ -287,6 +305,11 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             entry["below_base_retention_2se"] = {
                 name: sum(1 for m in per_seed if m["vs_base_retention"][name]["z"] < -2) for name in retention
             }
+        if label not in ("base", "expert"):
+            entry["beats_base_every_task"] = sum(beats_base_everywhere(r, label) for r in results)
+            bars = [r["best_single_expert"]["mean_accuracy"] for r in results if "best_single_expert" in r]
+            scored = [m["mean_accuracy"] for m, r in zip(per_seed, results) if "best_single_expert" in r]
+            entry["beats_best_single_expert"] = {"seeds": sum(a > b for a, b in zip(scored, bars)), "of": len(bars)}
         if label == REFERENCE:
             entry["lambda"] = [r["selection"][REFERENCE]["chosen"]["lambda"] for r in results]
         methods[label] = entry
@@ -301,8 +324,12 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "metric": results[0]["metric"],
         "settings": results[0]["settings"],
         "methods": methods,
+        "best_single_expert": [r.get("best_single_expert") for r in results],
         "note": "std: sample standard deviation over seeds (independent zoos); delta_vs_ta: per seed, the method's test mean minus "
-        "task arithmetic's on the same items; beyond_noise: |paired t| over seeds above Student's two-sided 95 % critical value",
+        "task arithmetic's on the same items; beyond_noise: |paired t| over seeds above Student's two-sided 95 % critical value; "
+        "beats_base_every_task: seeds where the merge is above the base on every instruction task and not below it on retention; "
+        "beats_best_single_expert: seeds where the merge's test mean is above the best single expert's mean over all tasks "
+        "(counted on the seeds whose benchmark scored every expert on every task)",
     }
 
 
@@ -317,8 +344,9 @@ def aggregate_table(agg: Dict[str, Any]) -> str:
         return value if stats["n"] < 2 else f"{value} ± {stats['std']:.3f}"  # one seed has no spread to state
 
     header = ["model", "test exact match"] + [f"{name} (retention)" for name in retention] + [
-        "− task arithmetic", "paired z per seed", "beyond noise over seeds?",
+        "− task arithmetic", "paired z per seed", "beyond noise over seeds?", "> base on every task", "> best single expert",
     ]
+    seeds = len(agg["seeds"])
     rows = []
     for label in order:
         entry = methods[label]
@@ -331,7 +359,11 @@ def aggregate_table(agg: Dict[str, Any]) -> str:
             else:
                 verdict = (f"**yes, {'better' if d['mean'] > 0 else 'worse'}**" if entry["beyond_noise"] else "no") + f" (t {entry['delta_vs_ta_t']:.1f})"
         delta = pm(entry["delta_vs_ta_mean_std"], "+") if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == REFERENCE else "")
-        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, within, verdict])
+        counts = ["", ""]
+        if "beats_base_every_task" in entry:
+            single = entry["beats_best_single_expert"]
+            counts = [f"{entry['beats_base_every_task']}/{seeds}", f"{single['seeds']}/{single['of']}" if single["of"] else "–"]
+        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, within, verdict] + counts)
     return runner.markdown_table(header, rows) + "\n"
 
 
@@ -344,7 +376,10 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
         f"Test split of {seeds} smol zoos (seeds {', '.join(map(str, agg['seeds']))}), {agg['test_items_per_task']} items per task and seed; "
         f"mean ± sample std over seeds. task arithmetic's λ chosen on validation per seed ({', '.join(map(str, lambdas))}); "
         "every other method at its shipped setting. − task arithmetic: the paired per-seed difference; paired z: that difference "
-        "over its paired standard error on the seed's items; beyond noise: paired t over seeds above the 95 % critical value.",
+        "over its paired standard error on the seed's items; beyond noise: paired t over seeds above the 95 % critical value. "
+        "> base on every task: seeds where the merge is above the base on every instruction task and not below it on retention; "
+        "> best single expert: seeds where its test mean is above that of the best single expert over all tasks (on the seeds "
+        "whose run scored every expert on every task).",
         "",
         aggregate_table(agg),
     ]

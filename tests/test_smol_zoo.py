@@ -427,9 +427,17 @@ def test_smol_quality_statistics_by_hand():
     assert entry["delta_vs_ta_t"] == pytest.approx(0.1 / (0.05 / 3 ** 0.5))  # 3.46 < 4.303: not beyond noise on 3 seeds
     assert entry["beyond_noise"] is False and entry["below_base_retention_2se"] == {"r": 3}
     assert agg["methods"]["task_arithmetic"]["lambda"] == [0.4, 0.4, 0.4]
-    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | +0.100 ± 0.050 | +2.5 / +1.0 / +3.0 | no (t 3.5) |" in bench.render_aggregate_markdown(agg)
+    # tsv_m is above the base on its task every seed but below it on retention: it never beats the base everywhere.
+    assert entry["beats_base_every_task"] == 0 and agg["methods"]["task_arithmetic"]["beats_base_every_task"] == 3
+    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | +0.100 ± 0.050 | +2.5 / +1.0 / +3.0 | no (t 3.5) | 0/3 | – |" in bench.render_aggregate_markdown(agg)
     one = bench.aggregate([seed(0, 0.5, 0.6, 2.5)])
-    assert "| tsv_m | 0.600 | 0.800 | +0.100 | +2.5 | – (one seed) |" in bench.aggregate_table(one)
+    assert "| tsv_m | 0.600 | 0.800 | +0.100 | +2.5 | – (one seed) | 0/1 | – |" in bench.aggregate_table(one)
+    # The best single expert's mean is the bar where a seed scored every expert on every task.
+    with_bar = [seed(0, 0.5, 0.6, 2.5), seed(1, 0.4, 0.45, 1.0)]
+    with_bar[0]["best_single_expert"] = {"expert": "t", "mean_accuracy": 0.55}
+    counted = bench.aggregate(with_bar)["methods"]
+    assert counted["tsv_m"]["beats_best_single_expert"] == {"seeds": 1, "of": 1}
+    assert counted["task_arithmetic"]["beats_best_single_expert"] == {"seeds": 0, "of": 1}
 
 
 @pytest.mark.slow
@@ -456,6 +464,10 @@ def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     assert models["base"]["retention"]["facts"] == zoo.manifest["metrics"]["base"]["facts"]["test"]
     assert models["tsv_m"]["vs_task_arithmetic"]["delta"] == pytest.approx(models["tsv_m"]["mean_accuracy"] - models["task_arithmetic"]["mean_accuracy"])
     assert "| task_arithmetic |" in (tmp_path / "tiny.md").read_text()
+    for task in zoo.tasks:  # each expert on its own task scores what the zoo's build recorded
+        assert result["single_experts"][task]["accuracy"][task] == zoo.manifest["metrics"]["experts"][task][task]["test"]
+    best = result["best_single_expert"]
+    assert best["mean_accuracy"] == max(entry["mean_accuracy"] for entry in result["single_experts"].values())
 
 
 @pytest.mark.slow  # builds the tiny smol zoo, learns and merges twice
