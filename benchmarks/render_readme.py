@@ -157,6 +157,39 @@ def smol_quality_table() -> str:
     return caption + aggregate_table(result)
 
 
+@renderer("orderings")
+def orderings_table() -> str:
+    """The toy `hard` zoo's ordering beside the real-LLM smol zoo's (quality-hard.json, smol-quality.json)."""
+    hard, smol = _load("quality-hard.json")["methods"], _load("smol-quality.json")["methods"]
+    ours = _ours()
+    merged = [label for label in hard if label in smol and label not in ("base", "expert")]
+
+    def ranks(methods: Dict) -> Dict[str, int]:
+        order = sorted(merged, key=lambda label: -methods[label]["test_mean_std"]["mean"])
+        return {label: order.index(label) + 1 for label in order}
+
+    def delta(entry: Dict, label: str) -> str:
+        if label == "task_arithmetic" or "delta_vs_ta_mean_std" not in entry:
+            return "(reference)"
+        d = entry["delta_vs_ta_mean_std"]
+        verdict = " *" if entry.get("beyond_noise") else ""
+        return f"{_signed(d['mean'])} ± {d['std']:.3f}{verdict}"
+
+    hard_rank, smol_rank = ranks(hard), ranks(smol)
+    lines = [
+        "| method | toy `hard`: rank | test | − task arithmetic | real `smol`: rank | test | − task arithmetic |",
+        "|---|---:|---|---|---:|---|---|",
+    ]
+    for label in sorted(merged, key=lambda label: smol_rank[label]):
+        name = f"**{label}**" if label in ours else label
+        h, r = hard[label]["test_mean_std"], smol[label]["test_mean_std"]
+        lines.append(
+            f"| {name} | {hard_rank[label]} | {h['mean']:.3f} ± {h['std']:.3f} | {delta(hard[label], label)} | "
+            f"{smol_rank[label]} | {r['mean']:.3f} ± {r['std']:.3f} | {delta(smol[label], label)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 @renderer("architectures")
 def architectures_table() -> str:
     """Every method and command per architecture (`architectures.py`, results/architectures.json)."""
