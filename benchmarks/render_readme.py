@@ -190,6 +190,28 @@ def orderings_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+@renderer("smol-adarank")
+def smol_adarank_table() -> str:
+    """AdaRank's learn runs on smol zoos against their base method (`smol_adarank.py`, results/smol-adarank-*.json)."""
+    lines = [
+        "| zoo | base method | base method test | AdaRank test | experts | gap closed | AdaRank − base method (paired z) | retention (base) | learn run: wall / CPU s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("smol-adarank-*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        models, method = run["models"], run["base_method"]["method"]
+        start, learned = models[method], models["adarank"]
+        versus = run["vs_base_method"]
+        retention = " / ".join(f"{learned['retention'][n]:.3f} ({models['base']['retention'][n]:.3f})" for n in run["retention_tasks"])
+        lines.append(
+            f"| smol seed {run['seed']} | {method} | {start['mean_accuracy']:.3f} ± {start['mean_stderr']:.3f} | "
+            f"{learned['mean_accuracy']:.3f} ± {learned['mean_stderr']:.3f} | {models['expert']['mean_accuracy']:.3f} | "
+            f"{run['gap_closed']:.2f} | {_signed(versus['delta'])} ({versus['z']:+.1f}) | {retention} | "
+            f"{run['learn_seconds']['wall']:.0f} / {run['learn_seconds']['cpu']:.0f} | {run['peak_rss_gib']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 @renderer("architectures")
 def architectures_table() -> str:
     """Every method and command per architecture (`architectures.py`, results/architectures.json)."""
