@@ -184,7 +184,62 @@ def lm_eval_results(
     return {task: results[task] for task in tasks}
 
 
-def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, *, batch_size: int, device: str, limit: Optional[int], progress: bool = True) -> Dict[str, Dict]:
+def lm_eval_items(
+    model: Union[ModelSpec, str, os.PathLike],
+    samples: Mapping[str, Sequence[int]],
+    include_path: Union[str, os.PathLike],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, Tuple[Dict, Dict[str, Dict[int, object]]]]:
+    """lm-eval on chosen documents of each task (``samples``: task -> document indices); never cached.
+
+    Per task: (lm-eval's result dict over those documents, the per-document
+    metric values ``{"metric,filter": {doc_id: value}}`` from lm-eval's logged
+    samples), so that scores over disjoint parts of a task can be combined.
+    """
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
+    spec.check()
+    include_path = Path(include_path).absolute()
+    tasks = [task for task in samples if samples[task]]
+    spec.check_finite()
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        logged: Dict[str, List[Dict]] = {}
+        fresh = _simple_evaluate(
+            spec, tasks, include_path, batch_size=batch_size, device=device, limit=None, progress=progress,
+            samples={task: list(samples[task]) for task in tasks}, logged=logged,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    out: Dict[str, Tuple[Dict, Dict[str, Dict[int, object]]]] = {}
+    for task in tasks:
+        items: Dict[str, Dict[int, object]] = {}
+        for sample in logged.get(task, []):
+            for metric in sample["metrics"]:
+                items.setdefault(f"{metric},{sample['filter']}", {})[int(sample["doc_id"])] = sample[metric]
+        out[task] = (fresh[task], items)
+    return out
+
+
+def _simple_evaluate(
+    spec: ModelSpec,
+    tasks: Sequence[str],
+    include_path: Path,
+    *,
+    batch_size: int,
+    device: str,
+    limit: Optional[int],
+    progress: bool = True,
+    samples: Optional[Dict[str, List[int]]] = None,
+    logged: Optional[Dict[str, List[Dict]]] = None,
+) -> Dict[str, Dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -225,7 +280,8 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
                 device=device,
                 batch_size=batch_size,
                 limit=limit,
-                log_samples=False,
+                samples=samples,
+                log_samples=logged is not None,
             )
     finally:
         lm_eval.evaluator.get_git_commit_hash = recorded_git_hash
@@ -234,6 +290,8 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
         if hf_bars_were_on:
             hf_logging.enable_progress_bar()
     results = output["results"]
+    if logged is not None:
+        logged.update({task: list(output.get("samples", {}).get(task, [])) for task in tasks})
     for task in tasks:
         if task not in results:
             raise EvaluationError(f"lm-eval returned no result for task {task} on {spec}")

@@ -89,9 +89,21 @@ def score_model(
     evaluation: EvalSettings,
     *,
     on_task: Optional[Callable[[int, TaskScore], None]] = None,
+    halving=None,
+    on_rung: Optional[Callable[[Dict[str, TaskScore]], None]] = None,
 ) -> Dict[str, TaskScore]:
-    """lm-eval scores of a model folder; with ``on_task``, one task at a time (each reported as it ends)."""
+    """lm-eval scores of a model folder; with ``on_task``, one task at a time (each reported as it ends).
+
+    With ``halving`` (a ``halving.Halving``): every task's subset first, then
+    ``on_rung(subset scores)`` (it raises to stop the trial), then the rest of
+    the items, combined into full scores (``on_task`` is not called).
+    """
     from mergekit_ext.evaluate import lm_eval_results
+
+    if halving is not None:
+        from mergekit_ext.tune.halving import score_halving
+
+        return score_halving(model, tasks, evaluation, halving, on_rung or (lambda scores: None))
 
     common = dict(
         batch_size=evaluation.batch_size,
@@ -128,6 +140,8 @@ def score_config(
     keep: bool = False,
     merge_options=None,
     on_task: Optional[Callable[[int, TaskScore], None]] = None,
+    halving=None,
+    on_rung: Optional[Callable[[Dict[str, TaskScore]], None]] = None,
 ) -> Dict[str, TaskScore]:
     """Merge ``config`` with mergekit's engine, score it with lm-eval on ``tasks``; per task a ``TaskScore``.
 
@@ -136,7 +150,7 @@ def score_config(
     ``keep`` (with ``out``). ``on_task(index, score)`` is called after each
     task (then lm-eval runs one task at a time). ``metric``: see
     ``read_metric``; ``cache_dir``: lm-eval results cached by model content
-    (not with ``limit``).
+    (not with ``limit``). ``halving``, ``on_rung``: see ``score_model``.
     """
     from mergekit_ext.engine import quiet_options, run_merge_atomic
 
@@ -157,7 +171,7 @@ def score_config(
     try:
         options = merge_options if merge_options is not None else quiet_options(device=device if device != "cpu" else None)
         run_merge_atomic(dict(config), out, options=options, overwrite=True)
-        return score_model(out, tasks, evaluation, on_task=on_task)
+        return score_model(out, tasks, evaluation, on_task=on_task, halving=halving, on_rung=on_rung)
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
