@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_ext.tune import TuneError
 
@@ -94,35 +94,3 @@ def combine(include_path: Path, task: str, metric_key: str, parts: Sequence[Mapp
     stderr_fn = stderr_for_metric(metric=aggregate, bootstrap_iters=iters)
     stderr = float(stderr_fn(items)) if stderr_fn is not None and len(items) > 1 else None
     return float(aggregate(items)), stderr, len(items)
-
-
-def score_halving(
-    model,
-    tasks: Sequence[str],
-    evaluation,
-    halving: Halving,
-    on_rung: Callable[[Dict[str, Any]], None],
-) -> Dict[str, Any]:
-    """Score ``model`` on the subsets, call ``on_rung(scores)`` (it raises to stop), then on the rest; TaskScores per task."""
-    from mergekit_ext.evaluate.harness import lm_eval_items
-    from mergekit_ext.tune.scoring import _LM_EVAL_LOCK, TaskScore, read_metric
-
-    common = dict(batch_size=evaluation.batch_size, device=evaluation.device, threads=evaluation.threads)
-    with _LM_EVAL_LOCK:
-        first = lm_eval_items(model, {task: halving.subsets[task] for task in tasks}, evaluation.include_path, **common)
-    rung = {task: read_metric(task, first[task][0], evaluation.metric) for task in tasks}
-    on_rung(rung)
-    rests = {task: halving.rests[task] for task in tasks if halving.rests[task]}
-    second = {}
-    if rests:
-        with _LM_EVAL_LOCK:
-            second = lm_eval_items(model, rests, evaluation.include_path, **common)
-    scores = {}
-    for task in tasks:
-        key = rung[task].metric
-        parts = [first[task][1].get(key, {})]
-        if task in second:
-            parts.append(second[task][1].get(key, {}))
-        value, stderr, count = combine(evaluation.include_path, task, key, parts)
-        scores[task] = TaskScore(task=task, metric=key, value=value, stderr=stderr, samples=count)
-    return scores

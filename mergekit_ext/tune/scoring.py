@@ -101,8 +101,6 @@ def score_model(
     from mergekit_ext.evaluate import lm_eval_results
 
     if halving is not None:
-        from mergekit_ext.tune.halving import score_halving
-
         return score_halving(model, tasks, evaluation, halving, on_rung or (lambda scores: None))
 
     common = dict(
@@ -122,6 +120,38 @@ def score_model(
             result = lm_eval_results(model, [task], evaluation.include_path, **common)[task]
         scores[task] = read_metric(task, result, evaluation.metric)
         on_task(index, scores[task])
+    return scores
+
+
+def score_halving(
+    model: Union[str, os.PathLike],
+    tasks: Sequence[str],
+    evaluation: EvalSettings,
+    halving,
+    on_rung: Callable[[Dict[str, TaskScore]], None],
+) -> Dict[str, TaskScore]:
+    """Score ``model`` on the subsets, call ``on_rung(scores)`` (it raises to stop), then on the rest; TaskScores per task."""
+    from mergekit_ext.evaluate.harness import lm_eval_items
+    from mergekit_ext.tune.halving import combine
+
+    common = dict(batch_size=evaluation.batch_size, device=evaluation.device, threads=evaluation.threads)
+    with _LM_EVAL_LOCK:
+        first = lm_eval_items(model, {task: halving.subsets[task] for task in tasks}, evaluation.include_path, **common)
+    rung = {task: read_metric(task, first[task][0], evaluation.metric) for task in tasks}
+    on_rung(rung)
+    rests = {task: halving.rests[task] for task in tasks if halving.rests[task]}
+    second = {}
+    if rests:
+        with _LM_EVAL_LOCK:
+            second = lm_eval_items(model, rests, evaluation.include_path, **common)
+    scores = {}
+    for task in tasks:
+        key = rung[task].metric
+        parts = [first[task][1].get(key, {})]
+        if task in second:
+            parts.append(second[task][1].get(key, {}))
+        value, stderr, count = combine(evaluation.include_path, task, key, parts)
+        scores[task] = TaskScore(task=task, metric=key, value=value, stderr=stderr, samples=count)
     return scores
 
 
