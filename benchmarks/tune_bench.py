@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import runner  # noqa: E402
-from mergekit_ext.evaluate.protocol.stats import summary  # noqa: E402
+from mergekit_ext.evaluate.protocol.stats import summary, versus_reference  # noqa: E402
 
 # The tune runs of one seed: key in the results, command-line switch, label.
 VARIANTS = (("tune", "--no-halving", "tune"), ("tune_halving", "--halving", "tune + halving"))
@@ -212,10 +212,11 @@ def summarise(report: Dict[str, Any]) -> str:
             f"in {_stat([r['hand']['wall_s'] for r in rows], 0)} s wall"
         )
         for key, label in variants:
-            diffs = [row[key]["best"]["test"] - row["hand"]["best"]["test"] for row in rows]
+            paired = versus_reference([r[key]["best"]["test"] for r in rows], [r["hand"]["best"]["test"] for r in rows])
             text += (
                 f"; {label} test {_stat([r[key]['best']['test'] for r in rows])} in {_stat([r[key]['wall_s'] for r in rows], 0)} s wall, "
-                f"paired {label} − hand {_stat(diffs)}"
+                f"paired {label} − hand {_stat(paired['differences'])} (t {paired['t']:.2f}, "
+                f"{'beyond' if paired['beyond_noise'] else 'within'} noise)"
             )
         lines += [text + ".", ""]
     if len(variants) > 1:

@@ -72,7 +72,7 @@ def test_a_passing_trial_is_scored_on_every_item_once_and_equals_a_full_scoring(
     from mergekit_ext.tune.halving import Halving
     from mergekit_ext.tune.scoring import EvalSettings, score_model
 
-    space = parse_space(tiny_space(zoo, methods={"task_arithmetic": {"lambda": [0.3]}}, limit=LIMIT), tmp_path / "space.yml")
+    space = parse_space(tiny_space(zoo, methods={"task_arithmetic": {"lambda": [0.3]}}, limit=LIMIT, halving=True), tmp_path / "space.yml")
     assert space.halves and space.halving_fraction == 0.25
     study, objective = _run_one(space, tmp_path / "out", keep=True)
     study.add_trial(_finished("ties", space, 1.0, 0.001))  # another method's far better trial: no rival of task_arithmetic
@@ -101,7 +101,7 @@ def test_a_hopeless_trial_is_stopped_after_the_subset(zoo, tmp_path, counted):
     from optuna.trial import TrialState
 
     # λ 8 breaks the merge; 8 items per task make the subset's standard error small enough to tell.
-    document = tiny_space(zoo, methods={"task_arithmetic": {"lambda": [8.0]}}, limit=2 * LIMIT, halving_fraction=0.5)
+    document = tiny_space(zoo, methods={"task_arithmetic": {"lambda": [8.0]}}, limit=2 * LIMIT, halving=True, halving_fraction=0.5)
     space = parse_space(document, tmp_path / "space.yml")
     study, objective = _run_one(space, tmp_path / "out")
     study.add_trial(_finished("task_arithmetic", space, 1.0, 0.001))
@@ -141,8 +141,8 @@ def test_halving_options_from_the_space_and_the_command_line(zoo, tmp_path):
     from mergekit_ext.tune.cli import tune_command
     from mergekit_ext.tune.space import load_space
 
-    space = write_space(tmp_path / "space.yml", tiny_space(zoo, halving_fraction=0.5))
-    assert load_space(space).halving_fraction == 0.5
+    space = write_space(tmp_path / "space.yml", tiny_space(zoo, halving=True, halving_fraction=0.5))
+    assert load_space(space).halving_fraction == 0.5 and load_space(space).halves
     assert not load_space(space, halving=False).halves
     assert not load_space(space, prune=False).halves  # halving is a pruning rule: without the pruner every trial runs in full
     assert load_space(space, halving_fraction=0.1).halving_fraction == 0.1
