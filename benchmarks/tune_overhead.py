@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,15 +45,20 @@ LAMBDA = 0.5  # task arithmetic's scale: the hard zoo's validation winner (quali
 BATCH_SIZE = 64  # lm-eval's batch size in both paths (tune's default)
 
 
-def _run(command: Sequence[str], log: Path, env: Dict[str, str]) -> float:
-    """Wall seconds of a subprocess (output to ``log``); raises with the log's tail on failure."""
-    start = time.perf_counter()
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(command: Sequence[str], log: Path, env: Dict[str, str]) -> Tuple[float, float]:
+    """(wall, CPU) seconds of a subprocess (output to ``log``); raises with the log's tail on failure."""
+    start, cpu = time.perf_counter(), _children_cpu_s()
     with open(log, "w") as handle:
         completed = subprocess.run(list(command), stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])}… failed (exit {completed.returncode}); log {log}:\n{log.read_text()[-1500:]}")
-    return seconds
+    return seconds, _children_cpu_s() - cpu
 
 
 def _config(zoo: Path) -> str:
@@ -74,8 +80,8 @@ def bare(zoo: Path, work: Path, env: Dict[str, str]) -> Dict[str, float]:
     config, out = work / "config.yml", work / "merged"
     config.write_text(_config(zoo))
     shutil.rmtree(out, ignore_errors=True)
-    merge = _run(["mergekit-yaml", str(config), str(out)], work / "mergekit-yaml.log", env)
-    evaluate = _run(
+    merge, merge_cpu = _run(["mergekit-yaml", str(config), str(out)], work / "mergekit-yaml.log", env)
+    evaluate, evaluate_cpu = _run(
         [
             "lm_eval", "--model", "hf", "--model_args", f"pretrained={out},dtype=float32", "--tasks", tasks,
             "--include_path", str(zoo / manifest["task_yaml_dir"]), "--batch_size", str(BATCH_SIZE), "--device", "cpu",
@@ -90,7 +96,11 @@ def bare(zoo: Path, work: Path, env: Dict[str, str]) -> Dict[str, float]:
     results = json.loads(results_file.read_text())["results"]
     shutil.rmtree(work / "lm_eval_out", ignore_errors=True)
     scores = [results[task]["exact_match,none"] for task in tasks.split(",")]
-    return {"mergekit_yaml_s": merge, "lm_eval_s": evaluate, "total_s": merge + evaluate, "validation_mean": sum(scores) / len(scores)}
+    return {
+        "mergekit_yaml_s": merge, "lm_eval_s": evaluate, "total_s": merge + evaluate,
+        "mergekit_yaml_cpu_s": merge_cpu, "lm_eval_cpu_s": evaluate_cpu, "total_cpu_s": merge_cpu + evaluate_cpu,
+        "validation_mean": sum(scores) / len(scores),
+    }
 
 
 # The same merge and one lm-eval call over every task, timed inside one process after its imports:
@@ -101,13 +111,14 @@ from mergekit_ext.engine import quiet_options, run_merge_atomic
 from mergekit_ext.evaluate.harness import lm_eval_results
 import yaml
 config, out, include, tasks, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","), int(sys.argv[5])
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 run_merge_atomic(yaml.safe_load(open(config)), out, options=quiet_options(), overwrite=True)
 merged = time.perf_counter()
 results = lm_eval_results(out, tasks, include, batch_size=batch, threads=1, progress=False)
-done = time.perf_counter()
+done, cpu_done = time.perf_counter(), time.process_time()
 scores = [results[t]["exact_match,none"] for t in tasks]
-print(json.dumps({"merge_s": merged - start, "lm_eval_s": done - merged, "total_s": done - start, "validation_mean": sum(scores) / len(scores)}))
+print(json.dumps({"merge_s": merged - start, "lm_eval_s": done - merged, "total_s": done - start, "total_cpu_s": cpu_done - cpu,
+                  "validation_mean": sum(scores) / len(scores)}))
 """
 
 
@@ -129,7 +140,7 @@ def tune(zoo: Path, work: Path, env: Dict[str, str], threads: int, switch: str) 
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-c", "from mergekit_ext.cli import main; main()", "tune", str(space), str(out), "--threads", str(threads), "--quiet", switch]
     started = datetime.now(timezone.utc)
-    total = _run(command, work / f"tune{switch}.log", env)
+    total, total_cpu = _run(command, work / f"tune{switch}.log", env)
     report = json.loads((out / "report.json").read_text())
     (trial,) = report["trials"]
     trial_start = datetime.fromisoformat(trial["started"]).astimezone(timezone.utc)
@@ -137,6 +148,8 @@ def tune(zoo: Path, work: Path, env: Dict[str, str], threads: int, switch: str) 
     shutil.rmtree(out, ignore_errors=True)
     return {
         "trial_s": trial["seconds"],
+        "trial_cpu_s": trial["cpu_seconds"],
+        "command_cpu_s": total_cpu,
         "trial_wall_s": (trial_end - trial_start).total_seconds(),
         "startup_s": (trial_start - started).total_seconds(),
         "until_trial_done_s": (trial_end - started).total_seconds(),
@@ -162,39 +175,54 @@ def summarise(report: Dict[str, Any]) -> str:
         "Bare: `mergekit-yaml CONFIG OUT`, then `lm_eval --model hf --tasks … --include_path …` (two subprocesses). "
         "In-process floor: the same merge and one lm-eval call over all 8 tasks inside one Python process, timed after its imports. "
         "Tune: `mergekit-ext tune SPACE OUT` with that one setting; trial = its merge and scoring (the trial's own seconds, and its "
-        "wall time in the study); until trial done = from the command's start (Python start-up, imports, space checks, study) "
-        "to the end of the trial; final phase = what follows (test-split scores of the choice, the base and every expert, reports), "
-        "which the bare path does not do. Ratio = tune / bare within a repeat; mean ± sample std over repeats.",
+        "wall time in the study, and the process's CPU seconds meanwhile); start to trial done = from the command's start "
+        "(Python start-up, imports, space checks, study) to the end of the trial; final phase = what follows (test-split scores "
+        "of the choice, the base and every expert, reports), which the bare path does not do. CPU s: user + system seconds of "
+        "the processes themselves, which other jobs on the machine disturb less than wall time. Ratios are taken within a "
+        "repeat; mean ± sample std over repeats.",
         "",
     ]
-    header = ["repeat", "bare: mergekit-yaml s", "bare: lm_eval s", "bare: total s", "in-process floor: merge s + lm-eval s"]
+    header = ["repeat", "bare: mergekit-yaml + lm_eval, wall s (CPU s)", "in-process floor: merge + lm-eval, wall s (CPU s)"]
     for switch in report["switches"]:
-        header += [f"tune {switch}: trial s (wall)", "until trial done s", "final phase s"]
+        header += [f"tune {switch}: trial wall s (CPU s)", "start to trial done s", "final phase s"]
     rows = []
     for index, repeat in enumerate(repeats):
+        bare_run, floor_run = repeat["bare"], repeat["floor"]
         row = [
-            index + 1, f"{repeat['bare']['mergekit_yaml_s']:.1f}", f"{repeat['bare']['lm_eval_s']:.1f}", f"{repeat['bare']['total_s']:.1f}",
-            f"{repeat['floor']['merge_s']:.1f} + {repeat['floor']['lm_eval_s']:.1f} = {repeat['floor']['total_s']:.1f}",
+            index + 1,
+            f"{bare_run['mergekit_yaml_s']:.1f} + {bare_run['lm_eval_s']:.1f} = {bare_run['total_s']:.1f} ({bare_run['total_cpu_s']:.1f})",
+            f"{floor_run['merge_s']:.1f} + {floor_run['lm_eval_s']:.1f} = {floor_run['total_s']:.1f} ({floor_run['total_cpu_s']:.1f})",
         ]
         for switch in report["switches"]:
             run = repeat[switch]
-            row += [f"{run['trial_s']:.1f} ({run['trial_wall_s']:.1f})", f"{run['until_trial_done_s']:.1f}", f"{run['final_phase_s']:.1f}"]
+            row += [f"{run['trial_wall_s']:.1f} ({run['trial_cpu_s']:.1f})", f"{run['until_trial_done_s']:.1f}", f"{run['final_phase_s']:.1f}"]
         rows.append(row)
     lines += [runner.markdown_table(header, rows), ""]
-    ratios = []
-    for switch in report["switches"]:
-        trial = [r[switch]["trial_wall_s"] / r["bare"]["total_s"] for r in repeats]
-        whole = [r[switch]["until_trial_done_s"] / r["bare"]["total_s"] for r in repeats]
-        over_floor = [r[switch]["trial_wall_s"] / r["floor"]["total_s"] for r in repeats]
-        ratios.append(
-            f"tune {switch}: trial wall / bare {_stat(trial)}, command start to trial done / bare {_stat(whole)}, "
-            f"trial wall / in-process floor {_stat(over_floor)}"
-        )
     same = all(abs(r[s]["validation_mean"] - r["bare"]["validation_mean"]) < 1e-12 for r in repeats for s in [*report["switches"], "floor"])
     lines += [f"Validation mean of the merge: {repeats[0]['bare']['validation_mean']:.4f} in every path ({'identical' if same else 'NOT identical'} in every repeat).", ""]
     lines += [
-        f"Over {len(repeats)} repeats (mean ± sample std): bare {_stat([r['bare']['total_s'] for r in repeats], 1)} s, "
-        f"in-process floor {_stat([r['floor']['total_s'] for r in repeats], 1)} s; " + "; ".join(ratios) + ".",
+        f"Over {len(repeats)} repeats (mean ± sample std): bare {_stat([r['bare']['total_s'] for r in repeats], 1)} s wall, "
+        f"{_stat([r['bare']['total_cpu_s'] for r in repeats], 1)} s CPU; in-process floor {_stat([r['floor']['total_s'] for r in repeats], 1)} s wall, "
+        f"{_stat([r['floor']['total_cpu_s'] for r in repeats], 1)} s CPU.",
+        "",
+    ]
+    table = []
+    for switch in report["switches"]:
+        table.append(
+            [
+                f"tune {switch}",
+                _stat([r[switch]["trial_wall_s"] / r["bare"]["total_s"] for r in repeats]),
+                _stat([r[switch]["trial_cpu_s"] / r["bare"]["total_cpu_s"] for r in repeats]),
+                _stat([r[switch]["until_trial_done_s"] / r["bare"]["total_s"] for r in repeats]),
+                _stat([r[switch]["trial_wall_s"] / r["floor"]["total_s"] for r in repeats]),
+                _stat([r[switch]["trial_cpu_s"] / r["floor"]["total_cpu_s"] for r in repeats]),
+            ]
+        )
+    lines += [
+        runner.markdown_table(
+            ["ratio (mean ± sample std)", "trial / bare, wall", "trial / bare, CPU", "start to trial done / bare, wall", "trial / floor, wall", "trial / floor, CPU"],
+            table,
+        ),
         "",
     ]
     return "\n".join(lines) + "\n"

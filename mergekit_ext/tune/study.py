@@ -172,6 +172,7 @@ def trial_record(trial) -> Dict[str, Any]:
         "duplicate_of": trial.user_attrs.get("duplicate_of"),
         "worker": trial.user_attrs.get("worker"),
         "seconds": trial.user_attrs.get("seconds"),
+        "cpu_seconds": trial.user_attrs.get("cpu_seconds"),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
         "finished": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
     }

@@ -138,7 +138,7 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
                 trial.set_user_attr("pruned_after", "subset")
                 raise optuna.TrialPruned(f"mean {partial:.4f} on the subset ({space.halving_fraction:g} of each task)")
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         complete = False
         try:
             outcome = score_config(
@@ -172,6 +172,8 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+            # The process's CPU seconds meanwhile (every thread: with --n-jobs > 1, other trials' too).
+            trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu_started, 2))
             if not (options.keep and complete):
                 shutil.rmtree(model_dir, ignore_errors=True)
         return mean([s.value for s in scores])
