@@ -8,8 +8,8 @@ validation tasks, each repeat times, in this order and as a user runs them:
 - **in-process floor**: the same merge and ONE lm-eval call over all 8 tasks, timed
   inside one Python process after its imports (the least a trial can cost with
   these libraries; what tune's own machinery is measured against);
-- **tune**: ``mergekit-ext tune SPACE OUT`` with a one-setting space, once with
-  ``--no-halving`` and once with ``--halving``. From its report: the trial's own
+- **tune**: ``mergekit-ext tune SPACE OUT`` with a one-setting space, with
+  ``--no-halving`` (the default; ``--switches`` adds ``--halving``). From its report: the trial's own
   seconds (merge + scoring), the trial's wall time in the study (start to finish)
   and the command's phases: start-up until the trial starts, the trial, and the
   final phase after it (the chosen setting, the base and every expert scored on
@@ -236,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path(runner.WORK_DIR) / "tune-overhead")
     parser.add_argument("--out-dir", type=Path, default=Path(runner.RESULTS_DIR))
     parser.add_argument("--name", default="tune-overhead")
+    parser.add_argument("--switches", nargs="+", default=["--no-halving"], help="tune runs per repeat, by their halving switch (default: the default, --no-halving)")
     parser.add_argument("--render", type=Path, help="only re-render the Markdown of an earlier JSON")
     args = parser.parse_args(argv)
     if args.render:
@@ -245,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     zoo = args.zoo.resolve()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    switches = ["--no-halving", "--halving"]
+    switches = args.switches
     report: Dict[str, Any] = {"machine": runner.machine_description(), "zoo": str(zoo), "lambda": LAMBDA, "switches": switches, "repeats": []}
     for index in range(args.repeats):
         repeat = {"bare": bare(zoo, args.work_dir, env), "floor": floor(zoo, args.work_dir, env)}
