@@ -232,7 +232,28 @@ def summarise(report: Dict[str, Any]) -> str:
             table.append(cells)
         header = ["method", "hand grid"] + [label if len(variants) > 1 else "tune default space" for _, label in variants]
         lines += [f"Seed {row['seed']}:", "", runner.markdown_table(header, table), ""]
+        for key, label in variants:
+            same, gaps = _agreement(row["hand"]["methods"], row[key]["methods"])
+            lines += [
+                f"{label}: the hand grid's setting (on the parameters both search) for {len(same)} of {len(row['hand']['methods'])} methods; "
+                f"mean over methods of {label} − hand grid on test {summary(gaps)['mean']:+.4f}.",
+                "",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def _agreement(hand: Dict[str, Any], tuned: Dict[str, Any]):
+    """(methods where tune chose the hand grid's values on the parameters both search, per method tune − hand on test)."""
+    same, gaps = [], []
+    for method, entry in hand.items():
+        other = tuned.get(method)
+        if other is None:
+            continue
+        gaps.append(other["test"] - entry["test"])
+        shared = (set(entry["chosen"]) & set(other["chosen"])) - {"weight", "normalize"}
+        if all(float(entry["chosen"][k]) == float(other["chosen"][k]) for k in shared):
+            same.append(method)
+    return same, gaps
 
 
 def _halving_section(rows: List[Dict[str, Any]]) -> List[str]:
