@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import runner  # noqa: E402
 from mergekit_ext.evaluate.protocol.stats import summary, versus_reference  # noqa: E402
 
+# A one-thread run whose wall time exceeds its CPU time by more than this factor shared its cores.
+WALL_OVER_CPU = 1.5
 # The tune runs of one seed: key in the results, command-line switch, label.
 VARIANTS = (("tune", "--no-halving", "tune"), ("tune_halving", "--halving", "tune + halving"))
 
@@ -206,6 +208,18 @@ def summarise(report: Dict[str, Any]) -> str:
             ]
         table.append(cells)
     lines += [runner.markdown_table(header, table), ""]
+    crowded = [
+        f"seed {row['seed']} {label} (wall {row[key]['wall_s'] / row[key]['cpu_s']:.1f}× its CPU)"
+        for row in rows
+        for key, label in [("hand", "hand grid"), *variants]
+        if row[key]["wall_s"] > WALL_OVER_CPU * row[key]["cpu_s"]
+    ]
+    if crowded:
+        lines += [
+            "Runs whose wall time exceeds their CPU time by more than half, i.e. other jobs shared the cores: "
+            + ", ".join(crowded) + ". Compare CPU seconds there.",
+            "",
+        ]
     if len(rows) > 1:
         text = (
             f"Over {len(rows)} seeds (mean ± sample std): hand grid test {_stat([r['hand']['best']['test'] for r in rows])} "
