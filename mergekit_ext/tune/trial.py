@@ -159,7 +159,7 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
                 on_rung=on_rung,
             )
             if halving is not None:
-                scores = [score for score in outcome.values()]
+                scores = list(outcome.values())
                 trial.set_user_attr("validation", {s.task: s.to_dict() for s in scores})
             complete = True
         except optuna.TrialPruned:
