@@ -6,13 +6,18 @@ Per zoo (one per seed), in the same run and on the same models:
   tries by default (9 settings each, chosen on validation with the in-process
   exact-match scorer, each method's choice scored on test with lm-eval);
 - **tune**: ``mergekit-ext tune`` with nothing but models and tasks (its default
-  space: ``tune.space.DEFAULT_SPACES``), validation with lm-eval and pruning.
+  space: ``tune.space.DEFAULT_SPACES``), validation with lm-eval and pruning,
+  run twice: ``--no-halving`` (``tune``: the tasks one at a time, a trial stopped
+  after a task when hopeless) and ``--halving`` (``tune_halving``: a seeded
+  quarter of every task first, the rest only for a trial that can still win).
 
-Both pick one configuration overall by mean validation score; the table reports
+All pick one configuration overall by mean validation score; the tables report
 its test exact match (lm-eval), the number of merges each spent, wall time and
-CPU time (children included), and the paired per-seed difference tune − hand.
+CPU time (children included), the paired per-seed difference tune − hand, and
+what halving saved (seconds in trials, items scored) and whether it changed any
+choice.
 
-    python benchmarks/tune_bench.py /work/scratch/hard-bench/zoo-s0 ... --threads 1
+    python benchmarks/tune_bench.py /work/cache/zoo-hard-s3 ... --threads 1 --name tune-hard-unseen
     python benchmarks/tune_bench.py --render benchmarks/results/tune-hard.json
 """
 
@@ -23,7 +28,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import runner  # noqa: E402
+from mergekit_ext.evaluate.protocol.stats import summary, versus_reference  # noqa: E402
+
+# A one-thread run whose wall time exceeds its CPU time by more than this factor shared its cores.
+WALL_OVER_CPU = 1.5
+# The tune runs of one seed: key in the results, command-line switch, label.
+VARIANTS = (("tune", "--no-halving", "tune"), ("tune_halving", "--halving", "tune + halving"))
 
 
 def _children_cpu_s() -> float:
@@ -108,12 +118,18 @@ def _mean_accuracy(model_entry: Optional[Dict[str, Any]]) -> Optional[float]:
     return model_entry.get("mean_accuracy") if model_entry else None
 
 
-def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int) -> Dict[str, Any]:
+def _items(trial: Dict[str, Any]) -> int:
+    """Validation documents lm-eval scored for a trial: its full scores, else its subsets (a trial stopped by halving)."""
+    scores = trial.get("validation") or trial.get("subset") or {}
+    return sum(score.get("samples") or 0 for score in scores.values())
+
+
+def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int, key: str = "tune", switch: str = "--no-halving") -> Dict[str, Any]:
     space = work / "space.yml"
     space.write_text(space_yaml(zoo))
-    out = work / "tune"
-    command = [sys.executable, "-c", "from mergekit_ext.cli import main; main()", "tune", str(space), str(out), "--threads", str(threads), "--quiet"]
-    seconds = timed(command, work / "tune.log", env)
+    out = work / key
+    command = [sys.executable, "-c", "from mergekit_ext.cli import main; main()", "tune", str(space), str(out), "--threads", str(threads), "--quiet", switch]
+    seconds = timed(command, work / f"{key}.log", env)
     report = json.loads((out / "report.json").read_text())
     states: Dict[str, int] = {}
     for trial in report["trials"]:
@@ -126,7 +142,10 @@ def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int) -> Dict[s
     best = report["best"]
     return {
         **seconds,
+        "switch": switch,
         "merges": len(report["trials"]),
+        "trial_s": sum(trial.get("seconds") or 0.0 for trial in report["trials"]),
+        "items": sum(_items(trial) for trial in report["trials"]),
         "trial_states": states,
         "best": {"method": best["method"], "chosen": best["params"], "validation": best["validation_mean"], "test": best["test"]["mean"], "test_stderr": best["test"]["mean_stderr"]},
         "methods": methods,
@@ -134,63 +153,171 @@ def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int) -> Dict[s
     }
 
 
+def _stat(values: List[float], digits: int = 3) -> str:
+    """mean ± sample std (the protocol's stats)."""
+    stats = summary(values)
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _chosen(entry: Dict[str, Any]) -> str:
+    best = entry["best"]
+    stderr = f" ± {best['test_stderr']:.3f}" if best.get("test_stderr") is not None else ""
+    return f"{best['method']} {_params(best['chosen'])} ({best['validation']:.3f} → {best['test']:.3f}{stderr})"
+
+
+def _same_choice(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    return a["method"] == b["method"] and _params(a["chosen"]) == _params(b["chosen"])
+
+
 def summarise(report: Dict[str, Any]) -> str:
     rows = report["rows"]
+    variants = [(key, label) for key, _, label in VARIANTS if all(key in row for row in rows)]
+    seeds = ", ".join(str(row["seed"]) for row in rows)
     lines = [
         "# `mergekit-ext tune` (default space) against the hand grid of `benchmarks/quality.py`",
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; one torch thread per process; {report['machine']['date_utc']} UTC. "
-        "Zoos: the `hard` preset, one per seed (8 generation tasks, exact match; 100 validation and 200 test items per task). "
-        "Both choose on validation and report the chosen configuration's test exact match (lm-eval). "
+        f"Zoos: the `hard` preset, seeds {seeds} (8 generation tasks, exact match; 100 validation and 200 test items per task). "
+        "All choose on validation and report the chosen configuration's test exact match (lm-eval). "
         "Hand grid: 9 settings per method, validation scored in process (the scorer equals lm-eval's exact match), "
         "merged in memory. Tune: its default space (no `tune.methods` in the SPACE file), every trial a real merge to "
-        "disk and an lm-eval run, hopeless trials pruned after their first tasks. CPU s includes child processes.",
+        "disk and an lm-eval run; "
+        + (
+            "`tune` scores the validation tasks one at a time and stops a trial after a task when it is hopeless; "
+            "`tune + halving` scores a seeded quarter of every validation task first and the rest only for a trial "
+            "that can still win. "
+            if len(variants) > 1
+            else "hopeless trials pruned after their first tasks. "
+        )
+        + "CPU s includes child processes; ± are sample standard deviations over seeds (lm-eval standard errors inside a seed).",
+        "",
+    ]
+    header = ["seed", "hand: merges", "hand: wall s / CPU s", "hand: chosen (val → test)"]
+    for _, label in variants:
+        header += [f"{label}: trials (pruned)", f"{label}: wall s / CPU s", f"{label}: chosen (val → test ± se)", f"{label} − hand (test)"]
+    table = []
+    for row in rows:
+        cells = [row["seed"], row["hand"]["merges"], f"{row['hand']['wall_s']:.0f} / {row['hand']['cpu_s']:.0f}", _chosen(row["hand"])]
+        for key, _ in variants:
+            run = row[key]
+            cells += [
+                f"{run['merges']} ({run['trial_states'].get('PRUNED', 0)})",
+                f"{run['wall_s']:.0f} / {run['cpu_s']:.0f}",
+                _chosen(run),
+                f"{run['best']['test'] - row['hand']['best']['test']:+.3f}",
+            ]
+        table.append(cells)
+    lines += [runner.markdown_table(header, table), ""]
+    crowded = [
+        f"seed {row['seed']} {label} (wall {row[key]['wall_s'] / row[key]['cpu_s']:.1f}× its CPU)"
+        for row in rows
+        for key, label in [("hand", "hand grid"), *variants]
+        if row[key]["wall_s"] > WALL_OVER_CPU * row[key]["cpu_s"]
+    ]
+    if crowded:
+        lines += [
+            "Runs whose wall time exceeds their CPU time by more than half, i.e. other jobs shared the cores: "
+            + ", ".join(crowded) + ". Compare CPU seconds there.",
+            "",
+        ]
+    if len(rows) > 1:
+        text = (
+            f"Over {len(rows)} seeds (mean ± sample std): hand grid test {_stat([r['hand']['best']['test'] for r in rows])} "
+            f"in {_stat([r['hand']['wall_s'] for r in rows], 0)} s wall"
+        )
+        for key, label in variants:
+            paired = versus_reference([r[key]["best"]["test"] for r in rows], [r["hand"]["best"]["test"] for r in rows])
+            text += (
+                f"; {label} test {_stat([r[key]['best']['test'] for r in rows])} in {_stat([r[key]['wall_s'] for r in rows], 0)} s wall, "
+                f"paired {label} − hand {_stat(paired['differences'])} (t {paired['t']:.2f}, "
+                f"{'beyond' if paired['beyond_noise'] else 'within'} noise)"
+            )
+        lines += [text + ".", ""]
+    if len(variants) > 1:
+        lines += _halving_section(rows)
+    lines += ["## Per method: chosen setting, validation → test", ""]
+    for row in rows:
+        methods = sorted(set(row["hand"]["methods"]).union(*(row[key]["methods"] for key, _ in variants)))
+        table = []
+        for method in methods:
+            cells = [method]
+            for entry in [row["hand"]["methods"].get(method)] + [row[key]["methods"].get(method) for key, _ in variants]:
+                cells.append(f"{_params(entry['chosen'])} ({entry['validation']:.3f} → {entry['test']:.3f})" if entry else "–")
+            table.append(cells)
+        header = ["method", "hand grid"] + [label if len(variants) > 1 else "tune default space" for _, label in variants]
+        lines += [f"Seed {row['seed']}:", "", runner.markdown_table(header, table), ""]
+        for key, label in variants:
+            same, gaps = _agreement(row["hand"]["methods"], row[key]["methods"])
+            lines += [
+                f"{label}: the hand grid's setting (on the parameters both search) for {len(same)} of {len(row['hand']['methods'])} methods; "
+                f"mean over methods of {label} − hand grid on test {summary(gaps)['mean']:+.4f}.",
+                "",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _agreement(hand: Dict[str, Any], tuned: Dict[str, Any]):
+    """(methods where tune chose the hand grid's values on the parameters both search, per method tune − hand on test)."""
+    same, gaps = [], []
+    for method, entry in hand.items():
+        other = tuned.get(method)
+        if other is None:
+            continue
+        gaps.append(other["test"] - entry["test"])
+        shared = (set(entry["chosen"]) & set(other["chosen"])) - {"weight", "normalize"}
+        if all(float(entry["chosen"][k]) == float(other["chosen"][k]) for k in shared):
+            same.append(method)
+    return same, gaps
+
+
+def _halving_section(rows: List[Dict[str, Any]]) -> List[str]:
+    """What halving saved (items scored, seconds in trials, CPU) and which choices it changed, per seed and over seeds."""
+
+    def change(before: float, after: float) -> str:
+        return f"{before:.0f} → {after:.0f} ({100 * (after / before - 1):+.0f} %)"
+
+    table, items, trial_s, cpu_s = [], [], [], []
+    for row in rows:
+        plain, halved = row["tune"], row["tune_halving"]
+        changed = sorted(m for m in plain["methods"] if m in halved["methods"] and _params(plain["methods"][m]["chosen"]) != _params(halved["methods"][m]["chosen"]))
+        items.append(100 * (halved["items"] / plain["items"] - 1))
+        trial_s.append(100 * (halved["trial_s"] / plain["trial_s"] - 1))
+        cpu_s.append(100 * (halved["cpu_s"] / plain["cpu_s"] - 1))
+        table.append(
+            [
+                row["seed"],
+                change(plain["items"], halved["items"]),
+                change(plain["trial_s"], halved["trial_s"]),
+                change(plain["cpu_s"], halved["cpu_s"]),
+                f"{plain['trial_states'].get('PRUNED', 0)} → {halved['trial_states'].get('PRUNED', 0)}",
+                "same" if _same_choice(plain["best"], halved["best"]) else f"{_chosen(plain)} → {_chosen(halved)}",
+                f"{len(changed)} of {len(plain['methods'])}" + (f" ({', '.join(changed)})" if changed else ""),
+            ]
+        )
+    lines = [
+        "## Halving: time saved and choices changed (same zoos, same run)",
+        "",
+        "Without halving → with it. Items: validation documents lm-eval scored in the search (deterministic); seconds in trials: "
+        "the trials' own wall time (merge and scoring); CPU s: the whole command's, child processes included (less disturbed by "
+        "other jobs than wall time, and it includes the final test-split phase, the same work in both runs).",
         "",
         runner.markdown_table(
-            ["seed", "hand: merges", "hand: wall s / CPU s", "hand: chosen (val → test)", "tune: trials (pruned)", "tune: wall s / CPU s", "tune: chosen (val → test ± se)", "tune − hand (test)"],
-            [
-                [
-                    row["seed"],
-                    row["hand"]["merges"],
-                    f"{row['hand']['wall_s']:.0f} / {row['hand']['cpu_s']:.0f}",
-                    f"{row['hand']['best']['method']} {_params(row['hand']['best']['chosen'])} ({row['hand']['best']['validation']:.3f} → {row['hand']['best']['test']:.3f})",
-                    f"{row['tune']['merges']} ({row['tune']['trial_states'].get('PRUNED', 0)})",
-                    f"{row['tune']['wall_s']:.0f} / {row['tune']['cpu_s']:.0f}",
-                    f"{row['tune']['best']['method']} {_params(row['tune']['best']['chosen'])} ({row['tune']['best']['validation']:.3f} → {row['tune']['best']['test']:.3f} ± {row['tune']['best']['test_stderr']:.3f})",
-                    f"{row['tune']['best']['test'] - row['hand']['best']['test']:+.3f}",
-                ]
-                for row in rows
-            ],
+            ["seed", "validation items scored", "seconds in trials", "command CPU s", "pruned trials", "overall choice", "per-method choices changed"],
+            table,
         ),
         "",
     ]
     if len(rows) > 1:
-        def stat(values: List[float], digits: int = 3) -> str:
-            return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        def signed(values: List[float]) -> str:
+            stats = summary(values)
+            return f"{stats['mean']:+.1f} ± {stats['std']:.1f} %"
 
-        diffs = [row["tune"]["best"]["test"] - row["hand"]["best"]["test"] for row in rows]
         lines += [
-            f"Over {len(rows)} seeds (mean ± std): hand grid test {stat([r['hand']['best']['test'] for r in rows])} "
-            f"in {stat([r['hand']['wall_s'] for r in rows], 0)} s wall; tune test {stat([r['tune']['best']['test'] for r in rows])} "
-            f"in {stat([r['tune']['wall_s'] for r in rows], 0)} s wall; paired tune − hand {stat(diffs)}.",
+            f"Over {len(rows)} seeds (mean ± sample std), halving changed the validation items scored by {signed(items)}, "
+            f"the seconds spent in trials by {signed(trial_s)} and the command's CPU seconds by {signed(cpu_s)}.",
             "",
         ]
-    lines += ["## Per method: chosen setting, validation → test", ""]
-    for row in rows:
-        methods = sorted(set(row["hand"]["methods"]) | set(row["tune"]["methods"]))
-        table = []
-        for method in methods:
-            hand = row["hand"]["methods"].get(method)
-            tune = row["tune"]["methods"].get(method)
-            table.append(
-                [
-                    method,
-                    f"{_params(hand['chosen'])} ({hand['validation']:.3f} → {hand['test']:.3f})" if hand else "–",
-                    f"{_params(tune['chosen'])} ({tune['validation']:.3f} → {tune['test']:.3f})" if tune else "–",
-                ]
-            )
-        lines += [f"Seed {row['seed']}:", "", runner.markdown_table(["method", "hand grid", "tune default space"], table), ""]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _params(params: Dict[str, Any]) -> str:
@@ -235,9 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"seed {seed}: hand grid …", flush=True)
         hand = hand_grid(zoo, methods, work, env, args.threads)
         print(f"seed {seed}: hand grid {hand['wall_s']:.0f} s, best {hand['best']['method']} test {hand['best']['test']:.3f}; tune …", flush=True)
-        tuned = tune_run(zoo, work, env, args.threads)
-        print(f"seed {seed}: tune {tuned['wall_s']:.0f} s, best {tuned['best']['method']} test {tuned['best']['test']:.3f}", flush=True)
-        report["rows"].append({"zoo": str(zoo), "seed": seed, "hand": hand, "tune": tuned})
+        row = {"zoo": str(zoo), "seed": seed, "hand": hand}
+        for key, switch, label in VARIANTS:
+            row[key] = tune_run(zoo, work, env, args.threads, key, switch)
+            print(f"seed {seed}: {label} {row[key]['wall_s']:.0f} s, best {row[key]['best']['method']} test {row[key]['best']['test']:.3f}", flush=True)
+        report["rows"].append(row)
         runner.save_results(args.out_dir, args.name, report, summarise(report), echo=False)
     print(summarise(report))
 

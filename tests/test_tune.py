@@ -383,7 +383,7 @@ def test_a_hopeless_trial_is_pruned_after_its_first_task(zoo, tmp_path):
         def prune(self, study, trial) -> bool:
             return True
 
-    space = parse_space(tiny_space(zoo, methods={"task_arithmetic": {"lambda": [0.3]}}, limit=LIMIT), tmp_path / "space.yml")
+    space = parse_space(tiny_space(zoo, methods={"task_arithmetic": {"lambda": [0.3]}}, limit=LIMIT, halving=False), tmp_path / "space.yml")
     assert isinstance(make_pruner(space), HopelessPruner)
     assert isinstance(make_pruner(parse_space(tiny_space(zoo, prune=False), tmp_path / "space.yml")), optuna.pruners.NopPruner)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(space), pruner=Hopeless())

@@ -12,6 +12,7 @@ _EXPORTS = {
     "EvaluationError": "harness",
     "ModelSpec": "harness",
     "lm_eval_results": "harness",
+    "lm_eval_items": "harness",
     "compare_on_zoo": "harness",
     "report_on_models": "harness",
     "table_rows": "report",

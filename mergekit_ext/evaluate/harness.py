@@ -105,12 +105,43 @@ class ModelSpec:
         return str(self.path) if self.adapter is None else f"{self.path}+{self.adapter}"
 
 
+# _task_yaml_hashes by folder: (size and mtime of the YAMLs and data files read, hashes, data files).
+_TASK_HASHES: Dict[str, Tuple[Tuple, Dict[str, str], List[Path]]] = {}
+
+
+def _stamp(files: Sequence[Path]) -> Tuple:
+    stamps = []
+    for file in files:
+        try:
+            stat = os.stat(file)
+            stamps.append((str(file), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            stamps.append((str(file), None, None))
+    return tuple(stamps)
+
+
 def _task_yaml_hashes(include_path: Path) -> Dict[str, str]:
-    """Task name -> hash of its YAML and data files (a changed task invalidates the cache)."""
+    """Task name -> hash of its YAML and data files (a changed task invalidates the cache).
+
+    Reused within a process while no YAML is added or removed and no file read
+    changes size or modification time (a tune trial asks once per task).
+    """
+    yamls = sorted(include_path.glob("*.yaml"))
+    cached = _TASK_HASHES.get(str(include_path))
+    if cached is not None and cached[0] == _stamp(yamls + cached[2]):
+        return dict(cached[1])
+    hashes, data_files = _hash_task_yamls(yamls)
+    _TASK_HASHES[str(include_path)] = (_stamp(yamls + data_files), hashes, data_files)
+    return dict(hashes)
+
+
+def _hash_task_yamls(yamls: Sequence[Path]) -> Tuple[Dict[str, str], List[Path]]:
+    """(task name -> hash of its YAML and data files, the data files read)."""
     import yaml
 
     hashes: Dict[str, str] = {}
-    for file in sorted(include_path.glob("*.yaml")):
+    files: List[Path] = []
+    for file in yamls:
         text = file.read_text(encoding="utf-8")
         config = yaml.safe_load(text) or {}
         name = config.get("task")
@@ -120,9 +151,10 @@ def _task_yaml_hashes(include_path: Path) -> Dict[str, str]:
         data_files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
         for split_path in data_files.values():
             if Path(split_path).is_file():
+                files.append(Path(split_path))
                 digest.update(content_hash(split_path).encode())
         hashes[name] = digest.hexdigest()
-    return hashes
+    return hashes, files
 
 
 def lm_eval_results(
@@ -184,7 +216,62 @@ def lm_eval_results(
     return {task: results[task] for task in tasks}
 
 
-def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, *, batch_size: int, device: str, limit: Optional[int], progress: bool = True) -> Dict[str, Dict]:
+def lm_eval_items(
+    model: Union[ModelSpec, str, os.PathLike],
+    samples: Mapping[str, Sequence[int]],
+    include_path: Union[str, os.PathLike],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, Tuple[Dict, Dict[str, Dict[int, object]]]]:
+    """lm-eval on chosen documents of each task (``samples``: task -> document indices); never cached.
+
+    Per task: (lm-eval's result dict over those documents, the per-document
+    metric values ``{"metric,filter": {doc_id: value}}`` from lm-eval's logged
+    samples), so that scores over disjoint parts of a task can be combined.
+    """
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(str(model))
+    spec.check()
+    include_path = Path(include_path).absolute()
+    tasks = [task for task in samples if samples[task]]
+    spec.check_finite()
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        logged: Dict[str, List[Dict]] = {}
+        fresh = _simple_evaluate(
+            spec, tasks, include_path, batch_size=batch_size, device=device, limit=None, progress=progress,
+            samples={task: list(samples[task]) for task in tasks}, logged=logged,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    out: Dict[str, Tuple[Dict, Dict[str, Dict[int, object]]]] = {}
+    for task in tasks:
+        items: Dict[str, Dict[int, object]] = {}
+        for sample in logged.get(task, []):
+            for metric in sample["metrics"]:
+                items.setdefault(f"{metric},{sample['filter']}", {})[int(sample["doc_id"])] = sample[metric]
+        out[task] = (fresh[task], items)
+    return out
+
+
+def _simple_evaluate(
+    spec: ModelSpec,
+    tasks: Sequence[str],
+    include_path: Path,
+    *,
+    batch_size: int,
+    device: str,
+    limit: Optional[int],
+    progress: bool = True,
+    samples: Optional[Dict[str, List[int]]] = None,
+    logged: Optional[Dict[str, List[Dict]]] = None,
+) -> Dict[str, Dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -212,6 +299,11 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
     # repository". The same call with git's stderr discarded (same hash, same fallback).
     recorded_git_hash = lm_eval.evaluator.get_git_commit_hash
     lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
+    # lm-eval describes the environment in every result (torch's collect_env runs pip and
+    # other subprocesses): 1.8 s per call on a 2-core machine, a quarter of a tune trial's
+    # time on the hard zoo when it scored task by task. Described once per process instead.
+    recorded_env_info = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = _env_info_once
     # lm-eval draws its bars with an explicit `disable=`, which TQDM_DISABLE cannot override:
     # without progress they go to a buffer instead (errors still raise).
     bars = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
@@ -225,15 +317,19 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
                 device=device,
                 batch_size=batch_size,
                 limit=limit,
-                log_samples=False,
+                samples=samples,
+                log_samples=logged is not None,
             )
     finally:
         lm_eval.evaluator.get_git_commit_hash = recorded_git_hash
+        lm_eval.evaluator.add_env_info = recorded_env_info
         if dataset_bars_were_on:
             datasets.utils.enable_progress_bars()
         if hf_bars_were_on:
             hf_logging.enable_progress_bar()
     results = output["results"]
+    if logged is not None:
+        logged.update({task: list(output.get("samples", {}).get(task, [])) for task in tasks})
     for task in tasks:
         if task not in results:
             raise EvaluationError(f"lm-eval returned no result for task {task} on {spec}")
@@ -244,16 +340,36 @@ def _simple_evaluate(spec: ModelSpec, tasks: Sequence[str], include_path: Path, 
     return {task: results[task] for task in tasks}
 
 
+# What lm-eval records about the environment, per working directory (its git commits depend on it).
+_GIT_HASHES: Dict[str, Optional[str]] = {}
+_ENV_INFO: Dict[str, Dict] = {}
+
+
 def _git_commit_hash():
-    """lm-eval's ``loggers.utils.get_git_commit_hash`` with git's stderr discarded (no ``fatal:`` line outside a repository)."""
+    """lm-eval's ``loggers.utils.get_git_commit_hash`` with git's stderr discarded (no ``fatal:`` line outside a repository); once per directory."""
     import subprocess
 
     from lm_eval.loggers.utils import get_commit_from_path
 
-    try:
-        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()  # noqa: S607
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return get_commit_from_path(os.getcwd())
+    cwd = os.getcwd()
+    if cwd not in _GIT_HASHES:
+        try:
+            _GIT_HASHES[cwd] = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()  # noqa: S607
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            _GIT_HASHES[cwd] = get_commit_from_path(cwd)
+    return _GIT_HASHES[cwd]
+
+
+def _env_info_once(storage: Dict) -> None:
+    """lm-eval's ``add_env_info``, computed on the first call in a working directory and reused after."""
+    from lm_eval.loggers.utils import add_env_info
+
+    cwd = os.getcwd()
+    if cwd not in _ENV_INFO:
+        described: Dict = {}
+        add_env_info(described)
+        _ENV_INFO[cwd] = described
+    storage.update(_ENV_INFO[cwd])
 
 
 # --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Parts: ``space.py`` (the SPACE file: parsing, validation, ``DEFAULT_SPACES``),
 ``scoring.py`` (lm-eval scores of a model or a config; ``score_config``, the
 trial runner a benchmark can call on its own), ``storage.py`` (the Optuna
 storage and study), ``sampling.py`` (sampler and ``HopelessPruner``),
+``halving.py`` (successive halving: each task's seeded subset, combining parts),
 ``options.py`` (``RunOptions``), ``workers.py`` (liveness, re-queueing and
 claims between workers), ``trial.py`` (the objective: one trial),
 ``search.py`` (the search loop), ``study.py`` (after the search: each method's
@@ -38,6 +39,8 @@ An ordinary mergekit YAML plus a ``tune:`` block::
       trials: 8                              # optional: default the whole grid, or 30 with ranges
       seed: 0
       prune: true
+      halving: false                         # optional: successive halving on items (needs prune)
+      halving_fraction: 0.25                 # optional: share of each validation task scored first
 
 ``tune.methods`` may also be a list of names (each with its default space) or
 be left out: then every method of this package (but those needing a learned
@@ -50,12 +53,16 @@ Per-model parameters (``weight``, ``density``) go in the top-level
 ``parameters:`` block, which mergekit reads as every model's default;
 mergekit's required ``weight`` is 1.0 unless given. Higher scores are better.
 
-Protocol: a grid (GridSampler) when every domain is a list, else seeded TPE;
-after each validation task the running mean is reported as an intermediate
-value, and ``sampling.HopelessPruner`` stops a trial whose running mean falls
-more than 2 standard errors (lm-eval's) below the best finished trial of the
-same method at the same step (so a method's first trial is never pruned, and
-each method's choice is the best of its own settings). Each method's
+Protocol: a grid (GridSampler) when every domain is a list, else seeded TPE.
+With halving (``halving.py``) a trial is scored first on a seeded subset of
+every validation task (the same items for every trial) and reports that mean
+as its one intermediate value; without it the tasks are scored one at a time
+and the running mean is reported after each. ``sampling.HopelessPruner`` stops
+a trial whose intermediate value falls more than 2 standard errors (lm-eval's)
+below the best finished trial of the same method at the same step (so a
+method's first trial is never pruned, and each method's choice is the best of
+its own settings); a trial halving lets through is scored on the remaining
+items only, and its parts are combined into the full-task scores. Each method's
 validation-best setting is scored once on the test tasks, beside the base,
 every expert, the reference and plain task arithmetic (weight 1) at its
 validation-best λ, with lm-eval's standard errors; per method the report says

@@ -29,6 +29,12 @@ HEARTBEAT_HELP = (
 @click.option("--keep", is_flag=True, help="keep each finished trial's merged model in OUT_DIR/trials/ (pruned or failed ones are removed)")
 @click.option("--seed", type=int, help="sampler seed (default: tune.seed, else 0)")
 @click.option("--prune/--no-prune", default=None, help="stop hopeless trials after their first validation tasks (default: tune.prune, else on)")
+@click.option(
+    "--halving/--no-halving",
+    default=None,
+    help="score each trial on a seeded subset of every validation task first, and on the rest only if it can still win (default: tune.halving, else off; needs pruning)",
+)
+@click.option("--halving-fraction", type=float, help="share of each validation task in the subset (default: tune.halving_fraction, else 0.25)")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="lm-eval batch size")
 @click.option("--device", default="cpu", show_default=True, help="device for merging and lm-eval (e.g. cuda)")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (1 suits tiny models)")
@@ -47,6 +53,8 @@ def tune_command(
     keep: bool,
     seed: Optional[int],
     prune: Optional[bool],
+    halving: Optional[bool],
+    halving_fraction: Optional[float],
     batch_size: int,
     device: str,
     threads: Optional[int],
@@ -73,14 +81,18 @@ def tune_command(
           test: [zoo_a, zoo_b]                 # scored once per method (pairs with validation, in order)
         include_path: ./tasks                  # lm-eval task YAMLs
         reference: {zoo_a: /models/a, zoo_b: /models/b}  # optional: normalized = score / reference
-        trials: 8                              # optional; also limit, metric, seed, prune
+        trials: 8                              # optional; also limit, metric, seed, prune,
+        halving: false                         # halving_fraction (0.25)
 
     A space with only lists is searched as a grid (Optuna's GridSampler,
     seeded order); one with a range uses seeded TPE. Each trial merges with
     mergekit's engine into OUT_DIR/trials/ (removed unless --keep) and scores
-    the validation tasks with lm-eval one at a time; a trial whose running mean
-    falls more than 2 standard errors below the best finished trial's is
-    pruned (a method's first trial never is). The study is kept in
+    the validation tasks with lm-eval one at a time; a trial whose running
+    mean falls more than 2 standard errors below its own method's best
+    finished trial is stopped (a method's first trial never is). With
+    --halving a trial is scored first on a seeded quarter of each validation
+    task's items, and on the rest only if its mean there is within 2 standard
+    errors of that trial's on the same items. The study is kept in
     OUT_DIR/study.db:
     run the same command again to resume (finished trials are kept, a trial
     left running by a killed run is re-queued); workers sharing --storage
@@ -102,7 +114,10 @@ def tune_command(
         torch.set_num_threads(threads)
     echo = click.echo
     try:
-        space = load_space(space_file, trials=trials, include_path=include_path, limit=limit, seed=seed, metric=metric, prune=prune)
+        space = load_space(
+            space_file, trials=trials, include_path=include_path, limit=limit, seed=seed, metric=metric, prune=prune,
+            halving=halving, halving_fraction=halving_fraction,
+        )
         if not quiet:
             echo(space.summary())
             echo(f"{space.target_trials} trial(s), {'grid' if space.finite else 'TPE'} sampler; study in {storage or os.path.join(out_dir, 'study.db')}")

@@ -165,6 +165,11 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             f"- validation tasks: {', '.join(report['tasks']['validation'])}; test tasks: {', '.join(report['tasks']['test'])}"
             + (f"; limit {report['limit']} documents per task" if report.get("limit") else "")
         ),
+        *(
+            [f"- halving: each trial scored first on a seeded {report['halving']['fraction']:g} of every validation task's items, on the rest only if it can still win"]
+            if report.get("halving")
+            else []
+        ),
         f"- metric: {report['metric']}" + ("; in parentheses: normalized = score / reference on the same task" if normalized else ""),
         f"- protocol: {report['protocol']}",
         "",
@@ -213,7 +218,9 @@ def format_markdown(report: Mapping[str, Any]) -> str:
         scores = trial.get("validation") or {}
         value = trial["value"] if trial["value"] is not None else trial.get("partial_mean")
         note = trial["state"].lower()
-        if trial.get("pruned_after_tasks"):
+        if trial.get("pruned_after_tasks") == "subset":
+            note += f" on the subset (mean {trial['subset_mean']:.3f})"
+        elif trial.get("pruned_after_tasks"):
             note += f" after {trial['pruned_after_tasks']} task(s)"
         if trial.get("error"):
             note += f": {trial['error'][:120]}"

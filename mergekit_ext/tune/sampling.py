@@ -26,9 +26,26 @@ def make_sampler(space: TuneSpace, *, shared: bool = False):
     return optuna.samplers.TPESampler(seed=space.seed + (os.getpid() if shared else 0))
 
 
+# With successive halving a trial reports one intermediate value: its mean over every task's subset.
+RUNG_STEP = 0
+
+
 def _partial_stderr(trial, tasks: int) -> Optional[float]:
     """Standard error of a trial's mean over its first ``tasks`` validation tasks (None if one is missing)."""
     scores = list((trial.user_attrs.get("validation") or {}).values())[:tasks]
+    return _mean_stderr(scores, tasks)
+
+
+def step_stderr(trial, step: int) -> Optional[float]:
+    """Standard error of the intermediate value at ``step``: over the rung's subsets with halving, else over the first step + 1 tasks."""
+    if trial.user_attrs.get("subset") and step == RUNG_STEP:
+        scores = list(trial.user_attrs["subset"].values())
+        return _mean_stderr(scores, len(scores))
+    return _partial_stderr(trial, step + 1)
+
+
+
+def _mean_stderr(scores, tasks: int) -> Optional[float]:
     if len(scores) < tasks or any(s.get("stderr") is None for s in scores):
         return None
     return math.sqrt(sum(s["stderr"] ** 2 for s in scores)) / tasks
@@ -38,7 +55,9 @@ class HopelessPruner(optuna.pruners.BasePruner):
     """Stop a trial whose running validation mean is significantly below its own method's best finished trial.
 
     After each validation task the objective reports the running mean; trials
-    are compared at the same step (the same tasks, in order). A trial is
+    are compared at the same step (the same tasks, in order). With successive
+    halving (``halving.py``) the one step is the mean over every task's subset,
+    the same items for every trial. A trial is
     hopeless when the best finished trial OF THE SAME METHOD has a running mean
     at that step above its own by more than ``z`` standard errors of the
     difference (from lm-eval's per-task standard errors). So a method's first
@@ -62,7 +81,7 @@ class HopelessPruner(optuna.pruners.BasePruner):
         if step is None:
             return False
         value = trial.intermediate_values[step]
-        own_stderr = _partial_stderr(trial, step + 1)
+        own_stderr = step_stderr(trial, step)
         if own_stderr is None:
             return False
         method = trial.user_attrs.get("method")
@@ -71,7 +90,7 @@ class HopelessPruner(optuna.pruners.BasePruner):
         if not rivals:
             return False
         best = max(rivals, key=lambda t: t.intermediate_values[step])
-        best_stderr = _partial_stderr(best, step + 1)
+        best_stderr = step_stderr(best, step)
         if best_stderr is None:
             return False
         gap = best.intermediate_values[step] - value
@@ -79,8 +98,8 @@ class HopelessPruner(optuna.pruners.BasePruner):
 
 
 def make_pruner(space: TuneSpace):
-    """``HopelessPruner`` (an Optuna pruner) unless pruning is off or there is a single validation task."""
-    if not space.prune or len(space.validation_tasks) < 2:
+    """``HopelessPruner`` (an Optuna pruner) unless pruning is off, or there is a single validation task and no halving."""
+    if not space.prune or (len(space.validation_tasks) < 2 and not space.halves):
         return optuna.pruners.NopPruner()
     return HopelessPruner()
 

@@ -89,9 +89,19 @@ def score_model(
     evaluation: EvalSettings,
     *,
     on_task: Optional[Callable[[int, TaskScore], None]] = None,
+    halving=None,
+    on_rung: Optional[Callable[[Dict[str, TaskScore]], None]] = None,
 ) -> Dict[str, TaskScore]:
-    """lm-eval scores of a model folder; with ``on_task``, one task at a time (each reported as it ends)."""
+    """lm-eval scores of a model folder; with ``on_task``, one task at a time (each reported as it ends).
+
+    With ``halving`` (a ``halving.Halving``): every task's subset first, then
+    ``on_rung(subset scores)`` (it raises to stop the trial), then the rest of
+    the items, combined into full scores (``on_task`` is not called).
+    """
     from mergekit_ext.evaluate import lm_eval_results
+
+    if halving is not None:
+        return score_halving(model, tasks, evaluation, halving, on_rung or (lambda scores: None))
 
     common = dict(
         batch_size=evaluation.batch_size,
@@ -113,6 +123,38 @@ def score_model(
     return scores
 
 
+def score_halving(
+    model: Union[str, os.PathLike],
+    tasks: Sequence[str],
+    evaluation: EvalSettings,
+    halving,
+    on_rung: Callable[[Dict[str, TaskScore]], None],
+) -> Dict[str, TaskScore]:
+    """Score ``model`` on the subsets, call ``on_rung(scores)`` (it raises to stop), then on the rest; TaskScores per task."""
+    from mergekit_ext.evaluate.harness import lm_eval_items
+    from mergekit_ext.tune.halving import combine
+
+    common = dict(batch_size=evaluation.batch_size, device=evaluation.device, threads=evaluation.threads)
+    with _LM_EVAL_LOCK:
+        first = lm_eval_items(model, {task: halving.subsets[task] for task in tasks}, evaluation.include_path, **common)
+    rung = {task: read_metric(task, first[task][0], evaluation.metric) for task in tasks}
+    on_rung(rung)
+    rests = {task: halving.rests[task] for task in tasks if halving.rests[task]}
+    second = {}
+    if rests:
+        with _LM_EVAL_LOCK:
+            second = lm_eval_items(model, rests, evaluation.include_path, **common)
+    scores = {}
+    for task in tasks:
+        key = rung[task].metric
+        parts = [first[task][1].get(key, {})]
+        if task in second:
+            parts.append(second[task][1].get(key, {}))
+        value, stderr, count = combine(evaluation.include_path, task, key, parts)
+        scores[task] = TaskScore(task=task, metric=key, value=value, stderr=stderr, samples=count)
+    return scores
+
+
 def score_config(
     config: Mapping[str, Any],
     tasks: Sequence[str],
@@ -128,6 +170,8 @@ def score_config(
     keep: bool = False,
     merge_options=None,
     on_task: Optional[Callable[[int, TaskScore], None]] = None,
+    halving=None,
+    on_rung: Optional[Callable[[Dict[str, TaskScore]], None]] = None,
 ) -> Dict[str, TaskScore]:
     """Merge ``config`` with mergekit's engine, score it with lm-eval on ``tasks``; per task a ``TaskScore``.
 
@@ -136,7 +180,7 @@ def score_config(
     ``keep`` (with ``out``). ``on_task(index, score)`` is called after each
     task (then lm-eval runs one task at a time). ``metric``: see
     ``read_metric``; ``cache_dir``: lm-eval results cached by model content
-    (not with ``limit``).
+    (not with ``limit``). ``halving``, ``on_rung``: see ``score_model``.
     """
     from mergekit_ext.engine import quiet_options, run_merge_atomic
 
@@ -157,7 +201,7 @@ def score_config(
     try:
         options = merge_options if merge_options is not None else quiet_options(device=device if device != "cpu" else None)
         run_merge_atomic(dict(config), out, options=options, overwrite=True)
-        return score_model(out, tasks, evaluation, on_task=on_task)
+        return score_model(out, tasks, evaluation, on_task=on_task, halving=halving, on_rung=on_rung)
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)

@@ -153,14 +153,18 @@ def _plain_at_best_lambda(study, space: TuneSpace, chosen, trials, options: RunO
 def trial_record(trial) -> Dict[str, Any]:
     """One trial as the report keeps it."""
     validation = trial.user_attrs.get("validation", {})
+    subset = trial.user_attrs.get("subset") or {}
     return {
         "number": trial.number,
         "state": trial.state.name,
         "method": trial.user_attrs.get("method"),
         "params": trial.user_attrs.get("params"),
         "value": trial.value,
-        "partial_mean": mean([s["value"] for s in validation.values()]) if validation else None,
+        # A trial stopped by halving has only its subset scores.
+        "partial_mean": mean([s["value"] for s in validation.values()]) if validation else mean([s["value"] for s in subset.values()]),
         "validation": validation,
+        "subset": subset or None,
+        "subset_mean": mean([s["value"] for s in subset.values()]),
         "pruned_after_tasks": trial.user_attrs.get("pruned_after"),
         "error": trial.user_attrs.get("error"),
         "retry_of": trial.system_attrs.get("failed_trial"),
@@ -168,6 +172,7 @@ def trial_record(trial) -> Dict[str, Any]:
         "duplicate_of": trial.user_attrs.get("duplicate_of"),
         "worker": trial.user_attrs.get("worker"),
         "seconds": trial.user_attrs.get("seconds"),
+        "cpu_seconds": trial.user_attrs.get("cpu_seconds"),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
         "finished": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
     }
@@ -359,6 +364,7 @@ def _report(study, space: TuneSpace, best, complete, trials, methods_report, bas
         "sampler": "grid" if space.finite else "tpe",
         "seed": space.seed,
         "limit": space.limit,
+        "halving": {"fraction": space.halving_fraction} if space.halves else None,
         "metric": ", ".join(metrics_seen) or space.metric or "first metric lm-eval reports per task",
         "tasks": {"validation": space.validation_tasks, "test": tests},
         "include_path": str(space.include_path),

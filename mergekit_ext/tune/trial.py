@@ -1,7 +1,10 @@
 """Running one trial: the Optuna objective merges the trial's setting and scores it task by task on validation.
 
 After each validation task the running mean is reported as an intermediate
-value, so that the study's pruner can stop a hopeless trial early. A trial's
+value, so that the study's pruner can stop a hopeless trial early; with
+successive halving (``halving.py``) the one intermediate value is the mean over
+every task's subset, and only a trial the pruner lets through is scored on the
+remaining items. A trial's
 merge lives in ``OUT_DIR/trials`` and is removed after scoring unless kept.
 """
 
@@ -18,6 +21,7 @@ from optuna.trial import TrialState
 
 from mergekit_ext import io
 from mergekit_ext.tune.options import RunOptions, engine_options, evaluation_settings
+from mergekit_ext.tune.sampling import RUNG_STEP
 from mergekit_ext.tune.scoring import TaskScore, mean, score_config
 from mergekit_ext.tune.space import TuneSpace, setting_label
 from mergekit_ext.tune.workers import (
@@ -90,11 +94,16 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
     """The Optuna objective: merge the trial's setting, score it task by task on validation, report."""
     evaluation = evaluation_settings(space, options, out_dir)
     tasks = space.validation_tasks
+    halving = None
+    if space.halves:
+        from mergekit_ext.tune.halving import Halving
+
+        halving = Halving.for_tasks(space.include_path, tasks, space.halving_fraction, space.seed, space.limit)
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", this_worker())  # first: a dead worker's trial is re-queued at once
         # A retried trial starts with its failed original's attributes (Optuna copies them): reset its outcome.
-        for key, empty in (("validation", {}), ("stopped", None), ("interrupted", None), ("pruned_after", None), ("error", None), ("claimed", None)):
+        for key, empty in (("validation", {}), ("subset", None), ("stopped", None), ("interrupted", None), ("pruned_after", None), ("error", None), ("claimed", None)):
             if key in trial.user_attrs:
                 trial.set_user_attr(key, empty)
         method, params = _choose(trial, space)
@@ -121,10 +130,18 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
                 trial.set_user_attr("pruned_after", index + 1)
                 raise optuna.TrialPruned(f"mean {partial:.4f} after {index + 1} task(s)")
 
-        started = time.perf_counter()
+        def on_rung(rung: Dict[str, TaskScore]) -> None:
+            trial.set_user_attr("subset", {task: rung[task].to_dict() for task in tasks})
+            partial = mean([rung[task].value for task in tasks])
+            trial.report(partial, step=RUNG_STEP)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_after", "subset")
+                raise optuna.TrialPruned(f"mean {partial:.4f} on the subset ({space.halving_fraction:g} of each task)")
+
+        started, cpu_started = time.perf_counter(), time.process_time()
         complete = False
         try:
-            score_config(
+            outcome = score_config(
                 space.config(method, params),
                 tasks,
                 evaluation.include_path,
@@ -137,8 +154,13 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
                 out=model_dir,
                 keep=True,  # removed below unless --keep and the trial completes
                 merge_options=engine_options(options),
-                on_task=on_task,
+                on_task=None if halving is not None else on_task,
+                halving=halving,
+                on_rung=on_rung,
             )
+            if halving is not None:
+                scores = list(outcome.values())
+                trial.set_user_attr("validation", {s.task: s.to_dict() for s in scores})
             complete = True
         except optuna.TrialPruned:
             raise
@@ -150,6 +172,8 @@ def make_objective(space: TuneSpace, out_dir: Path, options: RunOptions) -> Call
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+            # The process's CPU seconds meanwhile (every thread: with --n-jobs > 1, other trials' too).
+            trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu_started, 2))
             if not (options.keep and complete):
                 shutil.rmtree(model_dir, ignore_errors=True)
         return mean([s.value for s in scores])

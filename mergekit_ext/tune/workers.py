@@ -124,7 +124,7 @@ def copy_twin(trial, twin) -> float:
         trial.set_user_attr("duplicate_of", twin.number)
         raise Running(f"trial {twin.number} runs this setting")
     trial.set_user_attr("repeat_of", twin.number)
-    for key in ("validation", "pruned_after", "error"):
+    for key in ("validation", "subset", "pruned_after", "error"):
         if key in twin.user_attrs:
             trial.set_user_attr(key, twin.user_attrs[key])
     if twin.state == TrialState.PRUNED:
