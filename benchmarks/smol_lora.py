@@ -1,0 +1,230 @@
+"""The LoRA paths on a real pretrained LLM: a `smol` zoo's peft adapters, merged three ways.
+
+Every row is scored on the TEST split with the smol benchmark's scorer (greedy
+chat replies, exact match; retention by log-likelihood choice), per item, so
+each merge has a paired difference to task arithmetic on the same items:
+
+* ``BASE+ADAPTER``: each adapter applied to the base (θ0 + B·A, what mergekit
+  does with ``model: base+adapter``), then merged as full models by mergekit's
+  engine. Task arithmetic's λ is chosen on validation; the other methods run at
+  their shipped settings (the same protocol as ``smol_quality.py``).
+* ``lora merge``: the same merges re-factorized to one adapter of the adapters'
+  rank r (``adapters.merge.merge_adapters``, what `mergekit-ext lora merge` runs).
+* RMM: a basis of K adapters built from all n (``build_basis``, what
+  `mergekit-ext rmm build` runs), for K = 2 … n in the factor and product
+  variants; each task reverted to its own adapter and scored on its own task
+  and on retention. K = n must give back the individual adapters.
+
+    python benchmarks/smol_lora.py --zoo /work/cache/zoo-smol-s2 --name smol-lora-s2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import runner  # noqa: E402
+from benchmarks.smol_quality import REFERENCE, SmolScorer, paired_difference, smol_settings, summarize  # noqa: E402
+
+DENSE_METHODS = ("tsv_m", "iso_c", "cart", "iso_cts")  # the full fine-tunes' leaders on the smol zoos
+ADAPTER_METHODS = (REFERENCE, "tsv_m", "iso_c")
+RMM_VARIANTS = ("factor", "product")
+
+
+def with_updates(base_state: Dict[str, torch.Tensor], updates: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """θ0 + ΔW for the updated tensors (float32), the base's tensors for the rest."""
+    state = dict(base_state)
+    for name, delta in updates.items():
+        state[name] = base_state[name].to(torch.float32) + delta.to(torch.float32)
+    return state
+
+
+def factor_updates(factors) -> Dict[str, torch.Tensor]:
+    """Dense updates of a module → LoraFactors mapping, keyed by the base tensor's name."""
+    from mergekit_ext.adapters.peft_io import weight_name
+
+    return {weight_name(module): pair.delta() for module, pair in factors.items()}
+
+
+def mean_normalized(accuracy: Dict[str, float], reference: Dict[str, float]) -> Optional[float]:
+    """Mean of accuracy / reference over the tasks where the reference scores at all."""
+    ratios = [accuracy[task] / reference[task] for task in accuracy if reference[task] > 0]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def run(args) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    from mergekit_ext.adapters import peft_io
+    from mergekit_ext.adapters.merge import merge_adapters
+    from mergekit_ext.evaluate.protocol.selection import select
+    from mergekit_ext.methods.rmm.format import reverted_factors
+    from mergekit_ext.methods.rmm.kernel import adapter_parameter_count, build_basis
+    from mergekit_ext.modeling import load_state_dict
+    from mergekit_ext.zoo import load_zoo, merge_in_memory
+
+    started = time.perf_counter()
+    zoo = load_zoo(args.zoo)
+    if "chat" not in zoo.manifest:
+        raise SystemExit(f"{zoo.root} is not a smol zoo (build one with `mergekit-ext zoo DIR --preset smol`)")
+    tasks = zoo.tasks
+    scorer = SmolScorer(zoo, args.device)
+    retention = scorer.retention
+    every = tasks + retention
+    adapter_metrics = zoo.manifest["metrics"]["adapters"]
+    lora_scores = {task: adapter_metrics[task][task]["test"] for task in tasks}
+
+    base_state = load_state_dict(zoo.base)
+    adapters = peft_io.load_adapters([str(zoo.adapter(task)) for task in tasks], str(zoo.base), names=tasks)
+    rank = max(pair.rank for adapter in adapters for pair in adapter.modules.values())
+    applied = {adapter.name: with_updates(base_state, factor_updates(adapter.modules)) for adapter in adapters}
+    quiet = args.quiet
+
+    items: Dict[str, Dict[str, List[int]]] = {}
+    models: Dict[str, Any] = {}
+    seconds: Dict[str, float] = {}
+
+    def score(label: str, state: Dict[str, torch.Tensor], setting: Dict[str, Any], path: str) -> None:
+        begun = time.perf_counter()
+        items[label] = scorer(state, "test", every)
+        models[label] = {**summarize(items[label], tasks, retention, lora_scores), "setting": setting, "path": path}
+        seconds[label] = round(time.perf_counter() - begun, 1)
+
+    def dense(method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return merge_in_memory(base_state, applied, method, dict(setting), use_base=True)
+
+    items["base"] = scorer(base_state, "test", every)
+    models["base"] = summarize(items["base"], tasks, retention)
+    models["lora expert"] = {
+        "accuracy": dict(lora_scores),
+        "mean_accuracy": sum(lora_scores.values()) / len(tasks),
+        "retention": {name: min(adapter_metrics[task][name]["test"] for task in tasks) for name in retention},
+        "note": "each adapter on its own task (the zoo build's score); retention: the lowest over the adapters",
+    }
+
+    grids = smol_settings()
+    validation = []
+    for setting in tqdm(grids[REFERENCE], desc="task arithmetic λ on validation", unit="λ", disable=quiet):
+        scores = scorer(dense(REFERENCE, setting), "validation", tasks)
+        validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
+    chosen = select(grids[REFERENCE], validation)
+    selection = {"grid": chosen.settings, "validation_mean_accuracy": validation, "chosen": chosen.setting}
+    settings = {REFERENCE: chosen.setting, **{method: grids[method][0] for method in DENSE_METHODS}}
+
+    for method, setting in tqdm(settings.items(), desc="BASE+ADAPTER merges", unit="method", disable=quiet):
+        score(f"{method} (BASE+ADAPTER)", dense(method, setting), setting, "BASE+ADAPTER")
+    for method in tqdm(ADAPTER_METHODS, desc="lora merge, rank r", unit="method", disable=quiet):
+        with torch.no_grad():
+            factors = merge_adapters(adapters, base_state.__getitem__, method, rank, parameters=settings[method])
+        score(f"{method} (lora merge, rank {rank})", with_updates(base_state, factor_updates(factors)), settings[method], "lora merge")
+
+    total = adapter_parameter_count(adapters)
+    rmm: List[Dict[str, Any]] = []
+    for variant in RMM_VARIANTS:
+        for k in tqdm(range(2, len(tasks) + 1), desc=f"RMM {variant}", unit="K", disable=quiet):
+            basis = build_basis(adapters, k, variant)
+            own: Dict[str, float] = {}
+            kept: Dict[str, Dict[str, float]] = {}
+            for task in tasks:
+                with torch.no_grad():
+                    state = with_updates(base_state, factor_updates(reverted_factors(basis, task)))
+                scored = scorer(state, "test", [task, *retention])
+                own[task] = sum(scored[task]) / len(scored[task])
+                kept[task] = {name: sum(scored[name]) / len(scored[name]) for name in retention}
+            rmm.append(
+                {
+                    "variant": variant,
+                    "k": k,
+                    "storage": basis.parameter_count() / total,
+                    "accuracy": own,
+                    "mean_accuracy": sum(own.values()) / len(tasks),
+                    "normalized": mean_normalized(own, lora_scores),
+                    "retention": {name: min(kept[t][name] for t in tasks) for name in retention},
+                }
+            )
+
+    reference = f"{REFERENCE} (BASE+ADAPTER)"
+    for label in items:
+        if label == "base":
+            continue
+        models[label]["vs_task_arithmetic"] = paired_difference(items[label], items[reference], tasks)
+        models[label]["vs_base_retention"] = {name: paired_difference(items[label], items["base"], [name]) for name in retention}
+        models[label]["beats_base_on_every_task"] = all(models[label]["accuracy"][t] > models["base"]["accuracy"][t] for t in tasks)
+    return {
+        **runner.zoo_context(zoo),
+        "seed": zoo.manifest["seed"],
+        "tasks": tasks,
+        "retention_tasks": retention,
+        "adapter_rank": rank,
+        "test_items_per_task": len(scorer.documents[(tasks[0], "test")]),
+        "reference": reference,
+        "selection": {REFERENCE: selection},
+        "test_report": {"split": "test", "tasks": tasks, "models": models},
+        "rmm": rmm,
+        "seconds": {"per_model": seconds, "total": round(time.perf_counter() - started, 1)},
+        "items": items,
+    }
+
+
+def render_markdown(result: Dict[str, Any]) -> str:
+    tasks, retention = result["tasks"], result["retention_tasks"]
+    models = result["test_report"]["models"]
+    selection = result["selection"][REFERENCE]
+    header = ["model", "mean ± stderr"] + tasks + [f"{name} (retention)" for name in retention] + ["− task arithmetic (paired)", "> base on every task"]
+    rows = []
+    for label, model in models.items():
+        mean = f"{model['mean_accuracy']:.3f}" + (f" ± {model['mean_stderr']:.3f}" if "mean_stderr" in model else "")
+        versus = model.get("vs_task_arithmetic")
+        paired = "" if versus is None or label == result["reference"] else f"{versus['delta']:+.3f} ± {versus['stderr']:.3f}"
+        every = {True: "yes", False: "no"}.get(model.get("beats_base_on_every_task"), "")
+        rows.append([label, mean] + [f"{model['accuracy'][t]:.3f}" for t in tasks] + [f"{model['retention'][n]:.3f}" for n in retention] + [paired, every])
+    lambdas = ", ".join(f"{v:.3f}" for v in selection["validation_mean_accuracy"])
+    lines = [
+        f"# LoRA adapters of SmolLM2-135M-Instruct merged: smol zoo, seed {result['seed']}",
+        "",
+        f"{len(tasks)} peft LoRA adapters of rank {result['adapter_rank']}; test split, {result['test_items_per_task']} items per task; "
+        "exact match of the greedy chat reply (instruction tasks), 4-way log-likelihood choice (retention). "
+        f"`lora expert`: each adapter on its own task, retention the lowest over the adapters. task arithmetic's λ chosen on validation: "
+        f"{selection['chosen']['lambda']} (validation means {lambdas} over the grid); every other method at its shipped setting. "
+        "BASE+ADAPTER: adapters applied to the base, merged as full models; lora merge: the same merge re-factorized to one adapter of rank r.",
+        "",
+        runner.markdown_table(header, rows),
+        "",
+        "RMM: each task reverted from a basis of K adapters to its own adapter, scored on its own task "
+        "(normalized = / the task's own adapter); retention: the lowest over the reverted adapters.",
+        "",
+    ]
+    rmm_header = ["variant", "K", "storage"] + tasks + ["mean", "normalized"] + [f"{n} (retention)" for n in retention]
+    rmm_rows = [
+        [row["variant"], str(row["k"]), f"{row['storage']:.2f}"] + [f"{row['accuracy'][t]:.3f}" for t in tasks]
+        + [f"{row['mean_accuracy']:.3f}", "–" if row["normalized"] is None else f"{row['normalized']:.3f}"] + [f"{row['retention'][n]:.3f}" for n in retention]
+        for row in result["rmm"]
+    ]
+    lines += [runner.markdown_table(rmm_header, rmm_rows), "", f"Benchmark time {result['seconds']['total']:.0f} s on this machine.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", required=True, help="a smol zoo (`mergekit-ext zoo DIR --preset smol --seed N`)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 lets a second job share a 2-core machine)")
+    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
+    parser.add_argument("--name", required=True, help="basename of the result files")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    runner.apply_threads(args)
+    runner.ensure_registered()
+    result = run(args)
+    runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
+
+if __name__ == "__main__":
+    main()
