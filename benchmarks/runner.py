@@ -154,8 +154,19 @@ def run_measured(command: Sequence[str], *, log_path: Path, env: Optional[Dict[s
     )
 
 
-def run_yaml(config: Mapping[str, Any], out: Path, *, threads: Optional[int] = None, device: Optional[str] = None, timeout_s: Optional[float] = None, extra_args: Sequence[str] = ()) -> Measurement:
-    """Run the stock ``mergekit-yaml`` on ``config`` writing ``out``; measured."""
+def run_yaml(
+    config: Mapping[str, Any],
+    out: Path,
+    *,
+    threads: Optional[int] = None,
+    device: Optional[str] = None,
+    timeout_s: Optional[float] = None,
+    extra_args: Sequence[str] = (),
+    copy_tokenizer: bool = False,
+) -> Measurement:
+    """Run the stock ``mergekit-yaml`` on ``config`` writing ``out``; measured.
+
+    The tokenizer is copied only when asked (a model to evaluate needs it; a speed run does not)."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -163,7 +174,7 @@ def run_yaml(config: Mapping[str, Any], out: Path, *, threads: Optional[int] = N
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     executable = shutil.which("mergekit-yaml") or "mergekit-yaml"
-    command = [executable, str(config_path), str(out), "--no-write-model-card", "--quiet", "--no-copy-tokenizer", *extra_args]
+    command = [executable, str(config_path), str(out), "--no-write-model-card", "--quiet", *([] if copy_tokenizer else ["--no-copy-tokenizer"]), *extra_args]
     if device and device != "cpu":
         command += ["--device", device]
     return run_measured(command, log_path=out.parent / f"{out.name}.log", env=child_env(threads), timeout_s=timeout_s)

@@ -484,3 +484,71 @@ def test_smol_adarank_at_step_zero_is_its_base_method(tiny_smol_zoo, tmp_path):
         assert result["items"]["adarank"] == result["items"][method]
         assert result["vs_base_method"]["delta"] == 0
         assert f"| {method} |" in (tmp_path / f"{variant}.md").read_text()
+
+
+@pytest.mark.slow  # builds the tiny smol zoo, merges its adapters three ways
+def test_smol_lora_applies_adapters_as_peft_and_mergekit_do(tiny_smol_zoo, tmp_path):
+    """BASE+ADAPTER is peft's merge_and_unload; its task arithmetic is mergekit's on `base+adapter` models; RMM K = n gives the adapters back."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import smol_lora as bench
+    from mergekit_ext.engine import quiet_options, run_merge_atomic
+    from mergekit_ext.adapters import peft_io
+    from mergekit_ext.modeling import load_state_dict
+    from mergekit_ext.zoo import merge_in_memory
+
+    zoo, _ = tiny_smol_zoo
+    base_state = load_state_dict(zoo.base)
+    adapters = peft_io.load_adapters([str(zoo.adapter(task)) for task in zoo.tasks], str(zoo.base), names=zoo.tasks)
+    applied = {a.name: bench.with_updates(base_state, bench.factor_updates(a.modules)) for a in adapters}
+    task = zoo.tasks[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(zoo.base), dtype=torch.float32), str(zoo.adapter(task)))
+    by_peft = model.merge_and_unload().state_dict()
+    for name, tensor in applied[task].items():
+        torch.testing.assert_close(tensor.float(), by_peft[name].float(), rtol=1e-5, atol=1e-6)
+
+    setting = {"weight": 1.0, "lambda": 0.6}
+    ours = merge_in_memory(base_state, applied, "task_arithmetic", setting)
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo.base),
+        "models": [{"model": f"{zoo.base}+{zoo.adapter(t)}"} for t in zoo.tasks],
+        "parameters": setting,
+        "dtype": "float32",
+    }
+    run_merge_atomic(config, tmp_path / "by-mergekit", options=quiet_options(lora_merge_cache=str(tmp_path / "lora-cache")))
+    by_mergekit = load_state_dict(tmp_path / "by-mergekit")
+    for name, tensor in by_mergekit.items():
+        torch.testing.assert_close(ours[name].float(), tensor.float(), rtol=1e-5, atol=1e-6)
+
+    bench.main(["--zoo", str(zoo.root), "--name", "lora", "--out-dir", str(tmp_path), "-q"])
+    result = json.loads((tmp_path / "lora.json").read_text())
+    models = result["test_report"]["models"]
+    assert {"base", "lora expert", "task_arithmetic (BASE+ADAPTER)", "tsv_m (lora merge, rank 2)"} <= set(models)
+    assert result["selection"]["task_arithmetic"]["chosen"] in bench.smol_settings()["task_arithmetic"]
+    full = [row for row in result["rmm"] if row["k"] == len(zoo.tasks)]
+    assert {row["variant"] for row in full} == set(bench.RMM_VARIANTS)
+    for row in full:  # a basis of every adapter reverts each one exactly
+        for t in zoo.tasks:
+            assert row["accuracy"][t] == zoo.manifest["metrics"]["adapters"][t][t]["test"]
+    assert "| task_arithmetic (BASE+ADAPTER) |" in (tmp_path / "lora.md").read_text()
+
+
+@pytest.mark.slow  # builds the tiny smol zoo, runs mergekit-yaml and lm-eval
+def test_smol_lmeval_scores_the_chosen_merges_as_the_in_process_scorer(tiny_smol_zoo, tmp_path):
+    from benchmarks import smol_lmeval
+    from benchmarks import smol_quality
+
+    zoo, _ = tiny_smol_zoo
+    smol_quality.main(["--zoo", str(zoo.root), "--methods", "tsv_m", "--name", "quality", "--out-dir", str(tmp_path), "-q"])
+    smol_lmeval.main(["--zoo", str(zoo.root), "--quality", str(tmp_path / "quality.json"), "--methods", "task_arithmetic", "tsv_m", "--name", "lm", "--out-dir", str(tmp_path), "-q"])
+    result = json.loads((tmp_path / "lm.json").read_text())
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    assert [row["label"] for row in result["rows"]] == ["base", "task_arithmetic", "tsv_m"]
+    for row in result["rows"]:
+        assert row["max_abs_difference"] == 0, row
+        if row["label"] != "base":
+            assert row["setting"] == quality["settings"][row["label"]]
+    with pytest.raises(SystemExit, match="no chosen setting for cart"):
+        smol_lmeval.main(["--zoo", str(zoo.root), "--quality", str(tmp_path / "quality.json"), "--methods", "cart", "--name", "x", "--out-dir", str(tmp_path), "-q"])
