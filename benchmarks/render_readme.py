@@ -212,6 +212,61 @@ def smol_adarank_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+@renderer("smol-lora")
+def smol_lora_table() -> str:
+    """The LoRA paths on a smol zoo (`smol_lora.py`, results/smol-lora-s*.json): merges, then RMM."""
+    lines = []
+    for path in sorted(RESULTS.glob("smol-lora-s*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        models, retention = run["test_report"]["models"], run["retention_tasks"]
+        lines += [
+            f"Seed {run['seed']}: {len(run['tasks'])} adapters of rank {run['adapter_rank']}; task arithmetic's λ chosen on validation: "
+            f"{run['selection']['task_arithmetic']['chosen']['lambda']}.",
+            "",
+            "| model | test exact match | " + " | ".join(f"{n} (retention)" for n in retention) + " | − task arithmetic (paired z) | > base on every task |",
+            "|---|---|" + "---|" * len(retention) + "---|---|",
+        ]
+        for label, model in models.items():
+            mean = f"{model['mean_accuracy']:.3f}" + (f" ± {model['mean_stderr']:.3f}" if "mean_stderr" in model else "")
+            kept = " | ".join(f"{model['retention'][n]:.3f}" for n in retention)
+            versus = model.get("vs_task_arithmetic")
+            paired = "" if versus is None or label == run["reference"] else f"{_signed(versus['delta'])} ({versus['z']:+.1f})"
+            every = {True: "yes", False: "no"}.get(model.get("beats_base_on_every_task"), "")
+            lines.append(f"| {label} | {mean} | {kept} | {paired} | {every} |")
+        lines += [
+            "",
+            "| RMM variant | K | storage | own-task exact match | / own adapter | " + " | ".join(f"{n} (retention, lowest)" for n in retention) + " |",
+            "|---|---|---|---|---|" + "---|" * len(retention),
+        ]
+        for row in run["rmm"]:
+            normalized = "–" if row["normalized"] is None else f"{row['normalized']:.3f}"
+            kept = " | ".join(f"{row['retention'][n]:.3f}" for n in retention)
+            lines.append(f"| {row['variant']} | {row['k']} | {row['storage']:.2f} | {row['mean_accuracy']:.3f} | {normalized} | {kept} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@renderer("smol-lmeval")
+def smol_lmeval_table() -> str:
+    """The chosen smol merges through mergekit-yaml and lm-eval (`smol_lmeval.py`, results/smol-lmeval-s*.json)."""
+    lines = [
+        "| zoo | model | lm-eval test exact match | retention (lm-eval acc) | in-process mean | largest per-task difference | mergekit-yaml s | lm-eval s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("smol-lmeval-s*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        tasks, retention = run["tasks"], run["retention_tasks"]
+        for row in run["rows"]:
+            kept = " / ".join(f"{row['lm_eval'][n]:.3f} ± {row['lm_eval_stderr'][n]:.3f}" for n in retention)
+            in_process = sum(row["in_process"][t] for t in tasks) / len(tasks)
+            merge = f"{row['merge_wall_s']:.0f}" if "merge_wall_s" in row else ""
+            lines.append(
+                f"| smol seed {run['seed']} | {row['label']} | {row['lm_eval_mean']:.3f} ± {row['lm_eval_mean_stderr']:.3f} | {kept} | "
+                f"{in_process:.3f} | {row['max_abs_difference']:.3f} | {merge} | {row['lm_eval_s']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 @renderer("architectures")
 def architectures_table() -> str:
     """Every method and command per architecture (`architectures.py`, results/architectures.json)."""
