@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
-from benchmarks.smol_quality import SmolScorer, paired_difference, summarize  # noqa: E402
+from benchmarks.smol_quality import SmolScorer, open_smol_zoo, paired_difference, summarize  # noqa: E402
 from mergekit_ext.methods.adarank import DEFAULT_LR, DEFAULT_LR_SCHEDULE  # noqa: E402
 
 
@@ -55,11 +55,9 @@ def run(args) -> Dict[str, Any]:
     from mergekit_ext.methods.adarank import learn
     from mergekit_ext.methods.adarank.format import write_learned_file
     from mergekit_ext.modeling import load_state_dict
-    from mergekit_ext.zoo import load_zoo, merge_in_memory
+    from mergekit_ext.zoo import merge_in_memory
 
-    zoo = load_zoo(args.zoo)
-    if "chat" not in zoo.manifest:
-        raise SystemExit(f"{zoo.root} is not a smol zoo (build one with `mergekit-ext zoo DIR --preset smol`)")
+    zoo = open_smol_zoo(args.zoo)
     tasks = zoo.tasks
     options = learn.LearnOptions(
         variant=args.variant,

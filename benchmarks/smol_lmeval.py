@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import runner  # noqa: E402
+from benchmarks.smol_quality import add_smol_arguments, open_smol_zoo  # noqa: E402
 
 DEFAULT_METHODS = ("task_arithmetic", "tsv_m", "cart", "iso_c")
 
@@ -40,10 +41,8 @@ def run(args) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from mergekit_ext.evaluate import ModelSpec, lm_eval_results
-    from mergekit_ext.zoo import load_zoo
-
     started = time.perf_counter()
-    zoo = load_zoo(args.zoo)
+    zoo = open_smol_zoo(args.zoo)
     quality = json.loads(Path(args.quality).read_text())
     if quality.get("seed") != zoo.manifest.get("seed"):
         raise SystemExit(f"{args.quality} is seed {quality.get('seed')}, the zoo {zoo.root} is seed {zoo.manifest.get('seed')}")
@@ -125,14 +124,10 @@ def render_markdown(result: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", required=True, help="a smol zoo (`mergekit-ext zoo DIR --preset smol --seed N`)")
+    add_smol_arguments(parser, device=False)
     parser.add_argument("--quality", required=True, help="the zoo's smol_quality.py result file (chosen settings, in-process scores)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods to merge and score (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, help="torch CPU threads for mergekit-yaml and lm-eval")
-    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
-    parser.add_argument("--name", required=True, help="basename of the result files")
-    parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     runner.apply_threads(args)
     runner.ensure_registered()

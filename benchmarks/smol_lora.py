@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
-from benchmarks.smol_quality import REFERENCE, SmolScorer, paired_difference, smol_settings, summarize  # noqa: E402
+from benchmarks.smol_quality import REFERENCE, SmolScorer, add_smol_arguments, choose_reference, open_smol_zoo, paired_difference, smol_settings, summarize  # noqa: E402
 
 DENSE_METHODS = ("tsv_m", "iso_c", "cart", "iso_cts")  # the full fine-tunes' leaders on the smol zoos
 ADAPTER_METHODS = (REFERENCE, "tsv_m", "iso_c")
@@ -64,16 +64,13 @@ def run(args) -> Dict[str, Any]:
 
     from mergekit_ext.adapters import peft_io
     from mergekit_ext.adapters.merge import merge_adapters
-    from mergekit_ext.evaluate.protocol.selection import select
     from mergekit_ext.methods.rmm.format import reverted_factors
     from mergekit_ext.methods.rmm.kernel import adapter_parameter_count, build_basis
     from mergekit_ext.modeling import load_state_dict
-    from mergekit_ext.zoo import load_zoo, merge_in_memory
+    from mergekit_ext.zoo import merge_in_memory
 
     started = time.perf_counter()
-    zoo = load_zoo(args.zoo)
-    if "chat" not in zoo.manifest:
-        raise SystemExit(f"{zoo.root} is not a smol zoo (build one with `mergekit-ext zoo DIR --preset smol`)")
+    zoo = open_smol_zoo(args.zoo)
     tasks = zoo.tasks
     scorer = SmolScorer(zoo, args.device)
     retention = scorer.retention
@@ -111,13 +108,8 @@ def run(args) -> Dict[str, Any]:
     }
 
     grids = smol_settings()
-    validation = []
-    for setting in tqdm(grids[REFERENCE], desc="task arithmetic λ on validation", unit="λ", disable=quiet):
-        scores = scorer(dense(REFERENCE, setting), "validation", tasks)
-        validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
-    chosen = select(grids[REFERENCE], validation)
-    selection = {"grid": chosen.settings, "validation_mean_accuracy": validation, "chosen": chosen.setting}
-    settings = {REFERENCE: chosen.setting, **{method: grids[method][0] for method in DENSE_METHODS}}
+    selection = choose_reference(scorer, dense, tasks, quiet=quiet)
+    settings = {REFERENCE: selection["chosen"], **{method: grids[method][0] for method in DENSE_METHODS}}
 
     for method, setting in tqdm(settings.items(), desc="BASE+ADAPTER merges", unit="method", disable=quiet):
         score(f"{method} (BASE+ADAPTER)", dense(method, setting), setting, "BASE+ADAPTER")
@@ -214,12 +206,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", required=True, help="a smol zoo (`mergekit-ext zoo DIR --preset smol --seed N`)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 lets a second job share a 2-core machine)")
-    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
-    parser.add_argument("--name", required=True, help="basename of the result files")
-    parser.add_argument("-q", "--quiet", action="store_true")
+    add_smol_arguments(parser)
     args = parser.parse_args(argv)
     runner.apply_threads(args)
     runner.ensure_registered()

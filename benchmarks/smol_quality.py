@@ -33,7 +33,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,6 +49,27 @@ def smol_settings() -> Dict[str, List[Dict[str, Any]]]:
     from mergekit_ext.evaluate.protocol.grids import SMOL_GRIDS
 
     return SMOL_GRIDS
+
+
+def open_smol_zoo(path):
+    """The zoo at ``path``, refused in one line unless it is a smol (chat) zoo."""
+    from mergekit_ext.zoo import load_zoo
+
+    zoo = load_zoo(path)
+    if "chat" not in zoo.manifest:
+        raise SystemExit(f"{zoo.root} is not a smol zoo (build one with `mergekit-ext zoo DIR --preset smol`)")
+    return zoo
+
+
+def add_smol_arguments(parser, *, zoo_required: bool = True, device: bool = True) -> None:
+    """The options the smol benchmarks share."""
+    parser.add_argument("--zoo", required=zoo_required, help="a smol zoo (`mergekit-ext zoo DIR --preset smol --seed N`)")
+    if device:
+        parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 lets a second job share a 2-core machine)")
+    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
+    parser.add_argument("--name", required=True, help="basename of the result files")
+    parser.add_argument("-q", "--quiet", action="store_true")
 
 
 class SmolScorer:
@@ -87,6 +108,21 @@ class SmolScorer:
                     replies = chat_generate(self.model, self.tokenizer, [d["prompt"] for d in documents], stop=self.stop, max_new_tokens=self.max_new_tokens, device=self.device)
                     items[name] = [int(reply == d["answer"]) for reply, d in zip(replies, documents)]
         return items
+
+
+def choose_reference(scorer: SmolScorer, merge: Callable[[str, Dict[str, Any]], Dict[str, torch.Tensor]], tasks: Sequence[str], *, quiet: bool = False) -> Dict[str, Any]:
+    """Task arithmetic's λ chosen on the validation split from the smol grid (ties: the smaller λ)."""
+    from tqdm import tqdm
+
+    from mergekit_ext.evaluate.protocol.selection import select
+
+    grid = smol_settings()[REFERENCE]
+    validation = []
+    for setting in tqdm(grid, desc="task arithmetic λ on validation", unit="λ", disable=quiet):
+        scores = scorer(merge(REFERENCE, setting), "validation", tasks)
+        validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
+    chosen = select(grid, validation)
+    return {"grid": chosen.settings, "validation_mean_accuracy": validation, "chosen": chosen.setting, "chosen_validation_mean_accuracy": chosen.score}
 
 
 def stderr_of(items: Sequence[float]) -> float:
@@ -130,14 +166,11 @@ def paired_difference(items: Dict[str, List[int]], reference: Dict[str, List[int
 def run(args) -> Dict[str, Any]:
     from tqdm import tqdm
 
-    from mergekit_ext.evaluate.protocol.selection import select
     from mergekit_ext.modeling import load_state_dict
-    from mergekit_ext.zoo import load_zoo, merge_in_memory
+    from mergekit_ext.zoo import merge_in_memory
 
     started = time.perf_counter()
-    zoo = load_zoo(args.zoo)
-    if "chat" not in zoo.manifest:
-        raise SystemExit(f"{zoo.root} is not a smol zoo (build one with `mergekit-ext zoo DIR --preset smol`)")
+    zoo = open_smol_zoo(args.zoo)
     tasks = zoo.tasks
     scorer = SmolScorer(zoo, args.device)
     retention = scorer.retention
@@ -172,22 +205,10 @@ def run(args) -> Dict[str, Any]:
         single[task] = {"accuracy": scored["accuracy"], "mean_accuracy": scored["mean_accuracy"]}
     best_single = max(single, key=lambda task: single[task]["mean_accuracy"])
 
-    # The reference: task arithmetic at its validation-best λ.
-    selection: Dict[str, Any] = {}
-    validation = []
     grids = smol_settings()
-    for setting in tqdm(grids[REFERENCE], desc="task arithmetic λ on validation", unit="λ", disable=args.quiet):
-        state = merge(REFERENCE, setting)
-        scores = scorer(state, "validation", tasks)
-        validation.append(sum(sum(v) / len(v) for v in scores.values()) / len(tasks))
-    chosen = select(grids[REFERENCE], validation)  # ties: the smaller λ
-    selection[REFERENCE] = {
-        "grid": chosen.settings,
-        "validation_mean_accuracy": validation,
-        "chosen": chosen.setting,
-        "chosen_validation_mean_accuracy": chosen.score,
-    }
-    settings = {REFERENCE: chosen.setting, **{m: grid[0] for m, grid in grids.items() if m != REFERENCE and (not args.methods or m in args.methods)}}
+    selection = {REFERENCE: choose_reference(scorer, merge, tasks, quiet=args.quiet)}
+    chosen_reference = selection[REFERENCE]["chosen"]
+    settings = {REFERENCE: chosen_reference, **{m: grid[0] for m, grid in grids.items() if m != REFERENCE and (not args.methods or m in args.methods)}}
     failures: Dict[str, str] = {}
     for method, setting in tqdm(settings.items(), desc="merge + score test", unit="method", disable=args.quiet):
         begun = time.perf_counter()
@@ -390,14 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", help="a smol zoo (`mergekit-ext zoo DIR --preset smol --seed N`)")
+    add_smol_arguments(parser, zoo_required=False)
     parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
     parser.add_argument("--methods", nargs="+", help="only these methods (besides the references)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 lets a second job share a 2-core machine)")
-    parser.add_argument("--out-dir", default=str(runner.RESULTS_DIR))
-    parser.add_argument("--name", required=True, help="basename of the result files")
-    parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.aggregate:
         agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
