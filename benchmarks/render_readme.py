@@ -267,6 +267,36 @@ def smol_lmeval_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+@renderer("tune-smol")
+def tune_smol_table() -> str:
+    """`mergekit-ext tune` (default space) on a smol zoo (its report.json, results/tune-smol-s*.json), beside the
+    same methods at their shipped settings from that seed's smol_quality.py run."""
+    lines = [
+        "| zoo | method | shipped setting: test | tune's choice | validation | test ± se | choice − shipped | > base on every task | > best expert |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("tune-smol-s*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        seed = path.stem.rsplit("-s", 1)[1]
+        shipped = _load(f"smol-quality-s{seed}.json")["test_report"]["models"]
+        verdicts = report["verdicts"]["methods"]
+        best = report["best"]["method"]
+        for method, entry in sorted(report["methods"].items(), key=lambda item: -item[1]["validation"]["mean"]):
+            if not entry.get("chosen"):
+                continue
+            test, verdict = entry["test"], verdicts.get(method, {})
+            default = shipped.get(method, {}).get("mean_accuracy")
+            versus = "" if default is None else _signed(test["mean"] - default)
+            expert = verdict.get("vs_best_expert", {})
+            lines.append(
+                f"| smol seed {seed} | {'**' + method + '**' if method == best else method} | {'' if default is None else f'{default:.3f}'} | "
+                f"{entry['chosen']['label']} | {entry['validation']['mean']:.3f} | {test['mean']:.3f} ± {test['mean_stderr']:.3f} | {versus} | "
+                f"{'yes' if verdict.get('beats_base_every_task') else 'no'} | "
+                f"{'yes' if expert.get('beats') else 'no'} ({_signed(expert.get('diff', 0.0))}, z {expert.get('z', 0.0):+.1f}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 @renderer("architectures")
 def architectures_table() -> str:
     """Every method and command per architecture (`architectures.py`, results/architectures.json)."""
