@@ -9,7 +9,7 @@ the startup hook), then scored by lm-eval on the zoo's test task files
 log-likelihood), with lm-eval's own standard errors. Each lm-eval score is put
 beside the in-process score of the same merge from the quality result file.
 
-    python benchmarks/smol_lmeval.py --zoo /work/cache/zoo-smol-s2 \
+    python benchmarks/smol_lmeval.py --zoo ZOO \
         --quality benchmarks/results/smol-quality-s2.json --name smol-lmeval-s2 --threads 1
 """
 
@@ -41,6 +41,7 @@ def run(args) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from mergekit_ext.evaluate import ModelSpec, lm_eval_results
+
     started = time.perf_counter()
     zoo = open_smol_zoo(args.zoo)
     quality = json.loads(Path(args.quality).read_text())

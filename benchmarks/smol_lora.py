@@ -15,7 +15,7 @@ each merge has a paired difference to task arithmetic on the same items:
   variants; each task reverted to its own adapter and scored on its own task
   and on retention. K = n must give back the individual adapters.
 
-    python benchmarks/smol_lora.py --zoo /work/cache/zoo-smol-s2 --name smol-lora-s2 --threads 1
+    python benchmarks/smol_lora.py --zoo ZOO --name smol-lora-s2 --threads 1
 """
 
 from __future__ import annotations
