@@ -74,17 +74,23 @@ def _one_setting_space(zoo: Path) -> str:
     return space_yaml(zoo).replace("tune:\n", f"tune:\n  methods: {{task_arithmetic: {{lambda: [{LAMBDA}]}}}}\n", 1)
 
 
-def bare(zoo: Path, work: Path, env: Dict[str, str]) -> Dict[str, float]:
+def _prepared(zoo: Path, work: Path, out_name: str) -> Tuple[str, Path, Path, Path]:
+    """(the validation tasks comma-separated, the zoo's task folder, the merge config written, an empty output path)."""
     manifest = json.loads((zoo / "manifest.json").read_text())
     tasks = ",".join(entry["lm_eval_task_validation"] for entry in manifest["tasks"].values())
-    config, out = work / "config.yml", work / "merged"
+    config, out = work / "config.yml", work / out_name
     config.write_text(_config(zoo))
     shutil.rmtree(out, ignore_errors=True)
+    return tasks, zoo / manifest["task_yaml_dir"], config, out
+
+
+def bare(zoo: Path, work: Path, env: Dict[str, str]) -> Dict[str, float]:
+    tasks, include, config, out = _prepared(zoo, work, "merged")
     merge, merge_cpu = _run(["mergekit-yaml", str(config), str(out)], work / "mergekit-yaml.log", env)
     evaluate, evaluate_cpu = _run(
         [
             "lm_eval", "--model", "hf", "--model_args", f"pretrained={out},dtype=float32", "--tasks", tasks,
-            "--include_path", str(zoo / manifest["task_yaml_dir"]), "--batch_size", str(BATCH_SIZE), "--device", "cpu",
+            "--include_path", str(include), "--batch_size", str(BATCH_SIZE), "--device", "cpu",
             "--output_path", str(work / "lm_eval_out"),
         ],
         work / "lm_eval.log",
@@ -123,13 +129,9 @@ print(json.dumps({"merge_s": merged - start, "lm_eval_s": done - merged, "total_
 
 
 def floor(zoo: Path, work: Path, env: Dict[str, str]) -> Dict[str, float]:
-    manifest = json.loads((zoo / "manifest.json").read_text())
-    tasks = ",".join(entry["lm_eval_task_validation"] for entry in manifest["tasks"].values())
-    config, out = work / "config.yml", work / "floor-merged"
-    config.write_text(_config(zoo))
-    shutil.rmtree(out, ignore_errors=True)
+    tasks, include, config, out = _prepared(zoo, work, "floor-merged")
     log = work / "floor.log"
-    _run([sys.executable, "-c", FLOOR, str(config), str(out), str(zoo / manifest["task_yaml_dir"]), tasks, str(BATCH_SIZE)], log, env)
+    _run([sys.executable, "-c", FLOOR, str(config), str(out), str(include), tasks, str(BATCH_SIZE)], log, env)
     shutil.rmtree(out, ignore_errors=True)
     return json.loads(log.read_text().strip().splitlines()[-1])
 
