@@ -125,22 +125,22 @@ def quality_hard_table() -> str:
 
 @renderer("defaults-worst-case")
 def defaults_worst_case_table() -> str:
-    """λ defaults of tsv_m and iso_cts: the gain share per zoo, the worst, the chosen (`defaults_worst_case.py`)."""
+    """Defaults chosen for the worst zoo: the gain share per zoo, the worst, the chosen (`defaults_worst_case.py`)."""
     from benchmarks.defaults_worst_case import retention_cell, retention_columns
 
     result = _load("defaults-worst-case.json")
     zoos = list(result["zoos"])
     kept = retention_columns(result)
-    header = "| method | λ | " + " | ".join(zoos) + " | worst |" + "".join(f" {zoo} retention |" for zoo in kept)
+    header = "| method | value | " + " | ".join(zoos) + " | worst |" + "".join(f" {zoo} retention |" for zoo in kept)
     lines = [header, "|---|---|" + "---|" * (len(zoos) + 1 + len(kept))]
     for method, entry in result["chosen"].items():
         for value, shares in entry["shares"].items():
-            chosen = float(value) == entry["lambda"]
+            chosen = float(value) == entry["value"]
             bold = (lambda text: f"**{text}**") if chosen else (lambda text: text)
-            cells = " | ".join(bold(f"{shares[zoo]:.2f}".replace("-", "−")) for zoo in zoos)
+            cells = " | ".join(bold(f"{shares[zoo]:.2f}".replace("-", "−")) if zoo in shares else "–" for zoo in zoos)
             worst = bold(f"{entry['worst'][value]:.2f}".replace("-", "−"))
             retained = "".join(f" {retention_cell(result, zoo, method, value)} |" for zoo in kept)
-            lines.append(f"| {method} | {bold(value)} | {cells} | {worst} |{retained}")
+            lines.append(f"| {method} | {bold(entry['parameter'] + ' ' + value)} | {cells} | {worst} |{retained}")
     return "\n".join(lines) + "\n"
 
 

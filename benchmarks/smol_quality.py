@@ -163,11 +163,24 @@ def paired_difference(items: Dict[str, List[int]], reference: Dict[str, List[int
     return {"delta": delta, "stderr": se, "z": delta / se if se > 0 else (math.inf if delta else 0.0)}
 
 
-def run(args) -> Dict[str, Any]:
-    from tqdm import tqdm
-
+def zoo_merger(zoo):
+    """The zoo's base and experts, and ``merge(method, setting)``: all experts onto the base by mergekit's engine, in memory."""
     from mergekit_ext.modeling import load_state_dict
     from mergekit_ext.zoo import merge_in_memory
+
+    base_state = load_state_dict(zoo.base)
+    experts = {task: load_state_dict(zoo.expert(task)) for task in zoo.tasks}
+
+    def merge(method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # DARE and DELLA drop at random: the same draw on every run
+        with torch.no_grad():
+            return merge_in_memory(base_state, experts, method, dict(setting), use_base=runner.needs_base(method) or method == "cart")
+
+    return base_state, experts, merge
+
+
+def run(args) -> Dict[str, Any]:
+    from tqdm import tqdm
 
     started = time.perf_counter()
     zoo = open_smol_zoo(args.zoo)
@@ -178,16 +191,10 @@ def run(args) -> Dict[str, Any]:
     metrics = zoo.manifest["metrics"]
     expert_scores = {task: metrics["experts"][task][task]["test"] for task in tasks}
 
-    base_state = load_state_dict(zoo.base)
-    experts = {task: load_state_dict(zoo.expert(task)) for task in tasks}
+    base_state, experts, merge = zoo_merger(zoo)
     models: Dict[str, Any] = {}
     items_by_label: Dict[str, Dict[str, List[int]]] = {}
     seconds: Dict[str, Dict[str, float]] = {}
-
-    def merge(method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        torch.manual_seed(0)  # DARE and DELLA drop at random: the same draw on every run
-        with torch.no_grad():
-            return merge_in_memory(base_state, experts, method, dict(setting), use_base=runner.needs_base(method) or method == "cart")
 
     items_by_label["base"] = scorer(base_state, "test", every)
     models["base"] = summarize(items_by_label["base"], tasks, retention)
@@ -210,29 +217,8 @@ def run(args) -> Dict[str, Any]:
     chosen_reference = selection[REFERENCE]["chosen"]
     settings = {REFERENCE: chosen_reference, **{m: grid[0] for m, grid in grids.items() if m != REFERENCE and (not args.methods or m in args.methods)}}
     failures: Dict[str, str] = {}
-    for method, setting in tqdm(settings.items(), desc="merge + score test", unit="method", disable=args.quiet):
-        begun = time.perf_counter()
-        try:
-            state = merge(method, setting)
-        except Exception as error:  # a failing method is reported, not fatal for the others
-            failures[method] = f"{type(error).__name__}: {error}"
-            tqdm.write(f"merge {method} failed: {failures[method]}")
-            continue
-        merged_at = time.perf_counter()
-        if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
-            failures[method] = "non-finite merged weights"
-            continue
-        items_by_label[method] = scorer(state, "test", every)
-        models[method] = summarize(items_by_label[method], tasks, retention, expert_scores)
-        models[method]["setting"] = setting
-        seconds[method] = {"merge": round(merged_at - begun, 1), "score": round(time.perf_counter() - merged_at, 1)}
-        del state
-    for label in models:
-        if label in items_by_label and label != "base":
-            models[label]["vs_task_arithmetic"] = paired_difference(items_by_label[label], items_by_label[REFERENCE], tasks)
-            models[label]["vs_base_retention"] = {
-                name: paired_difference(items_by_label[label], items_by_label["base"], [name]) for name in retention
-            }
+    score_methods(settings, merge, scorer, models, items_by_label, seconds, failures, expert_scores, quiet=args.quiet)
+    compare(models, items_by_label, tasks, retention)
     return {
         **runner.zoo_context(zoo),
         "seed": zoo.manifest["seed"],
@@ -251,6 +237,68 @@ def run(args) -> Dict[str, Any]:
         "best_single_expert": {"expert": best_single, **single[best_single]},
         "items": items_by_label,
     }
+
+
+def score_methods(settings, merge, scorer: SmolScorer, models, items_by_label, seconds, failures, expert_scores, *, quiet: bool = False) -> None:
+    """Merge and score each method's setting on the test split, into the result's tables (a failure is recorded, not fatal)."""
+    from tqdm import tqdm
+
+    tasks, retention = scorer.zoo.tasks, scorer.retention
+    for method, setting in tqdm(settings.items(), desc="merge + score test", unit="method", disable=quiet):
+        begun = time.perf_counter()
+        try:
+            state = merge(method, setting)
+        except Exception as error:  # a failing method is reported, not fatal for the others
+            failures[method] = f"{type(error).__name__}: {error}"
+            tqdm.write(f"merge {method} failed: {failures[method]}")
+            continue
+        merged_at = time.perf_counter()
+        if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+            failures[method] = "non-finite merged weights"
+            continue
+        failures.pop(method, None)
+        items_by_label[method] = scorer(state, "test", tasks + retention)
+        models[method] = summarize(items_by_label[method], tasks, retention, expert_scores)
+        models[method]["setting"] = setting
+        seconds[method] = {"merge": round(merged_at - begun, 1), "score": round(time.perf_counter() - merged_at, 1)}
+        del state
+
+
+def compare(models, items_by_label, tasks: Sequence[str], retention: Sequence[str]) -> None:
+    """Each scored model's paired difference to task arithmetic, and to the base on each retention task."""
+    for label in models:
+        if label in items_by_label and label != "base":
+            models[label]["vs_task_arithmetic"] = paired_difference(items_by_label[label], items_by_label[REFERENCE], tasks)
+            models[label]["vs_base_retention"] = {
+                name: paired_difference(items_by_label[label], items_by_label["base"], [name]) for name in retention
+            }
+
+
+def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
+    """``earlier`` with ``args.methods`` merged again at their current shipped settings and scored on the same items.
+
+    The references (base, experts, task arithmetic's validation choice) are kept: scoring is
+    deterministic, so only the methods whose shipped setting changed need to run again.
+    """
+    started = time.perf_counter()
+    zoo = open_smol_zoo(args.zoo)
+    if zoo.manifest["seed"] != earlier["seed"] or list(zoo.tasks) != list(earlier["tasks"]):
+        raise SystemExit(f"{args.update}: made on seed {earlier['seed']}'s zoo, not on {zoo.root} (seed {zoo.manifest['seed']})")
+    unknown = [m for m in args.methods if m == REFERENCE or m not in smol_settings()]
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} cannot be updated (the reference is chosen on validation; others must be in the smol grid)")
+    scorer = SmolScorer(zoo, args.device)
+    _, _, merge = zoo_merger(zoo)
+    result = dict(earlier)
+    models, items_by_label = result["test_report"]["models"], result["items"]
+    settings = {method: smol_settings()[method][0] for method in args.methods}
+    metrics = zoo.manifest["metrics"]
+    expert_scores = {task: metrics["experts"][task][task]["test"] for task in zoo.tasks}
+    score_methods(settings, merge, scorer, models, items_by_label, result["seconds"]["per_method"], result["failures"], expert_scores, quiet=args.quiet)
+    compare(models, items_by_label, zoo.tasks, scorer.retention)
+    result["settings"].update(settings)
+    result.setdefault("updates", []).append({"methods": list(args.methods), "settings": settings, "seconds": round(time.perf_counter() - started, 1)})
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -414,6 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     add_smol_arguments(parser, zoo_required=False)
     parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
     parser.add_argument("--methods", nargs="+", help="only these methods (besides the references)")
+    parser.add_argument("--update", metavar="RESULT_JSON", help="re-run only --methods at their shipped settings into this seed's result (references kept)")
     args = parser.parse_args(argv)
     if args.aggregate:
         agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
@@ -421,9 +470,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if not args.zoo:
         parser.error("give --zoo DIR (or --aggregate FILES)")
+    if args.update and not args.methods:
+        parser.error("--update needs --methods (the methods to run again)")
     runner.apply_threads(args)
     runner.ensure_registered()
-    result = run(args)
+    result = update(args, json.loads(Path(args.update).read_text())) if args.update else run(args)
     runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
 
 

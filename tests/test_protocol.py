@@ -143,3 +143,24 @@ def test_adarank_tables_state_the_sample_std_of_the_quality_table():
         if name != "adarank-unlabeled":  # the unlabeled runs used other zoos
             row = next(line for line in text.splitlines() if line.startswith("| ta | (base method"))
             assert f"| {expected} |" in row, row
+
+
+def test_worst_case_defaults_take_each_method_over_the_zoos_that_swept_it():
+    """benchmarks/defaults_worst_case.py: a method swept on some zoos only is chosen over those, by its own parameter."""
+    from benchmarks.defaults_worst_case import choose
+
+    def zoo(methods):
+        return {"base": 0.2, "expert": 0.6, "methods": methods}
+
+    zoos = {
+        "a": zoo({"tsv_m": [{"lambda": 1.0, "validation": 0.4}, {"lambda": 1.5, "validation": 0.5}]}),
+        "b": zoo({"tsv_m": [{"lambda": 1.0, "validation": 0.4}, {"lambda": 1.5, "validation": 0.1}],
+                  "rmm": [{"weight": 0.45, "validation": 0.3}, {"weight": 0.8, "validation": 0.5}]}),
+        "c": zoo({"rmm": [{"weight": 0.45, "validation": 0.4}, {"weight": 0.8, "validation": 0.28}]}),
+    }
+    chosen = choose(zoos)
+    assert chosen["tsv_m"]["zoos"] == ["a", "b"] and chosen["tsv_m"]["value"] == 1.0  # 1.5 falls below the base on b
+    assert chosen["tsv_m"]["worst"]["1.5"] == pytest.approx(-0.25)
+    assert chosen["rmm"]["parameter"] == "weight" and chosen["rmm"]["zoos"] == ["b", "c"]
+    assert chosen["rmm"]["value"] == 0.45 and chosen["rmm"]["worst_share"] == pytest.approx(0.25)
+    assert "iso_c" not in chosen  # swept nowhere

@@ -469,6 +469,17 @@ def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     best = result["best_single_expert"]
     assert best["mean_accuracy"] == max(entry["mean_accuracy"] for entry in result["single_experts"].values())
 
+    # --update runs only the named methods again, into the same seed's result, on the same items
+    bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "tiny.json"), "--methods", "tsv_m", "rmm", "--name", "updated", "--out-dir", str(tmp_path), "-q"])
+    updated = json.loads((tmp_path / "updated.json").read_text())
+    assert updated["test_report"]["models"]["tsv_m"] == models["tsv_m"]  # scoring is deterministic
+    assert updated["items"]["ties"] == result["items"]["ties"] and updated["selection"] == result["selection"]
+    assert updated["test_report"]["models"]["rmm"]["setting"] == bench.smol_settings()["rmm"][0]
+    assert updated["settings"]["rmm"] == bench.smol_settings()["rmm"][0]
+    assert updated["updates"][0]["methods"] == ["tsv_m", "rmm"]
+    with pytest.raises(SystemExit, match="cannot be updated"):
+        bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "tiny.json"), "--methods", "task_arithmetic", "--name", "x", "--out-dir", str(tmp_path), "-q"])
+
 
 @pytest.mark.slow  # builds the tiny smol zoo, learns and merges twice
 def test_smol_adarank_at_step_zero_is_its_base_method(tiny_smol_zoo, tmp_path):
