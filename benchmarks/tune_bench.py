@@ -130,7 +130,12 @@ def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int, key: str 
     out = work / key
     command = [sys.executable, "-c", "from mergekit_ext.cli import main; main()", "tune", str(space), str(out), "--threads", str(threads), "--quiet", switch]
     seconds = timed(command, work / f"{key}.log", env)
-    report = json.loads((out / "report.json").read_text())
+    return {**seconds, "switch": switch, **digest(out / "report.json")}
+
+
+def digest(path: Path) -> Dict[str, Any]:
+    """What one tune report says about its search: trials and their states, items scored, time in trials, the choices."""
+    report = json.loads(Path(path).read_text())
     states: Dict[str, int] = {}
     for trial in report["trials"]:
         states[trial["state"]] = states.get(trial["state"], 0) + 1
@@ -141,16 +146,66 @@ def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int, key: str 
     }
     best = report["best"]
     return {
-        **seconds,
-        "switch": switch,
+        "halving": bool(report.get("halving")),
         "merges": len(report["trials"]),
         "trial_s": sum(trial.get("seconds") or 0.0 for trial in report["trials"]),
+        "trial_cpu_s": sum(trial.get("cpu_seconds") or 0.0 for trial in report["trials"]),
         "items": sum(_items(trial) for trial in report["trials"]),
         "trial_states": states,
         "best": {"method": best["method"], "chosen": best["params"], "validation": best["validation_mean"], "test": best["test"]["mean"], "test_stderr": best["test"]["mean_stderr"]},
         "methods": methods,
-        "report": str(out / "report.json"),
+        "report": str(path),
     }
+
+
+def compare_reports(plain: Path, halved: Path, zoo_label: str) -> Dict[str, Any]:
+    """Halving against the per-task rule from two finished tune reports of the same space and zoo."""
+    runs = {"tune": digest(plain), "tune_halving": digest(halved)}
+    if runs["tune"]["halving"] or not runs["tune_halving"]["halving"]:
+        raise SystemExit(f"{plain} must be a run without halving and {halved} one with it")
+    return {"zoo": zoo_label, **runs}
+
+
+def summarise_comparison(comparison: Dict[str, Any]) -> str:
+    """The two searches side by side: what halving saved, and every choice it changed (validation → test)."""
+    plain, halved = comparison["tune"], comparison["tune_halving"]
+
+    def change(key: str) -> str:
+        if not (plain[key] and halved[key]):
+            return "–"  # not recorded (reports before per-trial CPU time)
+        return f"{plain[key]:.0f} → {halved[key]:.0f} ({100 * (halved[key] / plain[key] - 1):+.0f} %)"
+
+    lines = [
+        f"# `tune` with and without successive halving: {comparison['zoo']}",
+        "",
+        "The same default space on the same zoo; without halving the validation tasks are scored one at a time and a trial "
+        "is stopped after a task when its running mean is hopeless; with it every trial is scored first on a seeded quarter "
+        "of every validation task and on the rest only if it can still win. Items: validation documents lm-eval scored in "
+        "the search; seconds and CPU seconds: the trials' own (merge and scoring), summed over trials.",
+        "",
+        runner.markdown_table(
+            ["", "validation items scored", "seconds in trials", "CPU s in trials", "trials (pruned)", "overall choice (val → test ± se)"],
+            [
+                ["without → with halving", change("items"), change("trial_s"), change("trial_cpu_s"),
+                 f"{plain['merges']} ({plain['trial_states'].get('PRUNED', 0)}) → {halved['merges']} ({halved['trial_states'].get('PRUNED', 0)})",
+                 "same: " + _chosen(plain) if _same_choice(plain["best"], halved["best"]) else f"{_chosen(plain)} → {_chosen(halved)}"],
+            ],
+        ),
+        "",
+        "Per method (validation → test):",
+        "",
+    ]
+    rows = []
+    for method in sorted(set(plain["methods"]) | set(halved["methods"])):
+        cells = [method]
+        for run in (plain, halved):
+            entry = run["methods"].get(method)
+            cells.append(f"{_params(entry['chosen'])} ({entry['validation']:.3f} → {entry['test']:.3f})" if entry else "–")
+        a, b = plain["methods"].get(method), halved["methods"].get(method)
+        cells.append("" if not (a and b) else ("same" if _params(a["chosen"]) == _params(b["chosen"]) else f"{b['test'] - a['test']:+.3f}"))
+        rows.append(cells)
+    lines += [runner.markdown_table(["method", "without halving", "with halving", "with − without (test)"], rows), ""]
+    return "\n".join(lines)
 
 
 def _stat(values: List[float], digits: int = 3) -> str:
@@ -321,7 +376,8 @@ def _halving_section(rows: List[Dict[str, Any]]) -> List[str]:
 
 
 def _params(params: Dict[str, Any]) -> str:
-    shown = {k: v for k, v in params.items() if k not in ("weight", "normalize")}
+    # a per-model weight of 1 and normalize are the same in every setting; RMM tunes its weight
+    shown = {k: v for k, v in params.items() if k != "normalize" and not (k == "weight" and v == 1)}
     return "(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) + ")"
 
 
@@ -333,7 +389,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path(runner.RESULTS_DIR))
     parser.add_argument("--name", default="tune-hard")
     parser.add_argument("--render", type=Path, help="only re-render the Markdown of an earlier JSON")
+    parser.add_argument("--compare-reports", nargs=2, type=Path, metavar=("PLAIN", "HALVED"), help="compare two finished tune reports (report.json without and with --halving)")
+    parser.add_argument("--zoo-label", default="", help="the zoo the compared reports ran on (for the title)")
     args = parser.parse_args(argv)
+    if args.compare_reports:
+        comparison = compare_reports(*args.compare_reports, args.zoo_label)
+        runner.save_results(args.out_dir, args.name, comparison, summarise_comparison(comparison), echo=True)
+        return
     if args.render:
         report = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(summarise(report))

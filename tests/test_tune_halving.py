@@ -149,3 +149,43 @@ def test_halving_options_from_the_space_and_the_command_line(zoo, tmp_path):
     assert load_space(space).fingerprint() != load_space(space, halving_fraction=0.1).fingerprint()  # a rung on other items: another study
     result = CliRunner().invoke(tune_command, [str(space), str(tmp_path / "out"), "--halving-fraction", "2"])
     assert result.exit_code != 0 and "tune.halving_fraction must be a number between 0 and 1" in result.output
+
+
+def _report(tmp_path, name, halving, trials, chosen):
+    """A tune report.json with only what benchmarks/tune_bench.py reads of it."""
+    import json
+
+    methods = {m: {"chosen": {"params": params}, "validation": {"mean": val}, "test": {"mean": test, "mean_stderr": 0.01}} for m, (params, val, test) in chosen.items()}
+    best = max(chosen, key=lambda m: chosen[m][1])
+    report = {
+        "halving": {"fraction": 0.25} if halving else None,
+        "trials": trials,
+        "methods": methods,
+        "best": {"method": best, "params": chosen[best][0], "validation_mean": chosen[best][1], "test": {"mean": chosen[best][2], "mean_stderr": 0.01}},
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_halving_comparison_counts_items_and_names_changed_choices(tmp_path):
+    """benchmarks/tune_bench.py --compare-reports: items scored (a stopped trial counts its subset), time, changed choices."""
+    from benchmarks.tune_bench import compare_reports, summarise_comparison
+
+    def trial(state, items, seconds, part="validation"):
+        return {"state": state, part: {"t": {"samples": items}}, "seconds": seconds, "cpu_seconds": seconds}
+
+    plain = _report(tmp_path, "plain", False, [trial("COMPLETE", 40, 10), trial("PRUNED", 16, 4)],
+                    {"tsv_m": ({"lambda": 2.0}, 0.68, 0.64), "rmm": ({"k": 6, "weight": 0.45}, 0.58, 0.55)})
+    halved = _report(tmp_path, "halved", True, [trial("COMPLETE", 40, 12), trial("COMPLETE", 40, 12), trial("PRUNED", 10, 2, part="subset")],
+                     {"tsv_m": ({"lambda": 1.0}, 0.71, 0.70), "rmm": ({"k": 6, "weight": 0.45}, 0.58, 0.55)})
+    comparison = compare_reports(plain, halved, "a zoo")
+    assert (comparison["tune"]["items"], comparison["tune_halving"]["items"]) == (56, 90)
+    assert comparison["tune_halving"]["trial_states"] == {"COMPLETE": 2, "PRUNED": 1}
+    text = summarise_comparison(comparison)
+    assert "56 → 90 (+61 %)" in text and "14 → 26 (+86 %)" in text
+    assert "tsv_m (lambda=2) (0.680 → 0.640 ± 0.010) → tsv_m (lambda=1) (0.710 → 0.700 ± 0.010)" in text
+    assert "| tsv_m | (lambda=2) (0.680 → 0.640) | (lambda=1) (0.710 → 0.700) | +0.060 |" in text
+    assert "| rmm | (k=6, weight=0.45) (0.580 → 0.550) | (k=6, weight=0.45) (0.580 → 0.550) | same |" in text
+    with pytest.raises(SystemExit, match="must be a run without halving"):
+        compare_reports(halved, plain, "a zoo")
