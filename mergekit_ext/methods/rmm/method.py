@@ -6,7 +6,7 @@ import torch
 from mergekit.merge_methods.base import TensorGroup
 
 from mergekit_ext.methods.declaration import PER_MODEL, SHARED, declare, integer, real, register
-from mergekit_ext.methods.rmm import PAPER_URL
+from mergekit_ext.methods.rmm import DEFAULT_WEIGHT, PAPER_URL
 from mergekit_ext.methods.rmm.kernel import product_space_merge
 
 
@@ -27,7 +27,7 @@ RMM = declare(
     reference_url=PAPER_URL,
     parameters=(
         ("k", integer(ge=1), SHARED, 1, "basis size K: tasks' deltas are replaced by their rank-K fit along the task axis"),
-        ("weight", real(), PER_MODEL, 1.0, "weight of this model's reconstructed delta (one-hot: recover that task)"),
+        ("weight", real(), PER_MODEL, DEFAULT_WEIGHT, "weight of this model's reconstructed delta (one-hot: recover that task)"),
     ),
 )
 
