@@ -144,6 +144,7 @@ def test_halving_options_from_the_space_and_the_command_line(zoo, tmp_path):
     space = write_space(tmp_path / "space.yml", tiny_space(zoo, halving=True, halving_fraction=0.5))
     assert load_space(space).halving_fraction == 0.5 and load_space(space).halves
     assert not load_space(space, halving=False).halves
+    assert load_space(write_space(tmp_path / "default.yml", tiny_space(zoo))).halves  # on unless the space or --no-halving says otherwise
     assert not load_space(space, prune=False).halves  # halving is a pruning rule: without the pruner every trial runs in full
     assert load_space(space, halving_fraction=0.1).halving_fraction == 0.1
     assert load_space(space).fingerprint() != load_space(space, halving_fraction=0.1).fingerprint()  # a rung on other items: another study

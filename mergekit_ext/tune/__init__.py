@@ -39,7 +39,7 @@ An ordinary mergekit YAML plus a ``tune:`` block::
       trials: 8                              # optional: default the whole grid, or 30 with ranges
       seed: 0
       prune: true
-      halving: false                         # optional: successive halving on items (needs prune)
+      halving: true                          # optional: successive halving on items (needs prune)
       halving_fraction: 0.25                 # optional: share of each validation task scored first
 
 ``tune.methods`` may also be a list of names (each with its default space) or

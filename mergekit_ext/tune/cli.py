@@ -32,7 +32,7 @@ HEARTBEAT_HELP = (
 @click.option(
     "--halving/--no-halving",
     default=None,
-    help="score each trial on a seeded subset of every validation task first, and on the rest only if it can still win (default: tune.halving, else off; needs pruning)",
+    help="score each trial on a seeded subset of every validation task first, and on the rest only if it can still win (default: tune.halving, else on; needs pruning)",
 )
 @click.option("--halving-fraction", type=float, help="share of each validation task in the subset (default: tune.halving_fraction, else 0.25)")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="lm-eval batch size")
@@ -82,18 +82,17 @@ def tune_command(
         include_path: ./tasks                  # lm-eval task YAMLs
         reference: {zoo_a: /models/a, zoo_b: /models/b}  # optional: normalized = score / reference
         trials: 8                              # optional; also limit, metric, seed, prune,
-        halving: false                         # halving_fraction (0.25)
+        halving: true                          # halving_fraction (0.25)
 
     A space with only lists is searched as a grid (Optuna's GridSampler,
     seeded order); one with a range uses seeded TPE. Each trial merges with
-    mergekit's engine into OUT_DIR/trials/ (removed unless --keep) and scores
-    the validation tasks with lm-eval one at a time; a trial whose running
-    mean falls more than 2 standard errors below its own method's best
-    finished trial is stopped (a method's first trial never is). With
-    --halving a trial is scored first on a seeded quarter of each validation
-    task's items, and on the rest only if its mean there is within 2 standard
-    errors of that trial's on the same items. The study is kept in
-    OUT_DIR/study.db:
+    mergekit's engine into OUT_DIR/trials/ (removed unless --keep) and is
+    scored with lm-eval first on a seeded quarter of each validation task's
+    items, and on the rest only if its mean there is within 2 standard errors
+    of its own method's best finished trial on the same items (a method's
+    first trial is never stopped). With --no-halving the validation tasks are
+    scored one at a time and a trial is stopped after a task when its running
+    mean is that far behind. The study is kept in OUT_DIR/study.db:
     run the same command again to resume (finished trials are kept, a trial
     left running by a killed run is re-queued); workers sharing --storage
     share the study.
