@@ -133,9 +133,51 @@ def tune_run(zoo: Path, work: Path, env: Dict[str, str], threads: int, key: str 
     return {**seconds, "switch": switch, **digest(out / "report.json")}
 
 
-def digest(path: Path) -> Dict[str, Any]:
-    """What one tune report says about its search: trials and their states, items scored, time in trials, the choices."""
-    report = json.loads(Path(path).read_text())
+def study_as_report(url: str) -> Dict[str, Any]:
+    """The parts of a report that a tune study holds by itself (its search, no test scores): for a study whose
+    worker was stopped before its test phase. Each method's choice is its best finished trial on validation."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=None, storage=url)
+    trials = []
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        trials.append({"state": trial.state.name, "method": attrs.get("method"), "params": dict(trial.params), "value": trial.value,
+                       "setting": attrs.get("setting"), "validation": attrs.get("validation"), "subset": attrs.get("subset"),
+                       "seconds": attrs.get("seconds"), "cpu_seconds": attrs.get("cpu_seconds")})
+    methods: Dict[str, Any] = {}
+    for trial in trials:  # the first of equal scores, in trial order, as tune keeps it
+        entry = methods.get(trial["method"])
+        if trial["state"] == "COMPLETE" and (entry is None or trial["value"] > entry["validation"]["mean"]):
+            methods[trial["method"]] = {"chosen": {"params": _setting_params(trial["setting"])}, "validation": {"mean": trial["value"]}, "test": {"mean": None, "mean_stderr": None}}
+    best = max(methods, key=lambda m: methods[m]["validation"]["mean"])
+    return {
+        "halving": study.user_attrs["space"]["tune"].get("halving"),
+        "trials": trials,
+        "methods": methods,
+        "best": {"method": best, "params": methods[best]["chosen"]["params"], "validation_mean": methods[best]["validation"]["mean"], "test": methods[best]["test"]},
+    }
+
+
+def _setting_params(label: str) -> Dict[str, Any]:
+    """``tsv_m(lambda=1)`` → ``{"lambda": 1.0}`` (a trial's setting label)."""
+    inside = label[label.index("(") + 1 : label.rindex(")")]
+    params: Dict[str, Any] = {}
+    for part in filter(None, (item.strip() for item in inside.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            params[key] = {"true": True, "false": False}.get(value, value)
+    return params
+
+
+def digest(path) -> Dict[str, Any]:
+    """What one tune report (a report.json, or a study's storage URL) says about its search: trials and their
+    states, items scored, time in trials, the choices."""
+    text = str(path)
+    report = study_as_report(text) if text.startswith(("sqlite:", "postgresql")) else json.loads(Path(path).read_text())
     states: Dict[str, int] = {}
     for trial in report["trials"]:
         states[trial["state"]] = states.get(trial["state"], 0) + 1
@@ -200,11 +242,19 @@ def summarise_comparison(comparison: Dict[str, Any]) -> str:
         cells = [method]
         for run in (plain, halved):
             entry = run["methods"].get(method)
-            cells.append(f"{_params(entry['chosen'])} ({entry['validation']:.3f} → {entry['test']:.3f})" if entry else "–")
+            test = "–" if not entry or entry["test"] is None else f"{entry['test']:.3f}"
+            cells.append(f"{_params(entry['chosen'])} ({entry['validation']:.3f} → {test})" if entry else "–")
         a, b = plain["methods"].get(method), halved["methods"].get(method)
-        cells.append("" if not (a and b) else ("same" if _params(a["chosen"]) == _params(b["chosen"]) else f"{b['test'] - a['test']:+.3f}"))
+        if not (a and b):
+            cells.append("")
+        elif _params(a["chosen"]) == _params(b["chosen"]):
+            cells.append("same")
+        else:
+            cells.append("changed" if a["test"] is None or b["test"] is None else f"{b['test'] - a['test']:+.3f}")
         rows.append(cells)
     lines += [runner.markdown_table(["method", "without halving", "with halving", "with − without (test)"], rows), ""]
+    if any(entry["test"] is None for run in (plain, halved) for entry in run["methods"].values()):
+        lines += ["\"–\" on test: that search was read from its study, whose worker was stopped before its test phase.", ""]
     return "\n".join(lines)
 
 
@@ -217,7 +267,8 @@ def _stat(values: List[float], digits: int = 3) -> str:
 def _chosen(entry: Dict[str, Any]) -> str:
     best = entry["best"]
     stderr = f" ± {best['test_stderr']:.3f}" if best.get("test_stderr") is not None else ""
-    return f"{best['method']} {_params(best['chosen'])} ({best['validation']:.3f} → {best['test']:.3f}{stderr})"
+    test = "test not scored" if best["test"] is None else f"{best['test']:.3f}{stderr}"
+    return f"{best['method']} {_params(best['chosen'])} ({best['validation']:.3f} → {test})"
 
 
 def _same_choice(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
@@ -389,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=Path(runner.RESULTS_DIR))
     parser.add_argument("--name", default="tune-hard")
     parser.add_argument("--render", type=Path, help="only re-render the Markdown of an earlier JSON")
-    parser.add_argument("--compare-reports", nargs=2, type=Path, metavar=("PLAIN", "HALVED"), help="compare two finished tune reports (report.json without and with --halving)")
+    parser.add_argument("--compare-reports", nargs=2, metavar=("PLAIN", "HALVED"), help="compare two tune searches without and with halving: report.json files, or a study's storage URL (its search only)")
     parser.add_argument("--zoo-label", default="", help="the zoo the compared reports ran on (for the title)")
     args = parser.parse_args(argv)
     if args.compare_reports:
