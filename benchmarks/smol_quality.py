@@ -297,7 +297,9 @@ def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
     score_methods(settings, merge, scorer, models, items_by_label, result["seconds"]["per_method"], result["failures"], expert_scores, quiet=args.quiet)
     compare(models, items_by_label, zoo.tasks, scorer.retention)
     result["settings"].update(settings)
-    result.setdefault("updates", []).append({"methods": list(args.methods), "settings": settings, "seconds": round(time.perf_counter() - started, 1)})
+    # {} means the declared defaults: record their values, which is what changed
+    defaults = {method: {p.name: p.default for p in runner.method_spec(method).parameters} for method in args.methods}
+    result.setdefault("updates", []).append({"methods": list(args.methods), "settings": settings, "defaults": defaults, "seconds": round(time.perf_counter() - started, 1)})
     return result
 
 

@@ -477,6 +477,9 @@ def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     assert updated["test_report"]["models"]["rmm"]["setting"] == bench.smol_settings()["rmm"][0]
     assert updated["settings"]["rmm"] == bench.smol_settings()["rmm"][0]
     assert updated["updates"][0]["methods"] == ["tsv_m", "rmm"]
+    from mergekit_ext.methods.rmm import DEFAULT_WEIGHT
+
+    assert updated["updates"][0]["defaults"]["rmm"] == {"k": 1, "weight": DEFAULT_WEIGHT}
     with pytest.raises(SystemExit, match="cannot be updated"):
         bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "tiny.json"), "--methods", "task_arithmetic", "--name", "x", "--out-dir", str(tmp_path), "-q"])
 
