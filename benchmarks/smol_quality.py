@@ -291,6 +291,9 @@ def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
     _, _, merge = zoo_merger(zoo)
     result = dict(earlier)
     models, items_by_label = result["test_report"]["models"], result["items"]
+    # what the update replaces stays in the result: the evidence for the change
+    replaced = {method: {key: models[method][key] for key in ("setting", "mean_accuracy", "retention", "vs_task_arithmetic", "vs_base_retention") if key in models[method]}
+                for method in args.methods if method in models}
     settings = {method: smol_settings()[method][0] for method in args.methods}
     metrics = zoo.manifest["metrics"]
     expert_scores = {task: metrics["experts"][task][task]["test"] for task in zoo.tasks}
@@ -299,7 +302,7 @@ def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
     result["settings"].update(settings)
     # {} means the declared defaults: record their values, which is what changed
     defaults = {method: {p.name: p.default for p in runner.method_spec(method).parameters} for method in args.methods}
-    result.setdefault("updates", []).append({"methods": list(args.methods), "settings": settings, "defaults": defaults, "seconds": round(time.perf_counter() - started, 1)})
+    result.setdefault("updates", []).append({"methods": list(args.methods), "settings": settings, "defaults": defaults, "replaced": replaced, "seconds": round(time.perf_counter() - started, 1)})
     return result
 
 

@@ -143,14 +143,14 @@ def study_as_report(url: str) -> Dict[str, Any]:
     trials = []
     for trial in study.trials:
         attrs = trial.user_attrs
-        trials.append({"state": trial.state.name, "method": attrs.get("method"), "params": dict(trial.params), "value": trial.value,
-                       "setting": attrs.get("setting"), "validation": attrs.get("validation"), "subset": attrs.get("subset"),
+        trials.append({"state": trial.state.name, "method": attrs.get("method"), "params": attrs.get("params"), "value": trial.value,
+                       "validation": attrs.get("validation"), "subset": attrs.get("subset"),
                        "seconds": attrs.get("seconds"), "cpu_seconds": attrs.get("cpu_seconds")})
     methods: Dict[str, Any] = {}
     for trial in trials:  # the first of equal scores, in trial order, as tune keeps it
         entry = methods.get(trial["method"])
         if trial["state"] == "COMPLETE" and (entry is None or trial["value"] > entry["validation"]["mean"]):
-            methods[trial["method"]] = {"chosen": {"params": _setting_params(trial["setting"])}, "validation": {"mean": trial["value"]}, "test": {"mean": None, "mean_stderr": None}}
+            methods[trial["method"]] = {"chosen": {"params": trial["params"]}, "validation": {"mean": trial["value"]}, "test": {"mean": None, "mean_stderr": None}}
     best = max(methods, key=lambda m: methods[m]["validation"]["mean"])
     return {
         "halving": study.user_attrs["space"]["tune"].get("halving"),
@@ -158,19 +158,6 @@ def study_as_report(url: str) -> Dict[str, Any]:
         "methods": methods,
         "best": {"method": best, "params": methods[best]["chosen"]["params"], "validation_mean": methods[best]["validation"]["mean"], "test": methods[best]["test"]},
     }
-
-
-def _setting_params(label: str) -> Dict[str, Any]:
-    """``tsv_m(lambda=1)`` → ``{"lambda": 1.0}`` (a trial's setting label)."""
-    inside = label[label.index("(") + 1 : label.rindex(")")]
-    params: Dict[str, Any] = {}
-    for part in filter(None, (item.strip() for item in inside.split(","))):
-        key, _, value = part.partition("=")
-        try:
-            params[key] = float(value)
-        except ValueError:
-            params[key] = {"true": True, "false": False}.get(value, value)
-    return params
 
 
 def digest(path) -> Dict[str, Any]:

@@ -480,6 +480,7 @@ def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     from mergekit_ext.methods.rmm import DEFAULT_WEIGHT
 
     assert updated["updates"][0]["defaults"]["rmm"] == {"k": 1, "weight": DEFAULT_WEIGHT}
+    assert updated["updates"][0]["replaced"]["tsv_m"]["mean_accuracy"] == models["tsv_m"]["mean_accuracy"] and "rmm" not in updated["updates"][0]["replaced"]
     with pytest.raises(SystemExit, match="cannot be updated"):
         bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "tiny.json"), "--methods", "task_arithmetic", "--name", "x", "--out-dir", str(tmp_path), "-q"])
 

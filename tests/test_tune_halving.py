@@ -190,11 +190,3 @@ def test_halving_comparison_counts_items_and_names_changed_choices(tmp_path):
     assert "| rmm | (k=6, weight=0.45) (0.580 → 0.550) | (k=6, weight=0.45) (0.580 → 0.550) | same |" in text
     with pytest.raises(SystemExit, match="must be a run without halving"):
         compare_reports(halved, plain, "a zoo")
-
-
-def test_a_setting_label_reads_back_as_its_parameters():
-    from benchmarks.tune_bench import _setting_params
-
-    assert _setting_params("tsv_m(lambda=1)") == {"lambda": 1.0}
-    assert _setting_params("ties(density=0.5, lambda=0.45, normalize=false)") == {"density": 0.5, "lambda": 0.45, "normalize": False}
-    assert _setting_params("model_stock()") == {}
