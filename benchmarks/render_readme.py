@@ -214,35 +214,20 @@ def smol_adarank_table() -> str:
 
 @renderer("smol-lora")
 def smol_lora_table() -> str:
-    """The LoRA paths on a smol zoo (`smol_lora.py`, results/smol-lora-s*.json): merges, then RMM."""
-    lines = []
-    for path in sorted(RESULTS.glob("smol-lora-s*.json")):
-        run = json.loads(path.read_text(encoding="utf-8"))
-        models, retention = run["test_report"]["models"], run["retention_tasks"]
-        lines += [
-            f"Seed {run['seed']}: {len(run['tasks'])} adapters of rank {run['adapter_rank']}; task arithmetic's λ chosen on validation: "
-            f"{run['selection']['task_arithmetic']['chosen']['lambda']}.",
-            "",
-            "| model | test exact match | " + " | ".join(f"{n} (retention)" for n in retention) + " | − task arithmetic (paired z) | > base on every task |",
-            "|---|---|" + "---|" * len(retention) + "---|---|",
-        ]
-        for label, model in models.items():
-            mean = f"{model['mean_accuracy']:.3f}" + (f" ± {model['mean_stderr']:.3f}" if "mean_stderr" in model else "")
-            kept = " | ".join(f"{model['retention'][n]:.3f}" for n in retention)
-            versus = model.get("vs_task_arithmetic")
-            paired = "" if versus is None or label == run["reference"] else f"{_signed(versus['delta'])} ({versus['z']:+.1f})"
-            every = {True: "yes", False: "no"}.get(model.get("beats_base_on_every_task"), "")
-            lines.append(f"| {label} | {mean} | {kept} | {paired} | {every} |")
-        lines += [
-            "",
-            "| RMM variant | K | storage | own-task exact match | / own adapter | " + " | ".join(f"{n} (retention, lowest)" for n in retention) + " |",
-            "|---|---|---|---|---|" + "---|" * len(retention),
-        ]
-        for row in run["rmm"]:
-            normalized = "–" if row["normalized"] is None else f"{row['normalized']:.3f}"
-            kept = " | ".join(f"{row['retention'][n]:.3f}" for n in retention)
-            lines.append(f"| {row['variant']} | {row['k']} | {row['storage']:.2f} | {row['mean_accuracy']:.3f} | {normalized} | {kept} |")
-        lines.append("")
+    """The LoRA paths over the smol seeds (`smol_lora.py --aggregate`, results/smol-lora.json): merges, then RMM."""
+    from benchmarks.smol_lora import rmm_aggregate_table
+    from benchmarks.smol_quality import aggregate_table
+
+    agg = _load("smol-lora.json")
+    seeds = ", ".join(map(str, agg["seeds"]))
+    lines = [
+        f"{'Seed' if len(agg['seeds']) == 1 else 'Seeds'} {seeds}: {len(agg['tasks'])} adapters of rank {agg['adapter_rank'][0]} per seed, {agg['test_items_per_task']} test items "
+        f"per task and seed; mean ± sample std over seeds; task arithmetic's λ chosen on validation per seed: "
+        f"{', '.join(map(str, agg['lambda']))}.",
+        "",
+        aggregate_table(agg),
+        rmm_aggregate_table(agg),
+    ]
     return "\n".join(lines)
 
 

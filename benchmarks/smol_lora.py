@@ -16,6 +16,7 @@ each merge has a paired difference to task arithmetic on the same items:
   and on retention. K = n must give back the individual adapters.
 
     python benchmarks/smol_lora.py --zoo ZOO --name smol-lora-s2 --threads 1
+    python benchmarks/smol_lora.py --aggregate results/smol-lora-s{0,1,2}.json --name smol-lora
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
-from benchmarks.smol_quality import REFERENCE, SmolScorer, add_smol_arguments, choose_reference, open_smol_zoo, paired_difference, smol_settings, summarize  # noqa: E402
+from benchmarks.smol_quality import REFERENCE, SmolScorer, add_smol_arguments, aggregate_table, choose_reference, pm, open_smol_zoo, paired_difference, smol_settings, summarize  # noqa: E402
 
 DENSE_METHODS = ("tsv_m", "iso_c", "cart", "iso_cts")  # the full fine-tunes' leaders on the smol zoos
 ADAPTER_METHODS = (REFERENCE, "tsv_m", "iso_c")
@@ -204,10 +205,83 @@ def render_markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Over seeds: every merge as ``smol_quality.aggregate`` summarizes it (paired to task arithmetic on
+    BASE+ADAPTER), and each RMM variant and K with the mean ± sample std of its own-task score, its share
+    of the adapters' own scores, and its lowest retention."""
+    from benchmarks import smol_quality
+    from mergekit_ext.evaluate.protocol.stats import summary
+
+    merged = smol_quality.aggregate(results, reference=results[0]["reference"])
+    rmm = []
+    for row in results[0]["rmm"]:
+        same = [next(r for r in result["rmm"] if (r["variant"], r["k"]) == (row["variant"], row["k"])) for result in results]
+        rmm.append(
+            {
+                "variant": row["variant"],
+                "k": row["k"],
+                "storage": summary([r["storage"] for r in same]),
+                "mean_accuracy": summary([r["mean_accuracy"] for r in same]),
+                "normalized": summary([r["normalized"] for r in same]),
+                "retention": {name: summary([r["retention"][name] for r in same]) for name in merged["retention_tasks"]},
+            }
+        )
+    return {
+        **merged,
+        "adapter_rank": [r["adapter_rank"] for r in results],
+        "lambda": [r["selection"][REFERENCE]["chosen"]["lambda"] for r in results],
+        "rmm": rmm,
+        "seconds": [r["seconds"]["total"] for r in results],
+    }
+
+
+def rmm_aggregate_table(agg: Dict[str, Any]) -> str:
+    retention = agg["retention_tasks"]
+    header = ["RMM variant", "K", "storage", "own-task exact match", "/ own adapter"] + [f"{n} (retention, lowest)" for n in retention]
+    rows = [
+        [row["variant"], str(row["k"]), f"{row['storage']['mean']:.2f}", pm(row["mean_accuracy"]), pm(row["normalized"])]
+        + [pm(row["retention"][n]) for n in retention]
+        for row in agg["rmm"]
+    ]
+    return runner.markdown_table(header, rows) + "\n"
+
+
+def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
+    seeds = len(agg["seeds"])
+    return "\n".join(
+        [
+            f"# LoRA adapters of SmolLM2-135M-Instruct merged: {seeds} seeds",
+            "",
+            f"Test split of {seeds} smol zoos (seeds {', '.join(map(str, agg['seeds']))}), {agg['test_items_per_task']} items per task and seed; "
+            f"mean ± sample std over seeds. task arithmetic's λ chosen on validation per seed ({', '.join(map(str, agg['lambda']))}); "
+            "every other method at its shipped setting. − task arithmetic: the paired per-seed difference to task arithmetic "
+            "(BASE+ADAPTER); paired z: that difference over its paired standard error on the seed's items; beyond noise: paired t "
+            "over seeds above the 95 % critical value. `lora expert`: each adapter on its own task, retention the lowest over the adapters.",
+            "",
+            aggregate_table(agg),
+            "RMM: each task reverted from a basis of K adapters to its own adapter, scored on its own task "
+            "(/ own adapter: the mean share of each task's own adapter score); retention: the lowest over the reverted adapters.",
+            "",
+            rmm_aggregate_table(agg),
+            f"Benchmark time per seed: {', '.join(f'{s:.0f}' for s in agg['seconds'])} s on this machine.",
+            "",
+        ]
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    import json
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_smol_arguments(parser)
+    add_smol_arguments(parser, zoo_required=False)
+    parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
     args = parser.parse_args(argv)
+    if args.aggregate:
+        agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
+        runner.save_results(args.out_dir, args.name, agg, render_aggregate_markdown(agg), echo=not args.quiet)
+        return
+    if not args.zoo:
+        parser.error("give --zoo DIR (or --aggregate FILES)")
     runner.apply_threads(args)
     runner.ensure_registered()
     result = run(args)

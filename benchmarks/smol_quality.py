@@ -352,10 +352,11 @@ def beats_base_everywhere(result: Dict[str, Any], label: str) -> bool:
     )
 
 
-def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def aggregate(results: Sequence[Dict[str, Any]], reference: str = REFERENCE) -> Dict[str, Any]:
     """Per method over seeds: mean ± sample std of the test mean and of retention, and the paired difference
     to task arithmetic (per seed, its within-seed z on the same items; across seeds, the paired t and the
-    beyond-noise verdict of the project's one statistics helper)."""
+    beyond-noise verdict of the project's one statistics helper). ``reference``: task arithmetic's row label
+    (``smol_lora.py`` labels its rows by merge path)."""
     from mergekit_ext.evaluate.protocol.stats import beyond_noise, paired_t, summary
 
     tasks, retention = results[0]["tasks"], results[0]["retention_tasks"]
@@ -369,34 +370,36 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "per_task": {task: summary([m["accuracy"][task] for m in per_seed]) for task in tasks},
             "retention": {name: summary([m["retention"][name] for m in per_seed]) for name in retention},
         }
-        if "vs_task_arithmetic" in per_seed[0] and label != REFERENCE:
+        if "vs_task_arithmetic" in per_seed[0] and label != reference:
             deltas = [m["vs_task_arithmetic"]["delta"] for m in per_seed]
             entry["delta_vs_ta"] = deltas
             entry["delta_vs_ta_mean_std"] = summary(deltas)
             entry["delta_vs_ta_within_seed_z"] = [m["vs_task_arithmetic"]["z"] for m in per_seed]
             entry["delta_vs_ta_t"] = paired_t(deltas)
             entry["beyond_noise"] = beyond_noise(deltas)
+        if all("vs_base_retention" in m for m in per_seed):
             entry["below_base_retention_2se"] = {
                 name: sum(1 for m in per_seed if m["vs_base_retention"][name]["z"] < -2) for name in retention
             }
-        if label not in ("base", "expert"):
+        if label not in ("base", "expert", "lora expert"):
             entry["beats_base_every_task"] = sum(beats_base_everywhere(r, label) for r in results)
             bars = [r["best_single_expert"]["mean_accuracy"] for r in results if "best_single_expert" in r]
             scored = [m["mean_accuracy"] for m, r in zip(per_seed, results) if "best_single_expert" in r]
             entry["beats_best_single_expert"] = {"seeds": sum(a > b for a, b in zip(scored, bars)), "of": len(bars)}
-        if label == REFERENCE:
+        if label == reference:
             entry["lambda"] = [r["selection"][REFERENCE]["chosen"]["lambda"] for r in results]
         methods[label] = entry
     return {
         "machine": results[0]["machine"],
         "seeds": [r["seed"] for r in results],
         "zoos": [r["zoo"] for r in results],
-        "parameters": results[0]["parameters"],
+        "reference": reference,
+        "parameters": results[0].get("parameters"),
         "tasks": tasks,
         "retention_tasks": retention,
         "test_items_per_task": results[0]["test_items_per_task"],
-        "metric": results[0]["metric"],
-        "settings": results[0]["settings"],
+        "metric": results[0].get("metric"),
+        "settings": results[0].get("settings"),
         "methods": methods,
         "best_single_expert": [r.get("best_single_expert") for r in results],
         "note": "std: sample standard deviation over seeds (independent zoos); delta_vs_ta: per seed, the method's test mean minus "
@@ -407,19 +410,22 @@ def aggregate(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
+def pm(stats: Dict[str, float], sign: str = "") -> str:
+    """mean ± sample std over seeds (the mean alone for one seed, which has no spread to state)."""
+    value = f"{stats['mean']:{sign}.3f}"
+    return value if stats["n"] < 2 else f"{value} ± {stats['std']:.3f}"
+
+
 def aggregate_table(agg: Dict[str, Any]) -> str:
     """The aggregate as one Markdown table: references first, then the methods by test mean."""
     methods, retention = agg["methods"], agg["retention_tasks"]
-    references = [label for label in ("base", "expert", REFERENCE) if label in methods]
+    reference = agg.get("reference", REFERENCE)
+    references = [label for label in ("base", "expert", "lora expert", reference) if label in methods]
     order = references + sorted((m for m in methods if m not in references), key=lambda m: -methods[m]["test_mean_std"]["mean"])
 
-    def pm(stats: Dict[str, float], sign: str = "") -> str:
-        value = f"{stats['mean']:{sign}.3f}"
-        return value if stats["n"] < 2 else f"{value} ± {stats['std']:.3f}"  # one seed has no spread to state
-
     header = ["model", "test exact match"] + [f"{name} (retention)" for name in retention] + [
-        "− task arithmetic", "paired z per seed", "beyond noise over seeds?", "> base on every task", "> best single expert",
-    ]
+        f"{name} > 2 se below base" for name in retention
+    ] + ["− task arithmetic", "paired z per seed", "beyond noise over seeds?", "> base on every task", "> best single expert"]
     seeds = len(agg["seeds"])
     rows = []
     for label in order:
@@ -432,12 +438,14 @@ def aggregate_table(agg: Dict[str, Any]) -> str:
                 verdict = "– (one seed)"
             else:
                 verdict = (f"**yes, {'better' if d['mean'] > 0 else 'worse'}**" if entry["beyond_noise"] else "no") + f" (t {entry['delta_vs_ta_t']:.1f})"
-        delta = pm(entry["delta_vs_ta_mean_std"], "+") if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == REFERENCE else "")
+        delta = pm(entry["delta_vs_ta_mean_std"], "+") if "delta_vs_ta_mean_std" in entry else ("(reference)" if label == reference else "")
         counts = ["", ""]
         if "beats_base_every_task" in entry:
             single = entry["beats_best_single_expert"]
             counts = [f"{entry['beats_base_every_task']}/{seeds}", f"{single['seeds']}/{single['of']}" if single["of"] else "–"]
-        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + [delta, within, verdict] + counts)
+        below = entry.get("below_base_retention_2se", {})
+        dropped = [f"{below[name]}/{seeds}" if name in below else "" for name in retention]
+        rows.append([label, pm(entry["test_mean_std"])] + [pm(entry["retention"][name]) for name in retention] + dropped + [delta, within, verdict] + counts)
     return runner.markdown_table(header, rows) + "\n"
 
 

@@ -429,9 +429,10 @@ def test_smol_quality_statistics_by_hand():
     assert agg["methods"]["task_arithmetic"]["lambda"] == [0.4, 0.4, 0.4]
     # tsv_m is above the base on its task every seed but below it on retention: it never beats the base everywhere.
     assert entry["beats_base_every_task"] == 0 and agg["methods"]["task_arithmetic"]["beats_base_every_task"] == 3
-    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | +0.100 ± 0.050 | +2.5 / +1.0 / +3.0 | no (t 3.5) | 0/3 | – |" in bench.render_aggregate_markdown(agg)
+    assert "| tsv_m | 0.600 ± 0.150 | 0.800 ± 0.000 | 3/3 | +0.100 ± 0.050 | +2.5 / +1.0 / +3.0 | no (t 3.5) | 0/3 | – |" in bench.render_aggregate_markdown(agg)
+    assert agg["methods"]["task_arithmetic"]["below_base_retention_2se"] == {"r": 0}
     one = bench.aggregate([seed(0, 0.5, 0.6, 2.5)])
-    assert "| tsv_m | 0.600 | 0.800 | +0.100 | +2.5 | – (one seed) | 0/1 | – |" in bench.aggregate_table(one)
+    assert "| tsv_m | 0.600 | 0.800 | 1/1 | +0.100 | +2.5 | – (one seed) | 0/1 | – |" in bench.aggregate_table(one)
     # The best single expert's mean is the bar where a seed scored every expert on every task.
     with_bar = [seed(0, 0.5, 0.6, 2.5), seed(1, 0.4, 0.45, 1.0)]
     with_bar[0]["best_single_expert"] = {"expert": "t", "mean_accuracy": 0.55}
@@ -441,6 +442,32 @@ def test_smol_quality_statistics_by_hand():
 
 
 @pytest.mark.slow
+def test_smol_lora_aggregate_pairs_to_task_arithmetic_on_adapters_and_summarizes_rmm():
+    from benchmarks import smol_lora
+
+    def seed(seed_number, ta, iso, shares):
+        ref = "task_arithmetic (BASE+ADAPTER)"
+        models = {
+            "base": {"mean_accuracy": 0.2, "accuracy": {"t": 0.2}, "retention": {"r": 0.9}},
+            "lora expert": {"mean_accuracy": 0.7, "accuracy": {"t": 0.7}, "retention": {"r": 0.8}},
+            ref: {"mean_accuracy": ta, "accuracy": {"t": ta}, "retention": {"r": 0.9}, "vs_task_arithmetic": {"delta": 0.0, "z": 0.0}, "vs_base_retention": {"r": {"z": 0.0}}},
+            "iso_c (BASE+ADAPTER)": {"mean_accuracy": iso, "accuracy": {"t": iso}, "retention": {"r": 0.9}, "vs_task_arithmetic": {"delta": iso - ta, "z": 5.0}, "vs_base_retention": {"r": {"z": -0.5}}},
+        }
+        rmm = [{"variant": "factor", "k": k, "storage": k / 2, "mean_accuracy": 0.7 * share, "normalized": share, "retention": {"r": 0.85}} for k, share in zip((1, 2), shares)]
+        return {"machine": {}, "seed": seed_number, "zoo": f"z{seed_number}", "tasks": ["t"], "retention_tasks": ["r"], "test_items_per_task": 80,
+                "reference": ref, "adapter_rank": 8, "selection": {"task_arithmetic": {"chosen": {"lambda": 0.4}}},
+                "test_report": {"models": models}, "rmm": rmm, "seconds": {"total": 10.0}}
+
+    agg = smol_lora.aggregate([seed(0, 0.5, 0.6, (0.8, 1.0)), seed(1, 0.4, 0.6, (0.9, 1.0)), seed(2, 0.5, 0.7, (0.7, 1.0))])
+    iso = agg["methods"]["iso_c (BASE+ADAPTER)"]
+    assert agg["reference"] == "task_arithmetic (BASE+ADAPTER)" and "delta_vs_ta" not in agg["methods"][agg["reference"]]
+    assert iso["delta_vs_ta"] == pytest.approx([0.1, 0.2, 0.2]) and iso["beyond_noise"] is True  # t = 0.1667 / (0.0577 / sqrt 3) = 5.0
+    assert agg["rmm"][0]["normalized"]["mean"] == pytest.approx(0.8) and agg["rmm"][0]["normalized"]["std"] == pytest.approx(0.1)
+    text = smol_lora.render_aggregate_markdown(agg)
+    assert "| lora expert | 0.700 ± 0.000 | 0.800 ± 0.000 |" in text and "| factor | 1 | 0.50 | 0.560 ± 0.070 | 0.800 ± 0.100 | 0.850 ± 0.000 |" in text
+    assert "| iso_c (BASE+ADAPTER) | 0.633 ± 0.058 | 0.900 ± 0.000 | 0/3 | +0.167 ± 0.058 | +5.0 / +5.0 / +5.0 | **yes, better** (t 5.0) |" in text
+
+
 def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     """The benchmark's scores are the zoo scorer's, the reference λ comes from its validation grid."""
     from benchmarks import smol_quality as bench
