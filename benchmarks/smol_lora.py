@@ -32,11 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
+from mergekit_ext.methods.tsv import DEFAULT_LAMBDA as TSV_DEFAULT_LAMBDA  # noqa: E402
 from benchmarks.smol_quality import REFERENCE, SmolScorer, add_smol_arguments, aggregate_table, choose_reference, pm, open_smol_zoo, paired_difference, smol_settings, summarize  # noqa: E402
 
 DENSE_METHODS = ("tsv_m", "iso_c", "cart", "iso_cts")  # the full fine-tunes' leaders on the smol zoos
 ADAPTER_METHODS = (REFERENCE, "tsv_m", "iso_c")
 RMM_VARIANTS = ("factor", "product")
+# The docs' advice for adapters (docs/commands.md, "Scale LoRA merges down"), measured on TSV-M, whose
+# full-fine-tune default costs retention on adapters.
+NORM_SCALED_LABEL = "tsv_m, λ × norm ratio (BASE+ADAPTER)"
 
 
 def with_updates(base_state: Dict[str, torch.Tensor], updates: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -60,29 +64,75 @@ def mean_normalized(accuracy: Dict[str, float], reference: Dict[str, float]) -> 
     return sum(ratios) / len(ratios) if ratios else None
 
 
+class AdapterZoo:
+    """A smol zoo's base, its adapters applied to the base as dense states, and the test scorer."""
+
+    def __init__(self, args):
+        from mergekit_ext.adapters import peft_io
+        from mergekit_ext.modeling import load_state_dict
+
+        self.zoo = open_smol_zoo(args.zoo)
+        self.tasks = self.zoo.tasks
+        self.scorer = SmolScorer(self.zoo, args.device)
+        self.retention = self.scorer.retention
+        self.adapter_metrics = self.zoo.manifest["metrics"]["adapters"]
+        self.lora_scores = {task: self.adapter_metrics[task][task]["test"] for task in self.tasks}
+        self.base_state = load_state_dict(self.zoo.base)
+        self.adapters = peft_io.load_adapters([str(self.zoo.adapter(task)) for task in self.tasks], str(self.zoo.base), names=self.tasks)
+        self.rank = max(pair.rank for adapter in self.adapters for pair in adapter.modules.values())
+        self.updates = {adapter.name: factor_updates(adapter.modules) for adapter in self.adapters}
+        self.applied = {name: with_updates(self.base_state, updates) for name, updates in self.updates.items()}
+
+    def dense(self, method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """The adapters applied to the base and merged as full models by mergekit's engine."""
+        from mergekit_ext.zoo import merge_in_memory
+
+        with torch.no_grad():
+            return merge_in_memory(self.base_state, self.applied, method, dict(setting), use_base=True)
+
+    def norm_ratios(self) -> Dict[str, float]:
+        """Per task ‖τ_full‖ / ‖ΔW_lora‖ over the matrices the adapter updates (the task's full fine-tune
+        against its adapter): the factor docs/commands.md scales a full-fine-tune λ by for adapters."""
+        from mergekit_ext.modeling import load_state_dict
+
+        ratios = {}
+        for task, updates in self.updates.items():
+            expert = load_state_dict(self.zoo.expert(task))
+            full = sum(float((expert[name].float() - self.base_state[name].float()).pow(2).sum()) for name in updates)
+            lora = sum(float(delta.float().pow(2).sum()) for delta in updates.values())
+            ratios[task] = (full / lora) ** 0.5
+        return ratios
+
+    def norm_scaled(self) -> tuple[str, Dict[str, Any], Dict[str, float]]:
+        """TSV-M at its default λ times the mean norm ratio: the docs' advice for adapters, measured."""
+        ratios = self.norm_ratios()
+        factor = sum(ratios.values()) / len(ratios)
+        setting = {"lambda": round(TSV_DEFAULT_LAMBDA * factor, 3)}
+        return NORM_SCALED_LABEL, setting, ratios
+
+
+def compare(models: Dict[str, Any], items: Dict[str, Dict[str, List[int]]], tasks: Sequence[str], retention: Sequence[str], reference: str) -> None:
+    """Each merge's paired difference to task arithmetic (BASE+ADAPTER) and to the base on retention."""
+    for label in items:
+        if label == "base":
+            continue
+        models[label]["vs_task_arithmetic"] = paired_difference(items[label], items[reference], tasks)
+        models[label]["vs_base_retention"] = {name: paired_difference(items[label], items["base"], [name]) for name in retention}
+        models[label]["beats_base_on_every_task"] = all(models[label]["accuracy"][t] > models["base"]["accuracy"][t] for t in tasks)
+
+
 def run(args) -> Dict[str, Any]:
     from tqdm import tqdm
 
-    from mergekit_ext.adapters import peft_io
     from mergekit_ext.adapters.merge import merge_adapters
     from mergekit_ext.methods.rmm.format import reverted_factors
     from mergekit_ext.methods.rmm.kernel import adapter_parameter_count, build_basis
-    from mergekit_ext.modeling import load_state_dict
-    from mergekit_ext.zoo import merge_in_memory
 
     started = time.perf_counter()
-    zoo = open_smol_zoo(args.zoo)
-    tasks = zoo.tasks
-    scorer = SmolScorer(zoo, args.device)
-    retention = scorer.retention
-    every = tasks + retention
-    adapter_metrics = zoo.manifest["metrics"]["adapters"]
-    lora_scores = {task: adapter_metrics[task][task]["test"] for task in tasks}
-
-    base_state = load_state_dict(zoo.base)
-    adapters = peft_io.load_adapters([str(zoo.adapter(task)) for task in tasks], str(zoo.base), names=tasks)
-    rank = max(pair.rank for adapter in adapters for pair in adapter.modules.values())
-    applied = {adapter.name: with_updates(base_state, factor_updates(adapter.modules)) for adapter in adapters}
+    lora = AdapterZoo(args)
+    zoo, tasks, scorer, retention, every = lora.zoo, lora.tasks, lora.scorer, lora.retention, lora.tasks + lora.retention
+    adapter_metrics, lora_scores = lora.adapter_metrics, lora.lora_scores
+    base_state, adapters, rank, dense = lora.base_state, lora.adapters, lora.rank, lora.dense
     quiet = args.quiet
 
     items: Dict[str, Dict[str, List[int]]] = {}
@@ -94,10 +144,6 @@ def run(args) -> Dict[str, Any]:
         items[label] = scorer(state, "test", every)
         models[label] = {**summarize(items[label], tasks, retention, lora_scores), "setting": setting, "path": path}
         seconds[label] = round(time.perf_counter() - begun, 1)
-
-    def dense(method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return merge_in_memory(base_state, applied, method, dict(setting), use_base=True)
 
     items["base"] = scorer(base_state, "test", every)
     models["base"] = summarize(items["base"], tasks, retention)
@@ -114,6 +160,9 @@ def run(args) -> Dict[str, Any]:
 
     for method, setting in tqdm(settings.items(), desc="BASE+ADAPTER merges", unit="method", disable=quiet):
         score(f"{method} (BASE+ADAPTER)", dense(method, setting), setting, "BASE+ADAPTER")
+    label, setting, ratios = lora.norm_scaled()
+    score(label, dense("tsv_m", setting), setting, "BASE+ADAPTER")
+    models[label]["norm_ratios"] = ratios
     for method in tqdm(ADAPTER_METHODS, desc="lora merge, rank r", unit="method", disable=quiet):
         with torch.no_grad():
             factors = merge_adapters(adapters, base_state.__getitem__, method, rank, parameters=settings[method])
@@ -145,12 +194,7 @@ def run(args) -> Dict[str, Any]:
             )
 
     reference = f"{REFERENCE} (BASE+ADAPTER)"
-    for label in items:
-        if label == "base":
-            continue
-        models[label]["vs_task_arithmetic"] = paired_difference(items[label], items[reference], tasks)
-        models[label]["vs_base_retention"] = {name: paired_difference(items[label], items["base"], [name]) for name in retention}
-        models[label]["beats_base_on_every_task"] = all(models[label]["accuracy"][t] > models["base"]["accuracy"][t] for t in tasks)
+    compare(models, items, tasks, retention, reference)
     return {
         **runner.zoo_context(zoo),
         "seed": zoo.manifest["seed"],
@@ -165,6 +209,25 @@ def run(args) -> Dict[str, Any]:
         "seconds": {"per_model": seconds, "total": round(time.perf_counter() - started, 1)},
         "items": items,
     }
+
+
+def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
+    """``earlier`` with the norm-scaled TSV-M row added (or merged again), scored on the same test items;
+    every other row is kept, since scoring is deterministic."""
+    started = time.perf_counter()
+    lora = AdapterZoo(args)
+    if lora.zoo.manifest["seed"] != earlier["seed"] or list(lora.tasks) != list(earlier["tasks"]):
+        raise SystemExit(f"{args.update}: made on seed {earlier['seed']}'s zoo, not on {lora.zoo.root} (seed {lora.zoo.manifest['seed']})")
+    result = dict(earlier)
+    models, items = result["test_report"]["models"], result["items"]
+    label, setting, ratios = lora.norm_scaled()
+    begun = time.perf_counter()
+    items[label] = lora.scorer(lora.dense("tsv_m", setting), "test", lora.tasks + lora.retention)
+    models[label] = {**summarize(items[label], lora.tasks, lora.retention, lora.lora_scores), "setting": setting, "path": "BASE+ADAPTER", "norm_ratios": ratios}
+    result["seconds"]["per_model"][label] = round(time.perf_counter() - begun, 1)
+    compare(models, items, lora.tasks, lora.retention, result["reference"])
+    result.setdefault("updates", []).append({"added": [label], "setting": setting, "seconds": round(time.perf_counter() - started, 1)})
+    return result
 
 
 def render_markdown(result: Dict[str, Any]) -> str:
@@ -275,6 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_smol_arguments(parser, zoo_required=False)
     parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
+    parser.add_argument("--update", metavar="RESULT_JSON", help="add the norm-scaled TSV-M row to this seed's result, on the same items")
     args = parser.parse_args(argv)
     if args.aggregate:
         agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
@@ -282,6 +346,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if not args.zoo:
         parser.error("give --zoo DIR (or --aggregate FILES)")
+    if args.update:
+        runner.apply_threads(args)
+        runner.ensure_registered()
+        result = update(args, json.loads(Path(args.update).read_text()))
+        runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
+        return
     runner.apply_threads(args)
     runner.ensure_registered()
     result = run(args)

@@ -575,6 +575,24 @@ def test_smol_lora_applies_adapters_as_peft_and_mergekit_do(tiny_smol_zoo, tmp_p
         for t in zoo.tasks:
             assert row["accuracy"][t] == zoo.manifest["metrics"]["adapters"][t][t]["test"]
     assert "| task_arithmetic (BASE+ADAPTER) |" in (tmp_path / "lora.md").read_text()
+    # The docs' advice for adapters: TSV-M's default λ times the mean of ‖τ_full‖ / ‖ΔW_lora‖ per task.
+    scaled = models[bench.NORM_SCALED_LABEL]
+    expert = load_state_dict(zoo.expert(task))
+    updates = bench.factor_updates(adapters[0].modules)
+    full = sum(float((expert[n].float() - base_state[n].float()).pow(2).sum()) for n in updates) ** 0.5
+    assert scaled["norm_ratios"][task] == pytest.approx(full / sum(float(d.pow(2).sum()) for d in updates.values()) ** 0.5, rel=1e-5)
+    from mergekit_ext.methods.tsv import DEFAULT_LAMBDA
+
+    mean_ratio = sum(scaled["norm_ratios"].values()) / len(zoo.tasks)
+    assert scaled["setting"] == {"lambda": round(DEFAULT_LAMBDA * mean_ratio, 3)} and "vs_task_arithmetic" in scaled
+    # --update adds the row to a result that lacks it, on the same items, and keeps every other row.
+    without = json.loads((tmp_path / "lora.json").read_text())
+    del without["test_report"]["models"][bench.NORM_SCALED_LABEL], without["items"][bench.NORM_SCALED_LABEL]
+    (tmp_path / "without.json").write_text(json.dumps(without))
+    bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "without.json"), "--name", "added", "--out-dir", str(tmp_path), "-q"])
+    added = json.loads((tmp_path / "added.json").read_text())
+    assert added["items"] == result["items"] and added["test_report"]["models"][bench.NORM_SCALED_LABEL]["setting"] == scaled["setting"]
+    assert added["updates"][0]["added"] == [bench.NORM_SCALED_LABEL]
 
 
 @pytest.mark.slow  # builds the tiny smol zoo, runs mergekit-yaml and lm-eval
