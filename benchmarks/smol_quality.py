@@ -180,8 +180,6 @@ def zoo_merger(zoo):
 
 
 def run(args) -> Dict[str, Any]:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     zoo = open_smol_zoo(args.zoo)
     tasks = zoo.tasks
@@ -205,12 +203,7 @@ def run(args) -> Dict[str, Any]:
         "note": "each expert on its own task (the zoo build's score); retention: the lowest over the experts",
     }
 
-    # Each expert on every task: the best single expert on the mean is the bar a merge must clear to be worth it.
-    single: Dict[str, Any] = {}
-    for task in tqdm(tasks, desc="each expert on every task", unit="expert", disable=args.quiet):
-        scored = summarize(scorer(experts[task], "test", tasks), tasks, [])
-        single[task] = {"accuracy": scored["accuracy"], "mean_accuracy": scored["mean_accuracy"]}
-    best_single = max(single, key=lambda task: single[task]["mean_accuracy"])
+    single = single_experts(scorer, experts, quiet=args.quiet)
 
     grids = smol_settings()
     selection = {REFERENCE: choose_reference(scorer, merge, tasks, quiet=args.quiet)}
@@ -233,10 +226,23 @@ def run(args) -> Dict[str, Any]:
         "failures": failures,
         "seconds": {"per_method": seconds, "total": round(time.perf_counter() - started, 1)},
         "test_report": {"split": "test", "tasks": tasks, "models": models},
-        "single_experts": single,
-        "best_single_expert": {"expert": best_single, **single[best_single]},
+        **single,
         "items": items_by_label,
     }
+
+
+def single_experts(scorer: SmolScorer, experts: Dict[str, Dict[str, torch.Tensor]], *, quiet: bool = False) -> Dict[str, Any]:
+    """Each expert on every instruction task's test split, and the best of them on the mean: the bar a merge
+    must clear to be worth more than picking one expert."""
+    from tqdm import tqdm
+
+    tasks = scorer.zoo.tasks
+    single: Dict[str, Any] = {}
+    for task in tqdm(tasks, desc="each expert on every task", unit="expert", disable=quiet):
+        scored = summarize(scorer(experts[task], "test", tasks), tasks, [])
+        single[task] = {"accuracy": scored["accuracy"], "mean_accuracy": scored["mean_accuracy"]}
+    best = max(single, key=lambda task: single[task]["mean_accuracy"])
+    return {"single_experts": single, "best_single_expert": {"expert": best, **single[best]}}
 
 
 def score_methods(settings, merge, scorer: SmolScorer, models, items_by_label, seconds, failures, expert_scores, *, quiet: bool = False) -> None:
@@ -275,7 +281,8 @@ def compare(models, items_by_label, tasks: Sequence[str], retention: Sequence[st
 
 
 def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
-    """``earlier`` with ``args.methods`` merged again at their current shipped settings and scored on the same items.
+    """``earlier`` with ``args.methods`` merged again at their current shipped settings and scored on the same items,
+    and with each expert scored on every task if ``earlier`` lacks that bar.
 
     The references (base, experts, task arithmetic's validation choice) are kept: scoring is
     deterministic, so only the methods whose shipped setting changed need to run again.
@@ -284,25 +291,33 @@ def update(args, earlier: Dict[str, Any]) -> Dict[str, Any]:
     zoo = open_smol_zoo(args.zoo)
     if zoo.manifest["seed"] != earlier["seed"] or list(zoo.tasks) != list(earlier["tasks"]):
         raise SystemExit(f"{args.update}: made on seed {earlier['seed']}'s zoo, not on {zoo.root} (seed {zoo.manifest['seed']})")
-    unknown = [m for m in args.methods if m == REFERENCE or m not in smol_settings()]
+    methods = list(args.methods or [])
+    if not methods and "best_single_expert" in earlier:
+        raise SystemExit(f"{args.update}: nothing to update (give --methods; its single-expert bar is already there)")
+    unknown = [m for m in methods if m == REFERENCE or m not in smol_settings()]
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} cannot be updated (the reference is chosen on validation; others must be in the smol grid)")
     scorer = SmolScorer(zoo, args.device)
-    _, _, merge = zoo_merger(zoo)
+    _, experts, merge = zoo_merger(zoo)
     result = dict(earlier)
+    if "best_single_expert" not in result:
+        result.update(single_experts(scorer, experts, quiet=args.quiet))
+    if not methods:
+        result.setdefault("updates", []).append({"methods": [], "added": ["single_experts"], "seconds": round(time.perf_counter() - started, 1)})
+        return result
     models, items_by_label = result["test_report"]["models"], result["items"]
     # what the update replaces stays in the result: the evidence for the change
     replaced = {method: {key: models[method][key] for key in ("setting", "mean_accuracy", "retention", "vs_task_arithmetic", "vs_base_retention") if key in models[method]}
-                for method in args.methods if method in models}
-    settings = {method: smol_settings()[method][0] for method in args.methods}
+                for method in methods if method in models}
+    settings = {method: smol_settings()[method][0] for method in methods}
     metrics = zoo.manifest["metrics"]
     expert_scores = {task: metrics["experts"][task][task]["test"] for task in zoo.tasks}
     score_methods(settings, merge, scorer, models, items_by_label, result["seconds"]["per_method"], result["failures"], expert_scores, quiet=args.quiet)
     compare(models, items_by_label, zoo.tasks, scorer.retention)
     result["settings"].update(settings)
     # {} means the declared defaults: record their values, which is what changed
-    defaults = {method: {p.name: p.default for p in runner.method_spec(method).parameters} for method in args.methods}
-    result.setdefault("updates", []).append({"methods": list(args.methods), "settings": settings, "defaults": defaults, "replaced": replaced, "seconds": round(time.perf_counter() - started, 1)})
+    defaults = {method: {p.name: p.default for p in runner.method_spec(method).parameters} for method in methods}
+    result.setdefault("updates", []).append({"methods": methods, "settings": settings, "defaults": defaults, "replaced": replaced, "seconds": round(time.perf_counter() - started, 1)})
     return result
 
 
@@ -475,7 +490,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     add_smol_arguments(parser, zoo_required=False)
     parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
     parser.add_argument("--methods", nargs="+", help="only these methods (besides the references)")
-    parser.add_argument("--update", metavar="RESULT_JSON", help="re-run only --methods at their shipped settings into this seed's result (references kept)")
+    parser.add_argument("--update", metavar="RESULT_JSON", help="re-run only --methods at their shipped settings into this seed's result "
+                        "(references kept), and score each expert on every task where the result lacks that bar")
     args = parser.parse_args(argv)
     if args.aggregate:
         agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
@@ -483,8 +499,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if not args.zoo:
         parser.error("give --zoo DIR (or --aggregate FILES)")
-    if args.update and not args.methods:
-        parser.error("--update needs --methods (the methods to run again)")
     runner.apply_threads(args)
     runner.ensure_registered()
     result = update(args, json.loads(Path(args.update).read_text())) if args.update else run(args)

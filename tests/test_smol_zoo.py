@@ -508,6 +508,15 @@ def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
 
     assert updated["updates"][0]["defaults"]["rmm"] == {"k": 1, "weight": DEFAULT_WEIGHT}
     assert updated["updates"][0]["replaced"]["tsv_m"]["mean_accuracy"] == models["tsv_m"]["mean_accuracy"] and "rmm" not in updated["updates"][0]["replaced"]
+    # A result from before the single-expert bar gets it from an update with no methods, and nothing else changes.
+    older = dict(result)
+    del older["best_single_expert"], older["single_experts"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "older.json"), "--name", "barred", "--out-dir", str(tmp_path), "-q"])
+    barred = json.loads((tmp_path / "barred.json").read_text())
+    assert barred["best_single_expert"] == result["best_single_expert"] and barred["items"] == result["items"]
+    with pytest.raises(SystemExit, match="nothing to update"):
+        bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "tiny.json"), "--name", "x", "--out-dir", str(tmp_path), "-q"])
     with pytest.raises(SystemExit, match="cannot be updated"):
         bench.main(["--zoo", str(zoo.root), "--update", str(tmp_path / "tiny.json"), "--methods", "task_arithmetic", "--name", "x", "--out-dir", str(tmp_path), "-q"])
 
