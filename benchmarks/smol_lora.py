@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
 from mergekit_ext.methods.tsv import DEFAULT_LAMBDA as TSV_DEFAULT_LAMBDA  # noqa: E402
-from benchmarks.smol_quality import REFERENCE, SmolScorer, add_smol_arguments, aggregate_table, choose_reference, pm, open_smol_zoo, paired_difference, smol_settings, summarize  # noqa: E402
+from benchmarks.smol_quality import REFERENCE, SmolScorer, add_smol_arguments, aggregate_table, choose_reference, dispatch, pm, open_smol_zoo, paired_difference, smol_settings, summarize  # noqa: E402
 
 DENSE_METHODS = ("tsv_m", "iso_c", "cart", "iso_cts")  # the full fine-tunes' leaders on the smol zoos
 ADAPTER_METHODS = (REFERENCE, "tsv_m", "iso_c")
@@ -333,29 +333,11 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import json
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_smol_arguments(parser, zoo_required=False)
-    parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
     parser.add_argument("--update", metavar="RESULT_JSON", help="add the norm-scaled TSV-M row to this seed's result, on the same items")
-    args = parser.parse_args(argv)
-    if args.aggregate:
-        agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
-        runner.save_results(args.out_dir, args.name, agg, render_aggregate_markdown(agg), echo=not args.quiet)
-        return
-    if not args.zoo:
-        parser.error("give --zoo DIR (or --aggregate FILES)")
-    if args.update:
-        runner.apply_threads(args)
-        runner.ensure_registered()
-        result = update(args, json.loads(Path(args.update).read_text()))
-        runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
-        return
-    runner.apply_threads(args)
-    runner.ensure_registered()
-    result = run(args)
-    runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
+    dispatch(parser, argv, run=run, update=update, aggregate=aggregate, render=render_markdown, render_aggregate=render_aggregate_markdown)
+
 
 if __name__ == "__main__":
     main()

@@ -483,26 +483,32 @@ def render_aggregate_markdown(agg: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def dispatch(parser, argv, *, run, update, aggregate, render, render_aggregate) -> None:
+    """The smol benchmarks' one entry: ``--aggregate`` per-seed result files, ``--update`` one seed's result,
+    or run on ``--zoo``; the results are written atomically under ``--out-dir``."""
     import json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_smol_arguments(parser, zoo_required=False)
     parser.add_argument("--aggregate", nargs="+", metavar="RESULT_JSON", help="aggregate per-seed result files instead of running")
-    parser.add_argument("--methods", nargs="+", help="only these methods (besides the references)")
-    parser.add_argument("--update", metavar="RESULT_JSON", help="re-run only --methods at their shipped settings into this seed's result "
-                        "(references kept), and score each expert on every task where the result lacks that bar")
     args = parser.parse_args(argv)
     if args.aggregate:
         agg = aggregate([json.loads(Path(path).read_text()) for path in args.aggregate])
-        runner.save_results(args.out_dir, args.name, agg, render_aggregate_markdown(agg), echo=not args.quiet)
+        runner.save_results(args.out_dir, args.name, agg, render_aggregate(agg), echo=not args.quiet)
         return
     if not args.zoo:
         parser.error("give --zoo DIR (or --aggregate FILES)")
     runner.apply_threads(args)
     runner.ensure_registered()
     result = update(args, json.loads(Path(args.update).read_text())) if args.update else run(args)
-    runner.save_results(args.out_dir, args.name, result, render_markdown(result), echo=not args.quiet)
+    runner.save_results(args.out_dir, args.name, result, render(result), echo=not args.quiet)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_smol_arguments(parser, zoo_required=False)
+    parser.add_argument("--methods", nargs="+", help="only these methods (besides the references)")
+    parser.add_argument("--update", metavar="RESULT_JSON", help="re-run only --methods at their shipped settings into this seed's result "
+                        "(references kept), and score each expert on every task where the result lacks that bar")
+    dispatch(parser, argv, run=run, update=update, aggregate=aggregate, render=render_markdown, render_aggregate=render_aggregate_markdown)
 
 
 if __name__ == "__main__":
