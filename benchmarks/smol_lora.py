@@ -7,7 +7,9 @@ each merge has a paired difference to task arithmetic on the same items:
 * ``BASE+ADAPTER``: each adapter applied to the base (θ0 + B·A, what mergekit
   does with ``model: base+adapter``), then merged as full models by mergekit's
   engine. Task arithmetic's λ is chosen on validation; the other methods run at
-  their shipped settings (the same protocol as ``smol_quality.py``).
+  their shipped settings (the same protocol as ``smol_quality.py``). One more
+  row is TSV-M at its default λ times the zoo's mean ‖τ_full‖/‖ΔW_lora‖: the
+  docs' advice for scaling merges of adapters, measured.
 * ``lora merge``: the same merges re-factorized to one adapter of the adapters'
   rank r (``adapters.merge.merge_adapters``, what `mergekit-ext lora merge` runs).
 * RMM: a basis of K adapters built from all n (``build_basis``, what
