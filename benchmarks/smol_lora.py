@@ -82,8 +82,7 @@ class AdapterZoo:
         self.base_state = load_state_dict(self.zoo.base)
         self.adapters = peft_io.load_adapters([str(self.zoo.adapter(task)) for task in self.tasks], str(self.zoo.base), names=self.tasks)
         self.rank = max(pair.rank for adapter in self.adapters for pair in adapter.modules.values())
-        self.updates = {adapter.name: factor_updates(adapter.modules) for adapter in self.adapters}
-        self.applied = {name: with_updates(self.base_state, updates) for name, updates in self.updates.items()}
+        self.applied = {adapter.name: with_updates(self.base_state, factor_updates(adapter.modules)) for adapter in self.adapters}
 
     def dense(self, method: str, setting: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """The adapters applied to the base and merged as full models by mergekit's engine."""
@@ -98,11 +97,12 @@ class AdapterZoo:
         from mergekit_ext.modeling import load_state_dict
 
         ratios = {}
-        for task, updates in self.updates.items():
-            expert = load_state_dict(self.zoo.expert(task))
+        for adapter in self.adapters:  # one adapter's dense updates at a time: the applied states already hold them
+            updates = factor_updates(adapter.modules)
+            expert = load_state_dict(self.zoo.expert(adapter.name))
             full = sum(float((expert[name].float() - self.base_state[name].float()).pow(2).sum()) for name in updates)
             lora = sum(float(delta.float().pow(2).sum()) for delta in updates.values())
-            ratios[task] = (full / lora) ** 0.5
+            ratios[adapter.name] = (full / lora) ** 0.5
         return ratios
 
     def norm_scaled(self) -> tuple[str, Dict[str, Any], Dict[str, float]]:

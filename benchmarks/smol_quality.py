@@ -496,6 +496,8 @@ def dispatch(parser, argv, *, run, update, aggregate, render, render_aggregate) 
         return
     if not args.zoo:
         parser.error("give --zoo DIR (or --aggregate FILES)")
+    if args.update and (Path(args.out_dir) / f"{args.name}.json").resolve() == Path(args.update).resolve():
+        parser.error(f"--update {args.update}: the result would be written over the file it reads; give another --name or --out-dir")
     runner.apply_threads(args)
     runner.ensure_registered()
     result = update(args, json.loads(Path(args.update).read_text())) if args.update else run(args)

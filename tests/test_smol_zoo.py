@@ -468,6 +468,18 @@ def test_smol_lora_aggregate_pairs_to_task_arithmetic_on_adapters_and_summarizes
     assert "| iso_c (BASE+ADAPTER) | 0.633 ± 0.058 | 0.900 ± 0.000 | 0/3 | +0.167 ± 0.058 | +5.0 / +5.0 / +5.0 | **yes, better** (t 5.0) |" in text
 
 
+def test_smol_update_refuses_to_write_over_the_result_it_reads(tmp_path, capsys):
+    from benchmarks import smol_lora, smol_quality
+
+    earlier = tmp_path / "seed.json"
+    earlier.write_text("{}")
+    for bench in (smol_quality, smol_lora):
+        with pytest.raises(SystemExit):
+            bench.main(["--zoo", str(tmp_path), "--update", str(earlier), "--name", "seed", "--out-dir", str(tmp_path), "-q"])
+        assert "would be written over the file it reads" in capsys.readouterr().err
+        assert earlier.read_text() == "{}"
+
+
 def test_smol_quality_runs_on_the_tiny_zoo(tiny_smol_zoo, tmp_path):
     """The benchmark's scores are the zoo scorer's, the reference λ comes from its validation grid."""
     from benchmarks import smol_quality as bench
