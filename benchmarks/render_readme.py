@@ -257,12 +257,14 @@ def tune_smol_table() -> str:
     """`mergekit-ext tune` (default space) on a smol zoo (its report.json, results/tune-smol-s*.json), beside the
     same methods at their shipped settings from that seed's smol_quality.py run."""
     lines = [
-        "| zoo | method | shipped setting: test | tune's choice | validation | test ± se | choice − shipped | > base on every task | > best expert |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| zoo | search | method | shipped setting: test | tune's choice | validation | test ± se | choice − shipped | > base on every task | > best expert |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(RESULTS.glob("tune-smol-s*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
         seed = path.stem.rsplit("-s", 1)[1]
+        # Studies before successive halving became the default stopped trials task by task.
+        search = "successive halving" if report.get("halving") else "per-task stopping"
         shipped = _load(f"smol-quality-s{seed}.json")["test_report"]["models"]
         verdicts = report["verdicts"]["methods"]
         best = report["best"]["method"]
@@ -274,7 +276,7 @@ def tune_smol_table() -> str:
             versus = "" if default is None else _signed(test["mean"] - default)
             expert = verdict.get("vs_best_expert", {})
             lines.append(
-                f"| smol seed {seed} | {'**' + method + '**' if method == best else method} | {'' if default is None else f'{default:.3f}'} | "
+                f"| smol seed {seed} | {search} | {'**' + method + '**' if method == best else method} | {'' if default is None else f'{default:.3f}'} | "
                 f"{entry['chosen']['label']} | {entry['validation']['mean']:.3f} | {test['mean']:.3f} ± {test['mean_stderr']:.3f} | {versus} | "
                 f"{'yes' if verdict.get('beats_base_every_task') else 'no'} | "
                 f"{'yes' if expert.get('beats') else 'no'} ({_signed(expert.get('diff', 0.0))}, z {expert.get('z', 0.0):+.1f}) |"
