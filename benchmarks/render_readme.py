@@ -263,7 +263,7 @@ def tune_smol_table() -> str:
     for path in sorted(RESULTS.glob("tune-smol-s*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
         seed = path.stem.rsplit("-s", 1)[1]
-        # Studies before successive halving became the default stopped trials task by task.
+        # A study run without halving (--no-halving) stopped its trials task by task.
         search = "successive halving" if report.get("halving") else "per-task stopping"
         shipped = _load(f"smol-quality-s{seed}.json")["test_report"]["models"]
         verdicts = report["verdicts"]["methods"]
